@@ -1,0 +1,76 @@
+"""Small raw-ASGI helpers: read a bounded body, answer JSON, watch for a client leaving."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from proxy.errors import BodyTooLarge, ProxyError
+from proxy.headers import Headers
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body, refusing early (by Content-Length) or as soon as it exceeds limit."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError  # the client left before sending its request
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def send_body(send: Send, status: int, body: bytes, headers: Headers) -> None:
+    all_headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": all_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_error(send: Send, error: ProxyError, extra: Headers | None = None) -> None:
+    await send_body(send, error.status, error.body(), [*JSON_HEADERS, *(extra or ())])
+
+
+class ClientWatch:
+    """Cancels the handling task when the client disconnects before the response ends.
+
+    uvicorn's `send` silently drops writes after a disconnect, so a relay waiting on a
+    silent upstream would never notice; this watcher makes the upstream close promptly.
+    """
+
+    __slots__ = ("_task", "_watcher", "client_gone", "done")
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self.client_gone = False
+        self.done = False  # set just before the final send: from then on, leaving is normal
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self.done:
+            self.client_gone = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        self.done = True
+        self._watcher.cancel()

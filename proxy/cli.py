@@ -1,0 +1,160 @@
+"""The `sluicegate` command: serve, check, mock-upstream."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+
+from proxy import __version__
+from proxy.app import CONFIG_ENV, create_app
+from proxy.config import ConfigError, load_config
+from proxy.logs import configure as configure_logs
+from proxy.mock_upstream import Knobs, MockUpstream
+from proxy.mock_upstream import serve as serve_mock
+from proxy.serving import RunningServer, fastest_http, fastest_loop
+
+DEMO_CONFIG = """\
+# Written by `sluicegate serve --demo`: one route onto the built-in demo upstream.
+upstreams:
+  demo:
+    base_url: {upstream_url}/v1
+    stream_options: pass
+routes:
+  - model: support-bot
+    targets: [{{upstream: demo, model: demo-chat}}]
+pricing:
+  demo-chat: {{input: 0.28, cached_input: 0.028, output: 0.42}}
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return int(args.run(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluicegate", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sluicegate {__version__}")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", default="routes.yaml", help="routes file")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=_workers, default=1, help="a number, or 'auto' (CPUs)")
+    serve.add_argument("--demo", action="store_true", help="serve a built-in demo upstream too")
+    serve.set_defaults(run=_serve)
+
+    check = sub.add_parser("check", help="validate a routes file")
+    check.add_argument("path")
+    check.set_defaults(run=_check)
+
+    mock = sub.add_parser("mock-upstream", help="run the OpenAI-compatible demo/test upstream")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8900)
+    mock.set_defaults(run=_mock)
+    return parser
+
+
+def _workers(value: str) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    count = int(value)
+    if count < 1:
+        raise argparse.ArgumentTypeError("workers must be >= 1 or 'auto'")
+    return count
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        print(f"{args.path}: {len(exc.issues)} error(s)", file=sys.stderr)
+        return 1
+    print(f"ok: {config.summary()}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    configure_logs()
+    if args.demo:
+        return _serve_demo(args)
+    return _serve_config(args.config, args.host, args.port, args.workers)
+
+
+def _serve_config(config_path: str, host: str, port: int, workers: int) -> int:
+    try:
+        load_config(config_path)  # fail here, readably, rather than inside a worker
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    app: object = create_app(config_path)
+    if workers > 1:
+        # Each worker process builds its own app from the path in the environment.
+        os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
+        app = "proxy.app:create_app_from_env"
+    uvicorn.run(
+        app,  # type: ignore[arg-type]  # an ASGI app or its import string
+        factory=workers > 1,
+        workers=workers,
+        host=host,
+        port=port,
+        loop=fastest_loop(),
+        http=fastest_http(),
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        backlog=4096,
+    )
+    return 0
+
+
+def _serve_demo(args: argparse.Namespace) -> int:
+    # A human-paced answer: visible streaming in a terminal.
+    mock = RunningServer(MockUpstream(Knobs(ttft=0.2, tokens=40, delay=0.04))).start()
+    with tempfile.TemporaryDirectory(prefix="sluicegate-demo-") as tmp:
+        config_path = Path(tmp) / "routes.yaml"
+        config_path.write_text(DEMO_CONFIG.format(upstream_url=mock.url))
+        print(_demo_banner(args.host, args.port, mock.url), flush=True)
+        try:
+            return _serve_config(str(config_path), args.host, args.port, args.workers)
+        finally:
+            mock.stop()
+
+
+def _demo_banner(host: str, port: int, upstream_url: str) -> str:
+    base = f"http://{host}:{port}/v1"
+    return f"""\
+sluicegate demo: proxy on {base}  (demo upstream on {upstream_url}/v1, offline, no keys)
+
+  curl -N {base}/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "support-bot", "stream": true,
+         "messages": [{{"role": "user", "content": "hi"}}]}}'
+
+  python -c '
+from openai import OpenAI
+client = OpenAI(base_url="{base}", api_key="unused")
+stream = client.chat.completions.create(
+    model="support-bot", stream=True, messages=[{{"role": "user", "content": "hi"}}])
+for chunk in stream:
+    print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()'
+
+Ctrl-C stops it."""
+
+
+def _mock(args: argparse.Namespace) -> int:
+    print(f"demo upstream on http://{args.host}:{args.port}/v1", flush=True)
+    serve_mock(host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

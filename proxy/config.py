@@ -1,0 +1,73 @@
+"""routes.yaml → a frozen, typed Config, or a ConfigError listing every problem with its line.
+
+Two phases, as TensorZero does it: proxy.config_yaml turns the text into plain data plus a
+path → line map, then proxy.config_validate walks that data once and collects all issues
+instead of stopping at the first, so `sluicegate check` shows the whole list in one run.
+The types live in proxy.config_model and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from proxy.config_model import (
+    Config,
+    ConfigError,
+    ConfigIssue,
+    Price,
+    Route,
+    Secret,
+    ServerSettings,
+    StreamOptionsMode,
+    Target,
+    Timeouts,
+    Upstream,
+    UsageHeaders,
+)
+from proxy.config_validate import Validator
+from proxy.config_yaml import YamlSyntaxError, compose
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ConfigIssue",
+    "Price",
+    "Route",
+    "Secret",
+    "ServerSettings",
+    "StreamOptionsMode",
+    "Target",
+    "Timeouts",
+    "Upstream",
+    "UsageHeaders",
+    "load_config",
+    "parse_config",
+]
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    source = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: editors that write a BOM
+            text = f.read()
+    except OSError as exc:
+        message = f"cannot read: {exc.strerror or exc}"
+        raise ConfigError([ConfigIssue(source, None, "", message)]) from None
+    except UnicodeDecodeError as exc:
+        message = f"not UTF-8 text: {exc.reason} at byte {exc.start}"
+        raise ConfigError([ConfigIssue(source, None, "", message)]) from None
+    return parse_config(text, source, os.environ if env is None else env)
+
+
+def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
+    try:
+        doc = compose(text, env)
+    except YamlSyntaxError as exc:
+        raise ConfigError([ConfigIssue(source, exc.line, "", exc.message)]) from None
+    v = Validator(source, doc)
+    config = v.config(doc.data)
+    if v.issues:
+        # Unlocated issues (none are expected) go last; otherwise file order.
+        raise ConfigError(sorted(v.issues, key=lambda i: (i.line is None, i.line or 0)))
+    return config

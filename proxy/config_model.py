@@ -1,0 +1,145 @@
+"""The config's types: frozen dataclasses, the Secret wrapper, and the config error."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+
+class Secret:
+    """An API key that cannot leak through repr, str, f-strings or a logged Config."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return self._value == other._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    read: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageHeaders:
+    prompt_tokens: str | None = None  # header names, lower-cased
+    completion_tokens: str | None = None
+
+
+StreamOptionsMode = Literal["auto", "pass", "strip"]
+STREAM_OPTIONS_MODES: dict[str, StreamOptionsMode] = {
+    "auto": "auto",
+    "pass": "pass",
+    "strip": "strip",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    base_url: str  # http(s), no trailing "/"
+    api_key: Secret | None = None  # local upstreams (vLLM, the demo) may need none
+    stream_options: StreamOptionsMode = "auto"
+    usage_headers: UsageHeaders = UsageHeaders()
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    upstream: str
+    model: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: str  # the name clients send
+    targets: tuple[Target, ...]
+    fallbacks: tuple[Target, ...] = ()
+    first_token_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Price:  # USD per million tokens
+    input: float
+    output: float
+    cached_input: float
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerSettings
+    upstreams: Mapping[str, Upstream]
+    routes: tuple[Route, ...]
+    pricing: Mapping[str, Price]
+    source: str
+    _by_model: Mapping[str, Route] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Read-only even when built by hand (tests, tools), not only through parse_config.
+        object.__setattr__(self, "upstreams", MappingProxyType(dict(self.upstreams)))
+        object.__setattr__(self, "pricing", MappingProxyType(dict(self.pricing)))
+        object.__setattr__(self, "routes", tuple(self.routes))
+        index: dict[str, Route] = {}
+        for route in self.routes:
+            index.setdefault(route.model, route)
+        object.__setattr__(self, "_by_model", MappingProxyType(index))
+
+    def route(self, model: str) -> Route | None:
+        return self._by_model.get(model)
+
+    def summary(self) -> str:
+        counts = zip((self.upstreams, self.routes, self.pricing), _NOUNS, strict=True)
+        return f"{self.source}: " + ", ".join(
+            f"{len(items)} {noun}{'' if len(items) == 1 else 's'}" for items, noun in counts
+        )
+
+
+_NOUNS = ("upstream", "route", "priced model")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    file: str
+    line: int | None
+    path: str  # "routes[2].fallbacks[0].upstream"; "" for the document root
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
+        self.issues = tuple(issues)
+        super().__init__("\n".join(map(str, self.issues)))
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[tuple[ConfigIssue, ...]]]:
+        # Exception pickles its message string by default, which __init__ cannot take back.
+        return (ConfigError, (self.issues,))

@@ -1,0 +1,281 @@
+"""Config loading, phase two: walk the plain data once, collect every issue, build Config."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
+
+from proxy.config_model import (
+    STREAM_OPTIONS_MODES,
+    Config,
+    ConfigIssue,
+    Price,
+    Route,
+    Secret,
+    ServerSettings,
+    Target,
+    Timeouts,
+    Upstream,
+    UsageHeaders,
+)
+from proxy.config_yaml import YamlDocument, child_path, describe
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+
+_Data = Mapping[str, object]
+_UP, _SERVER = Upstream("", ""), ServerSettings()  # where the validator finds defaults
+_Kind = Literal["positive", "non-negative", "count"]  # > 0, >= 0, an integer >= 1
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+
+
+class Validator:
+    """Walks the data once. Every check records an issue and then returns a placeholder, so
+    one mistake never hides the next; the placeholders are thrown away with the Config."""
+
+    def __init__(self, source: str, doc: YamlDocument) -> None:
+        self.source = source
+        self.lines = doc.lines
+        self.templates = doc.templates  # expanded paths: show their "${...}", never the value
+        self.issues = [ConfigIssue(source, p.line, p.path, p.message) for p in doc.problems]
+        # A value YAML could not read or expand is reported once, not again as the wrong type.
+        self.flagged = {p.path for p in doc.problems}
+        self.declared: tuple[str, ...] | None = None  # upstream names, once known
+
+    def issue(self, path: str, message: str) -> None:
+        if path not in self.flagged:
+            self.issues.append(ConfigIssue(self.source, self.lines.get(path), path, message))
+
+    def shown(self, path: str, value: object, *, bare: bool = False) -> str:
+        template = self.templates.get(path)
+        if template is not None:
+            return f"from {template!r}" if bare else f"the expansion of {template!r}"
+        return repr(value) if bare else describe(value)
+
+    def section(
+        self, raw: object, path: str, cls: type[DataclassInstance], *required: str
+    ) -> _Data:
+        """A mapping with a fixed key set; anything unusable reads as empty so checks go on."""
+        if not isinstance(raw, dict):
+            self.issue(path, f"expected a mapping, got {describe(raw)}")
+            return {}
+        # The keys are the dataclass's fields, so the schema cannot drift from the types.
+        allowed = [f.name for f in fields(cls) if f.init and f.name not in ("name", "source")]
+        for key in raw:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
+                self.issue(child_path(path, key), f"unknown key {key!r} ({hint})")
+        for key in required:
+            if key not in raw:
+                self.issue(path, f"missing required key {key!r}")
+            elif raw[key] is None:
+                self.issue(child_path(path, key), "expected a value, got null")
+        return raw
+
+    def entries(
+        self,
+        raw: object,
+        path: str,
+        kind: type[dict[str, object] | list[object]],
+        what: str,
+        *,
+        empty: bool = False,
+    ) -> list[tuple[str, str, object]]:
+        """(key, path, value) of each entry of a list or mapping; none if absent or invalid."""
+        if raw is None:
+            return []
+        if not isinstance(raw, kind) or not (raw or empty):
+            noun = "mapping" if kind is dict else "list"
+            got = f"an empty {noun}" if isinstance(raw, kind) else describe(raw)
+            need = f"a {noun} of {what}s" if empty else f"a {noun} of at least one {what}"
+            self.issue(path, f"expected {need}, got {got}")
+            return []
+        if isinstance(raw, dict):
+            return [(key, child_path(path, key), value) for key, value in raw.items()]
+        return [(str(i), f"{path}[{i}]", value) for i, value in enumerate(raw)]
+
+    def string(
+        self, data: _Data, key: str, path: str, *, empty: bool = False, secret: bool = False
+    ) -> str:
+        """ "" when absent or invalid."""
+        path = child_path(path, key)
+        raw = data.get(key)
+        if raw is None:
+            return ""
+        if not isinstance(raw, str):
+            # A secret pasted in unquoted may read as a number: do not echo it.
+            got = "another type" if secret else describe(raw)
+            self.issue(path, f"expected a string, got {got}")
+            return ""
+        if not raw and not empty:
+            self.issue(path, "expected a non-empty string")
+        return raw
+
+    def number(self, data: _Data, key: str, path: str, default: float, kind: _Kind) -> float:
+        """data[key], or `default` when absent or invalid (then with an issue)."""
+        path, value = child_path(path, key), data.get(key)
+        integer = kind == "count"
+        least, inclusive = (1, True) if integer else (0, kind == "non-negative")
+        if isinstance(value, str) and path in self.templates:
+            # "${VAR}" expands to text; a number field reads it as a number if it is one.
+            with contextlib.suppress(ValueError):
+                value = int(value) if integer else float(value)
+        if value is None:
+            return default
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (integer and isinstance(value, float))
+            or not math.isfinite(value)
+        ):
+            expected = "an integer" if integer else "a number"
+            self.issue(path, f"expected {expected}, got {self.shown(path, value)}")
+        elif value < least or (value == least and not inclusive):
+            bound = f"{least} or more" if inclusive else f"greater than {least}"
+            self.issue(path, f"must be {bound}, got {self.shown(path, value)}")
+        else:
+            return value if integer else float(value)
+        return default
+
+    def config(self, raw: object) -> Config:
+        if raw is None:
+            self.issue("", "the file is empty; expected a mapping with 'upstreams' and 'routes'")
+        top = self.section(raw, "", Config, "upstreams", "routes") if raw is not None else {}
+        server = self.section(_optional(top.get("server")), "server", ServerSettings)
+        max_body = self.number(server, "max_body_bytes", "server", _SERVER.max_body_bytes, "count")
+        upstreams = self.upstreams(top.get("upstreams"))
+        return Config(
+            server=ServerSettings(int(max_body)),
+            upstreams=upstreams,
+            routes=self.routes(top.get("routes")),
+            pricing=self.pricing(top.get("pricing")),
+            source=self.source,
+        )
+
+    def upstreams(self, raw: object) -> dict[str, Upstream]:
+        entries = self.entries(raw, "upstreams", dict, "upstream")
+        if entries:
+            self.declared = tuple(name for name, _, _ in entries if name)
+        return {name: self.upstream(name, path, value) for name, path, value in entries}
+
+    def upstream(self, name: str, path: str, raw: object) -> Upstream:
+        if not name:
+            self.issue(path, "expected a non-empty upstream name")
+        data = self.section(raw, path, Upstream, "base_url")
+        url = self.string(data, "base_url", path)
+        problem = _url_problem(url) if url else None
+        if problem:
+            url_path = child_path(path, "base_url")
+            self.issue(url_path, f"{problem}, got {self.shown(url_path, url, bare=True)}")
+        mode = self.string(data, "stream_options", path) or "auto"
+        if mode not in STREAM_OPTIONS_MODES:
+            mode_path = child_path(path, "stream_options")
+            got = self.shown(mode_path, mode, bare=True)
+            self.issue(mode_path, f"expected one of auto, pass, strip, got {got}")
+        tpath = child_path(path, "timeouts")
+        timeouts = self.section(_optional(data.get("timeouts")), tpath, Timeouts)
+        api_key = self.string(data, "api_key", path, empty=True, secret=True)
+        pool = self.number(data, "max_connections", path, _UP.max_connections, "count")
+        return Upstream(
+            name=name,
+            base_url=url.rstrip("/"),
+            api_key=Secret(api_key) if api_key else None,  # "${KEY:-}" → "" means no key
+            stream_options=STREAM_OPTIONS_MODES.get(mode, "auto"),
+            usage_headers=self.usage_headers(_optional(data.get("usage_headers")), path),
+            timeouts=Timeouts(
+                connect=self.number(timeouts, "connect", tpath, _UP.timeouts.connect, "positive"),
+                read=self.number(timeouts, "read", tpath, _UP.timeouts.read, "positive"),
+            ),
+            max_connections=int(pool),
+        )
+
+    def usage_headers(self, raw: object, path: str) -> UsageHeaders:
+        path = child_path(path, "usage_headers")
+        data = self.section(raw, path, UsageHeaders)
+        names: list[str | None] = []
+        for key in ("prompt_tokens", "completion_tokens"):
+            name = self.string(data, key, path)
+            if name and not _HEADER_NAME.fullmatch(name):
+                got = self.shown(child_path(path, key), name, bare=True)
+                self.issue(child_path(path, key), f"expected an HTTP header name, got {got}")
+            names.append(name.lower() or None)
+        return UsageHeaders(*names)
+
+    def routes(self, raw: object) -> tuple[Route, ...]:
+        entries = self.entries(raw, "routes", list, "route")
+        routes = tuple(self.route(path, value) for _, path, value in entries)
+        first: dict[str, int] = {}
+        for i, route in enumerate(routes):
+            if route.model in first:
+                path = f"routes[{i}].model"
+                shown = self.shown(path, route.model, bare=True)
+                where = f"routes[{first[route.model]}]"
+                self.issue(path, f"duplicate route model {shown} (first defined at {where})")
+            elif route.model:
+                first[route.model] = i
+        return routes
+
+    def route(self, path: str, raw: object) -> Route:
+        data = self.section(raw, path, Route, "model", "targets")
+        timeout = None
+        if data.get("first_token_timeout") is not None:
+            timeout = self.number(data, "first_token_timeout", path, 1.0, "positive")
+        return Route(
+            model=self.string(data, "model", path),
+            targets=self.targets(data, "targets", path),
+            fallbacks=self.targets(data, "fallbacks", path),
+            first_token_timeout=timeout,
+        )
+
+    def targets(self, data: _Data, key: str, path: str) -> tuple[Target, ...]:
+        path = child_path(path, key)
+        entries = self.entries(data.get(key), path, list, "target", empty=key == "fallbacks")
+        return tuple(self.target(value, path) for _, path, value in entries)
+
+    def target(self, raw: object, path: str) -> Target:
+        data = self.section(raw, path, Target, "upstream", "model")
+        upstream = self.string(data, "upstream", path)
+        if upstream and self.declared is not None and upstream not in self.declared:
+            upath = child_path(path, "upstream")
+            shown = self.shown(upath, upstream, bare=True)
+            self.issue(upath, f"unknown upstream {shown} (declared: {', '.join(self.declared)})")
+        return Target(
+            upstream=upstream,
+            model=self.string(data, "model", path),
+            weight=self.number(data, "weight", path, 1.0, "positive"),
+        )
+
+    def pricing(self, raw: object) -> dict[str, Price]:
+        result: dict[str, Price] = {}
+        for model, path, value in self.entries(raw, "pricing", dict, "model price", empty=True):
+            data = self.section(value, path, Price, "input", "output")
+            input_ = self.number(data, "input", path, 0.0, "non-negative")
+            result[model] = Price(
+                input=input_,
+                output=self.number(data, "output", path, 0.0, "non-negative"),
+                cached_input=self.number(data, "cached_input", path, input_, "non-negative"),
+            )
+        return result
+
+
+def _optional(value: object) -> object:
+    """An optional section left empty (`pricing:`, entries all commented out) reads as null."""
+    return {} if value is None else value
+
+
+def _url_problem(url: str) -> str | None:
+    with contextlib.suppress(ValueError):  # raised for an unclosed IPv6 bracket
+        parts = urlsplit(url)
+        if parts.scheme in ("http", "https") and parts.hostname:
+            # Paths are appended to base_url; a query or fragment would end up in the middle.
+            clean = not parts.query and not parts.fragment
+            return None if clean else "expected a URL without a query or fragment"
+    return "expected an http:// or https:// URL with a host"

@@ -1,0 +1,220 @@
+"""The mock upstream's answers as bytes: deterministic tokens, SSE events, JSON bodies.
+
+Pure functions with no I/O, so the server module only schedules writes. Stream events are
+assembled by concatenating pre-encoded fragments (one template per request, one pre-encoded
+JSON string per vocabulary entry): no per-token JSON encoding on the hot path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import orjson
+
+from proxy.errors import error_body
+
+CREATED = 1700000000
+MODELS = ("mock-gpt-4o", "mock-gpt-4o-mini")
+
+# ASCII words carry their leading space as real tokenizers do; the rest are 2-, 3- and 4-byte
+# UTF-8 so every answer exercises multibyte characters split across writes and reads.
+ASCII_WORDS = (" the", " deal", " price", " order", " cart", " ships", " today", " sale")
+MULTIBYTE = ("你好", "双十一", "优惠", "购物车", "🛒", "🎉", " café", "限时🎁", "秒杀")
+VOCAB = ASCII_WORDS + MULTIBYTE
+_VOCAB_JSON = {tok: orjson.dumps(tok) for tok in VOCAB}
+
+
+def draw_tokens(seed: int, tokens: int) -> tuple[str, ...]:
+    """The first `tokens` tokens for `seed`; a shorter answer is always a prefix of a longer one."""
+    return _draw(seed, tokens)
+
+
+@lru_cache(maxsize=256)
+def _draw(seed: int, tokens: int) -> tuple[str, ...]:
+    if tokens <= 0:
+        return ()
+    rng = random.Random(seed)
+    # The first token is always multibyte so that even a 1-token answer tests UTF-8 handling.
+    first = rng.choice(MULTIBYTE)
+    return (first, *rng.choices(VOCAB, k=tokens - 1))
+
+
+def expected_content(seed: int, tokens: int) -> str:
+    """The exact assistant text the mock answers for `seed` with `tokens` content tokens."""
+    return "".join(draw_tokens(seed, tokens))
+
+
+# A CJK ideograph (or kana/hangul) counts as one token; any other non-space run as one word.
+_UNITS = re.compile(
+    r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]"
+    r"|[^\s\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]+"
+)
+
+
+def count_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """Deterministic stand-in for a tokenizer: 4 per message plus words and CJK characters."""
+    total = 0
+    for message in messages:
+        total += 4
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(_UNITS.findall(content))
+        elif isinstance(content, list):
+            for part in content:
+                text = part.get("text") if isinstance(part, dict) else None
+                if isinstance(text, str):
+                    total += len(_UNITS.findall(text))
+    return total
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+@lru_cache(maxsize=256)
+def completion_body(seed: int, model: str, tokens: int, finish: str, prompt_tokens: int) -> bytes:
+    """The whole non-streaming `chat.completion` JSON body."""
+    return orjson.dumps(
+        {
+            "id": f"chatcmpl-mock-{seed}",
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": expected_content(seed, tokens)},
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": usage(prompt_tokens, tokens),
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvents:
+    """Every SSE event of one streamed answer, each a complete `data: ...\\n\\n` frame."""
+
+    role: bytes
+    content: tuple[bytes, ...]
+    final: bytes
+    usage_head: bytes | None  # the usage chunk up to its usage object, when include_usage is set
+    done: bytes = b"data: [DONE]\n\n"
+
+    def usage_event(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        assert self.usage_head is not None
+        return self.usage_head + orjson.dumps(usage(prompt_tokens, completion_tokens)) + b"}\n\n"
+
+
+@lru_cache(maxsize=64)
+def stream_events(
+    seed: int, model: str, tokens: int, finish: str, include_usage: bool
+) -> StreamEvents:
+    # Key order matches OpenAI's chunks and orjson's output of the equivalent dict, so these
+    # frames are byte-identical to `b"data: " + orjson.dumps(chunk) + b"\n\n"`.
+    head = (
+        b'data: {"id":"chatcmpl-mock-%d","object":"chat.completion.chunk","created":%d,"model":%s,'
+        % (seed, CREATED, orjson.dumps(model))
+    )
+    choice = head + b'"choices":[{"index":0,"delta":'
+    tail = b"}]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+    return StreamEvents(
+        role=choice + b'{"role":"assistant","content":""},"finish_reason":null' + tail,
+        content=tuple(
+            choice + b'{"content":' + _VOCAB_JSON[tok] + b'},"finish_reason":null' + tail
+            for tok in draw_tokens(seed, tokens)
+        ),
+        final=choice + b'{},"finish_reason":"' + finish.encode() + b'"' + tail,
+        usage_head=head + b'"choices":[],"usage":' if include_usage else None,
+    )
+
+
+@lru_cache(maxsize=4096)
+def split_event(event: bytes) -> tuple[bytes, ...]:
+    """Cut one event into pieces at odd offsets: after the first byte, between the two newlines
+    that end it, in the middle, and one byte into every multibyte UTF-8 character."""
+    cuts = {1, len(event) // 2 | 1, len(event) - 1}
+    cuts.update(i + 1 for i, byte in enumerate(event) if byte >= 0xC0)  # lead bytes
+    edges = [0, *sorted(c for c in cuts if 0 < c < len(event)), len(event)]
+    return tuple(event[a:b] for a, b in itertools.pairwise(edges))
+
+
+class Invalid(Exception):
+    """A request the mock refuses with a 400, naming the offending parameter."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
+
+    def body(self) -> bytes:
+        return error_body(self.message, "invalid_request_error", param=self.param)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one chat request asks for, once validated."""
+
+    seed: int
+    model: str
+    tokens: int  # after max_tokens capping
+    finish: str
+    stream: bool
+    include_usage: bool
+    prompt_tokens: int
+
+
+def _int_param(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise Invalid(f"Invalid '{name}': expected a non-negative integer", name)
+    return value
+
+
+def plan_request(body: dict[str, Any], tokens: int) -> Plan:
+    seed = body.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise Invalid("Invalid 'seed': expected an integer", "seed")
+    model = body.get("model", MODELS[0])
+    if not isinstance(model, str):
+        raise Invalid("Invalid 'model': expected a string", "model")
+    messages = body.get("messages") or []
+    if not isinstance(messages, list):
+        raise Invalid("Invalid 'messages': expected an array", "messages")
+    caps = [_int_param(body, "max_tokens"), _int_param(body, "max_completion_tokens")]
+    capped = min([tokens, *(c for c in caps if c is not None)])
+    options = body.get("stream_options")
+    return Plan(
+        seed=seed,
+        model=model,
+        tokens=capped,
+        finish="length" if capped < tokens else "stop",
+        stream=body.get("stream") is True,
+        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        prompt_tokens=count_prompt_tokens(messages),
+    )
+
+
+# OpenAI's error `type`/`code` for the statuses people usually inject.
+_ERROR_KINDS = {
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+}
+
+
+def injected_error_body(status: int) -> bytes:
+    default = ("invalid_request_error" if status < 500 else "server_error", None)
+    type_, code = _ERROR_KINDS.get(status, default)
+    return error_body(f"Mock upstream error (status {status})", type_, code=code)

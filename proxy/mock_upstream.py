@@ -1,0 +1,370 @@
+"""An OpenAI-compatible fake upstream: a raw ASGI app with knobs for every misbehaviour the
+proxy must survive (slow first token, keep-alive comments, stalls, resets, split UTF-8, errors).
+
+Knobs come from the server-wide defaults, then the request body's `"mock": {...}`, then the
+`x-mock` header (same JSON object; header wins). Answers are deterministic per `seed`, so a
+direct and a proxied body can be compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from proxy.errors import error_body
+from proxy.mock_content import (
+    CREATED,
+    MODELS,
+    Invalid,
+    Plan,
+    completion_body,
+    count_prompt_tokens,
+    expected_content,
+    injected_error_body,
+    plan_request,
+    split_event,
+    stream_events,
+)
+from proxy.serving import RunningServer, fastest_http, fastest_loop
+
+__all__ = [
+    "Knobs",
+    "MockReset",
+    "MockUpstream",
+    "RequestRecord",
+    "RunningServer",
+    "count_prompt_tokens",
+    "expected_content",
+    "serve",
+]
+
+KEEPALIVE = b": keep-alive\n\n"
+SPLIT_GAP = 0.001  # long enough that each piece leaves as its own TCP segment
+
+
+@dataclass(frozen=True, slots=True)
+class Knobs:
+    ttft: float = 0.05
+    tokens: int = 16
+    delay: float = 0.005
+    keepalives: int = 0
+    pause_after_first: float = 0.0
+    reject_stream_options: bool = False
+    usage_headers: bool = False
+    split_utf8: bool = False
+    reset_after: int | None = None
+    json_for_stream: bool = False
+    status: int | None = None
+    retry_after: float | None = None
+    stall: float = 0.0
+
+
+@dataclass
+class RequestRecord:
+    headers: dict[str, str]
+    body: dict[str, Any]
+    started: float
+    finished: float | None = None
+    disconnected: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    sent_tokens: int = 0  # content events actually written (fewer on reset or disconnect)
+
+
+class MockReset(Exception):
+    """Raised out of the app on purpose so uvicorn drops the connection mid-body."""
+
+
+class _HideResets(logging.Filter):
+    # uvicorn logs every exception escaping an app; a reset we asked for is not an error.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], MockReset))
+
+
+logging.getLogger("uvicorn.error").addFilter(_HideResets())
+
+
+def _knob_kinds() -> dict[str, tuple[type, bool]]:
+    kinds = {}
+    for name, hint in typing.get_type_hints(Knobs).items():
+        args = typing.get_args(hint)
+        base = next(a for a in args if a is not types.NoneType) if args else hint
+        kinds[name] = (base, types.NoneType in args)
+    return kinds
+
+
+_KNOB_KINDS = _knob_kinds()
+_KIND_WORDS = {bool: "a boolean", int: "a non-negative integer", float: "a non-negative number"}
+
+
+def _knob(name: str, value: Any) -> Any:
+    if name not in _KNOB_KINDS:
+        raise Invalid(f"Unknown mock knob: {name!r}", f"mock.{name}")
+    base, optional = _KNOB_KINDS[name]
+    if value is None and optional:
+        return None
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        ok = ok and (name != "status" or 400 <= value <= 599)
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and value >= 0
+    if not ok:
+        want = "an HTTP error status (400-599)" if name == "status" else _KIND_WORDS[base]
+        raise Invalid(f"Invalid mock knob {name!r}: expected {want}", f"mock.{name}")
+    return float(value) if base is float else value
+
+
+def _overrides(source: Any, where: str) -> dict[str, Any]:
+    if not isinstance(source, dict):
+        raise Invalid(f"{where} must be a JSON object of mock knobs", where)
+    return {name: _knob(name, value) for name, value in source.items()}
+
+
+def knobs_for(defaults: Knobs, body: dict[str, Any], headers: dict[str, str]) -> Knobs:
+    """The knobs one request runs with; raises `Invalid` naming a bad knob."""
+    overrides = _overrides(body["mock"], "mock") if "mock" in body else {}
+    if "x-mock" in headers:
+        try:
+            from_header = orjson.loads(headers["x-mock"])
+        except orjson.JSONDecodeError:
+            from_header = None
+        overrides.update(_overrides(from_header, "x-mock"))
+    return dataclasses.replace(defaults, **overrides) if overrides else defaults
+
+
+_JSON = (b"content-type", b"application/json")
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_MODELS_BODY = orjson.dumps(
+    {
+        "object": "list",
+        "data": [
+            {"id": m, "object": "model", "created": CREATED, "owned_by": "sluicegate-mock"}
+            for m in MODELS
+        ],
+    }
+)
+_HEALTH_BODY = b'{"status":"ok"}'
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class MockUpstream:
+    """The ASGI app. Holds server-wide default Knobs and records every chat request."""
+
+    def __init__(self, defaults: Knobs = Knobs()) -> None:
+        self.defaults = defaults
+        self.records: list[RequestRecord] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if method == "POST" and path == "/v1/chat/completions":
+            await self._chat(scope, receive, send)
+        elif method == "GET" and path == "/v1/models":
+            await _respond(send, 200, _MODELS_BODY)
+        elif method == "GET" and path == "/healthz":
+            await _respond(send, 200, _HEALTH_BODY)
+        else:
+            msg = f"Unknown request URL: {method} {path}"
+            await _respond(send, 404, error_body(msg, "invalid_request_error", code="not_found"))
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.monotonic()
+        chunks: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        try:
+            body = orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            msg = "We could not parse the JSON body of your request."
+            await _respond(send, 400, error_body(msg, "invalid_request_error"))
+            return
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope["headers"]:
+            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        record = RequestRecord(headers, body, started)
+        self.records.append(record)
+        try:
+            knobs = knobs_for(self.defaults, body, headers)
+            if knobs.status is not None:
+                # Injected errors answer at once, as an overloaded or rate-limiting upstream does.
+                retry = knobs.retry_after
+                extra = [] if retry is None else [(b"retry-after", f"{retry:g}".encode())]
+                record.finished = time.monotonic()
+                await _respond(send, knobs.status, injected_error_body(knobs.status), extra)
+                return
+            if knobs.reject_stream_options and "stream_options" in body:
+                raise Invalid("Unknown parameter: stream_options", "stream_options")
+            plan = plan_request(body, knobs.tokens)
+        except Invalid as exc:
+            record.finished = time.monotonic()
+            await _respond(send, 400, exc.body())
+            return
+        record.prompt_tokens, record.completion_tokens = plan.prompt_tokens, plan.tokens
+        await _guarded(record, receive, _answer(send, knobs, plan, record))
+
+
+async def _guarded(record: RequestRecord, receive: Receive, answer: typing.Awaitable[None]) -> None:
+    # Race every sleep against the client going away: uvicorn's `send` goes quiet after a
+    # disconnect, so only `receive()` tells. The watcher cancels this task; cancelling (rather
+    # than racing each sleep against an event) keeps the per-token path free of extra work.
+    task = asyncio.current_task()
+    assert task is not None
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if record.finished is None:  # uvicorn also reports a completed response as a disconnect
+            record.disconnected = time.monotonic()
+            task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await answer
+    except asyncio.CancelledError:
+        # Swallow only our own cancellation, not a server shutdown's.
+        if record.disconnected is None or task.uncancel() > 0:
+            raise
+    finally:
+        watcher.cancel()
+
+
+async def _answer(send: Send, knobs: Knobs, plan: Plan, record: RequestRecord) -> None:
+    extra: Headers = []
+    if knobs.usage_headers:
+        extra = [
+            (b"x-prompt-tokens", b"%d" % plan.prompt_tokens),
+            (b"x-completion-tokens", b"%d" % plan.tokens),
+        ]
+    if plan.stream and not knobs.json_for_stream:
+        await _stream(send, knobs, plan, record, extra)
+        return
+    await asyncio.sleep(knobs.ttft + plan.tokens * knobs.delay)
+    body = completion_body(plan.seed, plan.model, plan.tokens, plan.finish, plan.prompt_tokens)
+    headers = [_JSON, (b"content-length", b"%d" % len(body)), *extra]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    if knobs.stall:
+        await asyncio.sleep(knobs.stall)
+    record.sent_tokens = plan.tokens
+    record.finished = time.monotonic()
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _stream(
+    send: Send, knobs: Knobs, plan: Plan, record: RequestRecord, extra: Headers
+) -> None:
+    events = stream_events(plan.seed, plan.model, plan.tokens, plan.finish, plan.include_usage)
+    split = knobs.split_utf8
+
+    async def write(event: bytes, more: bool = True) -> None:
+        if split:
+            *head, event = split_event(event)
+            for piece in head:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                await asyncio.sleep(SPLIT_GAP)
+        await send({"type": "http.response.body", "body": event, "more_body": more})
+
+    start = {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + extra}
+    # Without keep-alives the headers wait for the first token, as real upstreams' do; with
+    # them the headers go at once so the comments have a response to ride on.
+    if knobs.keepalives:
+        await send(start)
+        if knobs.stall:
+            await asyncio.sleep(knobs.stall)
+        gap = knobs.ttft / (knobs.keepalives + 1)
+        for _ in range(knobs.keepalives):
+            await asyncio.sleep(gap)
+            await write(KEEPALIVE)
+        await asyncio.sleep(gap)
+    else:
+        if knobs.ttft:
+            await asyncio.sleep(knobs.ttft)
+        await send(start)
+        if knobs.stall:
+            await asyncio.sleep(knobs.stall)
+
+    reset = -1 if knobs.reset_after is None else knobs.reset_after
+    await write(events.role)
+    for i, event in enumerate(events.content):
+        if i == reset:
+            break
+        if i and knobs.delay:
+            await asyncio.sleep(knobs.delay)
+        await write(event)
+        record.sent_tokens = i + 1
+        if i == 0 and knobs.pause_after_first:
+            await asyncio.sleep(knobs.pause_after_first)
+    if record.sent_tokens == reset:
+        record.finished = time.monotonic()
+        raise MockReset(f"mock reset after {reset} content events")
+
+    await write(events.final)
+    if plan.include_usage:
+        await write(events.usage_event(plan.prompt_tokens, plan.tokens))
+    record.finished = time.monotonic()
+    await write(events.done, more=False)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _respond(send: Send, status: int, body: bytes, extra: Headers | None = None) -> None:
+    headers = [_JSON, (b"content-length", b"%d" % len(body)), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def serve(host: str = "127.0.0.1", port: int = 8900, defaults: Knobs = Knobs()) -> None:
+    """Run the mock upstream in the foreground until interrupted."""
+    uvicorn.run(
+        MockUpstream(defaults),
+        host=host,
+        port=port,
+        loop=fastest_loop(),
+        http=fastest_http(),
+        log_level="warning",
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="sluicegate's OpenAI-compatible mock upstream")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8900)
+    args = parser.parse_args()
+    serve(args.host, args.port)

@@ -1,0 +1,96 @@
+"""Serve an ASGI app with uvicorn in a background thread on a loopback port.
+
+For tests, benchmarks and the offline demo: the app runs for real (sockets, HTTP parser,
+lifespan) while the calling thread stays free to act as the client.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import threading
+import time
+from types import TracebackType
+
+import uvicorn
+from starlette.types import ASGIApp
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+
+
+def fastest_http() -> str:
+    return "httptools" if importlib.util.find_spec("httptools") else "auto"
+
+
+def fastest_loop() -> str:
+    return "uvloop" if importlib.util.find_spec("uvloop") else "auto"
+
+
+class RunningServer:
+    """`with RunningServer(app) as srv: httpx.get(srv.url + "/healthz")`."""
+
+    def __init__(
+        self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0, *, loop: str = "asyncio"
+    ) -> None:
+        # Binding here rather than letting uvicorn do it means port 0 resolves before start()
+        # and a taken port fails in the caller's thread instead of as sys.exit in the server's.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+        except OSError:
+            self._sock.close()
+            raise
+        self.port: int = self._sock.getsockname()[1]
+        self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        config = uvicorn.Config(
+            app,
+            loop=loop,
+            http=fastest_http(),
+            log_level="warning",
+            access_log=False,
+            lifespan="auto",
+            timeout_graceful_shutdown=1,
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+
+    def start(self) -> RunningServer:
+        """Return once the app's lifespan startup has finished and the socket is accepting."""
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        # `started` is set after lifespan startup and listen(); polling it is the only signal
+        # uvicorn offers across threads.
+        while not self.server.started:
+            if not self._thread.is_alive():
+                self._sock.close()
+                raise RuntimeError("server exited during startup (lifespan startup failed?)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"server did not start within {START_TIMEOUT} s")
+            time.sleep(0.005)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(STOP_TIMEOUT)
+            if self._thread.is_alive():
+                self.server.force_exit = True
+                self._thread.join(STOP_TIMEOUT)
+        self._sock.close()
+
+    def __enter__(self) -> RunningServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,132 @@
+"""The upstream call: the only module that speaks httpx (and, under it, aiohttp).
+
+One pooled client per configured upstream, built at start-up and closed at shutdown.
+httpx is the interface; its aiohttp transport carries the bytes, because httpcore's
+per-read machinery costs ~5x more CPU per streamed token (bench/ and the peer numbers).
+Every transport exception becomes one of ours here, so nothing above this module knows
+which library failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+
+import aiohttp
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+from proxy import __version__
+from proxy.config import Upstream
+from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+from proxy.headers import Headers
+
+USER_AGENT = f"sluicegate/{__version__}"
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    """An upstream answer whose body has not been read yet."""
+
+    status: int
+    headers: Headers
+    upstream: str
+    _response: httpx.Response
+
+    @property
+    def content_type(self) -> str:
+        for name, value in self.headers:
+            if name == b"content-type":
+                return value.decode("latin-1")
+        return ""
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as the network delivers it: no re-chunking, no decoding."""
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except (httpx.HTTPError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise to_proxy_error(exc, self.upstream, reading=True) from None
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    async def aclose(self) -> None:
+        # Closing an unfinished aiohttp response drops its connection, which is what
+        # tells the upstream to stop generating.
+        with contextlib.suppress(httpx.HTTPError, aiohttp.ClientError, OSError):
+            await self._response.aclose()
+
+
+class UpstreamClients:
+    """One pooled client per upstream; `send` opens a request and returns at its headers."""
+
+    def __init__(self, upstreams: Mapping[str, Upstream]) -> None:
+        self._clients = {name: _build_client(up) for name, up in upstreams.items()}
+
+    async def send(
+        self, upstream: Upstream, path: str, body: bytes, headers: Headers
+    ) -> UpstreamResponse:
+        client = self._clients[upstream.name]
+        request_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+        if upstream.api_key is not None:
+            request_headers.append(("authorization", f"Bearer {upstream.api_key.reveal()}"))
+        request = client.build_request(
+            "POST", upstream.base_url + path, content=body, headers=request_headers
+        )
+        try:
+            response = await client.send(request, stream=True)
+        except (httpx.HTTPError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise to_proxy_error(exc, upstream.name, reading=False) from None
+        return UpstreamResponse(response.status_code, response.headers.raw, upstream.name, response)
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(c.aclose() for c in self._clients.values()))
+
+
+def _build_client(upstream: Upstream) -> httpx.AsyncClient:
+    t = upstream.timeouts
+    limits = httpx.Limits(
+        max_connections=upstream.max_connections,
+        max_keepalive_connections=upstream.max_connections,
+        keepalive_expiry=30.0,
+    )
+
+    def session() -> aiohttp.ClientSession:
+        # Created lazily inside the running loop. No cookie jar: upstream cookies must
+        # never leak from one client's request into another's.
+        connector = aiohttp.TCPConnector(
+            limit=upstream.max_connections, limit_per_host=0, keepalive_timeout=30.0
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+    return httpx.AsyncClient(
+        transport=AiohttpTransport(limits=limits, client=session),
+        timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.connect),
+        headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
+        cookies=httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+def to_proxy_error(exc: BaseException, upstream: str, *, reading: bool) -> ProxyError:
+    """Map a transport failure to the proxy's error tree.
+
+    httpx-aiohttp maps every aiohttp connection error to httpx.ConnectTimeout, so the
+    original aiohttp exception (its __cause__) is the more precise witness.
+    """
+    cause = exc.__cause__ if isinstance(exc.__cause__, BaseException) else exc
+    where = "while streaming the response" if reading else "before its response headers"
+    if isinstance(cause, TimeoutError | httpx.TimeoutException) and not isinstance(
+        cause, aiohttp.ServerDisconnectedError
+    ):
+        return UpstreamTimeout(f"upstream '{upstream}' timed out {where}")
+    if isinstance(
+        cause, aiohttp.ClientConnectorError | httpx.ConnectError | ConnectionRefusedError
+    ):
+        return UpstreamUnreachable(f"upstream '{upstream}' is unreachable")
+    return UpstreamProtocolError(f"upstream '{upstream}' closed the connection {where}")

@@ -1,0 +1,85 @@
+"""Shared fixtures: a real mock upstream and real proxies, each a uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.app import create_app
+from proxy.mock_upstream import MockUpstream
+from proxy.serving import RunningServer
+
+UPSTREAM_KEY = "sk-upstream-test-0123456789abcdef"
+
+ROUTES = """\
+server: {{max_body_bytes: {max_body}}}
+upstreams:
+  mock:
+    base_url: {mock_url}/v1
+    api_key: ${{MOCK_API_KEY}}
+    timeouts: {{connect: 2, read: {read_timeout}}}
+  dead:
+    base_url: http://127.0.0.1:{dead_port}/v1
+    timeouts: {{connect: 1, read: 2}}
+routes:
+  - model: support-bot
+    targets: [{{upstream: mock, model: mock-chat}}]
+  - model: nowhere
+    targets: [{{upstream: dead, model: mock-chat}}]
+pricing:
+  mock-chat: {{input: 0.28, cached_input: 0.028, output: 0.42}}
+"""
+
+ProxyFactory = Callable[..., RunningServer]
+
+
+@pytest.fixture(scope="session")
+def mock_app() -> MockUpstream:
+    return MockUpstream()
+
+
+@pytest.fixture(scope="session")
+def mock_server(mock_app: MockUpstream) -> Iterator[RunningServer]:
+    with RunningServer(mock_app) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def dead_port() -> int:
+    """A loopback port with nothing listening (bound then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def make_proxy(
+    tmp_path: Path, mock_server: RunningServer, dead_port: int
+) -> Iterator[ProxyFactory]:
+    started: list[RunningServer] = []
+
+    def factory(*, read_timeout: float = 10, max_body: int = 4194304) -> RunningServer:
+        path = tmp_path / f"routes-{len(started)}.yaml"
+        path.write_text(
+            ROUTES.format(
+                mock_url=mock_server.url,
+                dead_port=dead_port,
+                read_timeout=read_timeout,
+                max_body=max_body,
+            )
+        )
+        server = RunningServer(create_app(path, env={"MOCK_API_KEY": UPSTREAM_KEY})).start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def proxy(make_proxy: ProxyFactory) -> RunningServer:
+    return make_proxy()

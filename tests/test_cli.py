@@ -1,0 +1,161 @@
+"""The `sluicegate` command: check, serve --demo, mock-upstream (as real subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = Path(__file__).resolve().parent / "configs"
+FAKE_KEYS = {"DEEPSEEK_API_KEY": "sk-deepseek-fake-000", "GEMINI_API_KEY": "AIza-fake-000"}
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_check_accepts_the_committed_routes_yaml() -> None:
+    result = _run("check", "routes.yaml", env=FAKE_KEYS)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: routes.yaml: 3 upstreams, 2 routes")
+    assert "sk-deepseek-fake" not in result.stdout + result.stderr
+
+
+def test_check_names_a_missing_environment_variable() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in FAKE_KEYS}
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "routes.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert re.search(
+        r"routes\.yaml:\d+: upstreams\.deepseek\.api_key: .*DEEPSEEK_API_KEY", result.stderr
+    )
+
+
+def test_there_are_broken_configs_to_check() -> None:
+    assert len(list(CONFIGS.glob("broken_*.yaml"))) >= 3
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("broken_*.yaml")), ids=lambda p: p.stem)
+def test_check_reports_every_error_with_file_line_and_path(path: Path) -> None:
+    result = _run("check", str(path))
+    assert result.returncode == 1
+    issue_lines = [line for line in result.stderr.splitlines() if line.startswith(str(path))]
+    assert issue_lines, result.stderr
+    for line in issue_lines[:-1]:  # the last line is the count
+        assert re.match(re.escape(str(path)) + r":\d+: ", line), line
+    assert result.stdout == ""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+@pytest.fixture
+def demo() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--demo", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        _stop(proc)
+
+
+def test_demo_serves_a_streamed_answer_offline(demo: tuple[str, subprocess.Popen[str]]) -> None:
+    url, _ = demo
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="support-bot", stream=True, messages=[{"role": "user", "content": "hi"}]
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert len(text) > 20
+
+
+def test_demo_prints_url_and_examples(demo: tuple[str, subprocess.Popen[str]]) -> None:
+    url, proc = demo
+    proc.terminate()
+    out, _ = proc.communicate(timeout=15)
+    assert f"{url}/v1" in out
+    assert "curl -N" in out
+    assert "from openai import OpenAI" in out
+
+
+def test_mock_upstream_command_serves_chat() -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "mock-upstream", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/healthz", proc)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert r.json()["choices"][0]["message"]["content"]
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    proc.wait(timeout=15)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def test_serve_refuses_a_broken_config_readably(tmp_path: Path) -> None:
+    bad = tmp_path / "routes.yaml"
+    bad.write_text("upstreams: {}\nroutes: []\nbogus: 1\n")
+    result = _run("serve", "--config", str(bad), "--port", str(_free_port()))
+    assert result.returncode == 1
+    assert f"{bad}:3: bogus: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr

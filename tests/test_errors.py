@@ -1,0 +1,153 @@
+"""Every error row answers in OpenAI's shape with the right status, and the proxy keeps serving."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from proxy.serving import RunningServer
+
+OK_BODY = {"model": "support-bot", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _post(proxy: RunningServer, content: bytes, **headers: str) -> httpx.Response:
+    return httpx.post(
+        proxy.url + "/v1/chat/completions",
+        content=content,
+        headers={"content-type": "application/json", **headers},
+        timeout=10,
+    )
+
+
+def _assert_openai_error(r: httpx.Response, status: int, code: str | None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert error["code"] == code
+    return dict(error)
+
+
+def _assert_still_serving(proxy: RunningServer) -> None:
+    r = httpx.post(proxy.url + "/v1/chat/completions", json=OK_BODY, timeout=10)
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "code", "param"),
+    [
+        (b'{"model": "support-bot", "messages": [', 400, "invalid_json", None),
+        (b"\xff\xfe not json", 400, "invalid_json", None),
+        (b"[1, 2]", 400, "invalid_json", None),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', 400, None, "model"),
+        (b'{"model": 42, "messages": [{"role": "user", "content": "hi"}]}', 400, None, "model"),
+        (b'{"model": "support-bot"}', 400, None, "messages"),
+        (b'{"model": "support-bot", "messages": "hi"}', 400, None, "messages"),
+        (
+            b'{"model": "support-bot", "messages": [{"role": "user"}], "stream": "yes"}',
+            400,
+            None,
+            "stream",
+        ),
+        (
+            b'{"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "model_not_found",
+            "model",
+        ),
+    ],
+    ids=[
+        "truncated-json",
+        "invalid-utf8",
+        "not-an-object",
+        "missing-model",
+        "model-not-string",
+        "missing-messages",
+        "messages-not-array",
+        "stream-not-bool",
+        "unknown-model",
+    ],
+)
+def test_bad_requests(
+    proxy: RunningServer, content: bytes, status: int, code: str | None, param: str | None
+) -> None:
+    error = _assert_openai_error(_post(proxy, content), status, code)
+    assert error["param"] == param
+    _assert_still_serving(proxy)
+
+
+def test_unknown_model_raises_not_found_in_the_sdk(proxy: RunningServer) -> None:
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "x"}])
+    assert info.value.code == "model_not_found"
+    _assert_still_serving(proxy)
+
+
+def test_body_over_limit_is_413(make_proxy: Any) -> None:
+    proxy = make_proxy(max_body=1000)
+    big = {**OK_BODY, "messages": [{"role": "user", "content": "x" * 2000}]}
+    r = httpx.post(proxy.url + "/v1/chat/completions", json=big, timeout=10)
+    _assert_openai_error(r, 413, "request_too_large")
+    _assert_still_serving(proxy)
+
+
+def test_chunked_body_over_limit_is_413(make_proxy: Any) -> None:
+    proxy = make_proxy(max_body=1000)
+
+    def chunks() -> Any:
+        for _ in range(20):
+            yield b" " * 100
+
+    r = httpx.post(proxy.url + "/v1/chat/completions", content=chunks(), timeout=10)
+    _assert_openai_error(r, 413, "request_too_large")
+    _assert_still_serving(proxy)
+
+
+def test_unreachable_upstream_is_502(proxy: RunningServer) -> None:
+    body = {**OK_BODY, "model": "nowhere"}
+    r = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=10)
+    error = _assert_openai_error(r, 502, "upstream_unreachable")
+    assert "dead" in error["message"]
+    _assert_still_serving(proxy)
+
+
+def test_upstream_timeout_is_504(make_proxy: Any) -> None:
+    proxy = make_proxy(read_timeout=0.5)
+    body = {**OK_BODY, "mock": {"ttft": 3.0}}
+    r = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=10)
+    _assert_openai_error(r, 504, "upstream_timeout")
+    _assert_still_serving(proxy)
+
+
+@pytest.mark.parametrize("status", [400, 401, 429, 500, 503])
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_error_status_and_body_are_relayed(
+    proxy: RunningServer, mock_server: RunningServer, status: int, stream: bool
+) -> None:
+    body = {**OK_BODY, "stream": stream, "mock": {"status": status, "retry_after": 2}}
+    via = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=10)
+    direct = httpx.post(
+        mock_server.url + "/v1/chat/completions", json={**body, "model": "mock-chat"}, timeout=10
+    )
+    assert via.status_code == status
+    assert via.content == direct.content
+    assert via.headers["retry-after"] == direct.headers["retry-after"]
+    _assert_still_serving(proxy)
+
+
+def test_unknown_path_and_wrong_method(proxy: RunningServer) -> None:
+    _assert_openai_error(httpx.get(proxy.url + "/v1/nothing", timeout=10), 404, "not_found")
+    r = httpx.get(proxy.url + "/v1/chat/completions", timeout=10)
+    _assert_openai_error(r, 405, "method_not_allowed")
+    _assert_still_serving(proxy)
+
+
+def test_health_and_readiness(proxy: RunningServer) -> None:
+    assert httpx.get(proxy.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(proxy.url + "/readyz").json() == {"status": "ready"}

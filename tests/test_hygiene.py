@@ -1,0 +1,44 @@
+"""The tools that keep the code honest run as part of the suite, so CI fails on any of them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    found = str(path) if path.exists() else shutil.which(name)
+    assert found, f"{name} is not installed: install the test extra (pip install -e '.[test]')"
+    return found
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ("ruff", "check", "proxy", "tests", "bench"),
+        ("ruff", "format", "--check", "proxy", "tests", "bench"),
+        ("mypy",),
+        ("lint-imports",),
+    ],
+    ids=["ruff-check", "ruff-format", "mypy-strict", "import-contracts"],
+)
+def test_static_check_passes(cmd: tuple[str, ...]) -> None:
+    result = _run(_tool(cmd[0]), *cmd[1:])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_module_stays_small() -> None:
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "proxy").glob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > 400} == {}

@@ -1,0 +1,131 @@
+"""The streaming relay: byte-for-byte, unbuffered, and it lets go when the client does."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from proxy.mock_upstream import MockUpstream
+from proxy.serving import RunningServer
+
+MESSAGES = [{"role": "user", "content": "有哪些优惠? 🎉"}]
+
+
+def _body(model: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": MESSAGES, "stream": True, "seed": 5, **extra}
+
+
+def _raw(url: str, body: dict[str, Any]) -> tuple[httpx.Headers, bytes]:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=10) as r:
+        assert r.status_code == 200
+        return r.headers, b"".join(r.iter_raw())
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {},
+        {"split_utf8": True},
+        {"keepalives": 3, "ttft": 0.06},
+        {"tokens": 200, "delay": 0},
+    ],
+    ids=["plain", "split-utf8", "keepalives", "fast-200-tokens"],
+)
+@pytest.mark.parametrize("usage", [True, False], ids=["usage", "no-usage"])
+def test_sse_body_is_byte_identical_to_direct(
+    proxy: RunningServer, mock_server: RunningServer, knobs: dict[str, Any], usage: bool
+) -> None:
+    extra: dict[str, Any] = {"mock": knobs}
+    if usage:
+        extra["stream_options"] = {"include_usage": True}
+    _, direct = _raw(mock_server.url, _body("mock-chat", **extra))
+    headers, via = _raw(proxy.url, _body("support-bot", **extra))
+    assert via == direct
+    assert max(via) >= 0x80  # raw multibyte UTF-8 went through, not \\u escapes
+    assert headers["content-type"].startswith("text/event-stream")
+    assert headers["cache-control"] == "no-cache"
+    assert headers["x-accel-buffering"] == "no"
+    assert "content-length" not in headers
+
+
+def test_first_chunk_reaches_client_while_upstream_is_still_paused(
+    proxy: RunningServer, mock_app: MockUpstream
+) -> None:
+    body = _body("support-bot", mock={"pause_after_first": 1.0, "tokens": 4})
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=body, timeout=10) as r:
+        chunks = r.iter_raw()
+        first = b""
+        while b'"content":"' not in first.replace(b'"content":""', b""):
+            first += next(chunks)
+        record = mock_app.records[-1]
+        # The upstream has not finished (it is inside its 1 s pause), yet the content is here.
+        assert record.finished is None
+        assert record.body["model"] == "mock-chat"
+        rest = b"".join(chunks)
+    assert rest.endswith(b"data: [DONE]\n\n")
+    assert record.finished is not None
+
+
+def test_client_abort_closes_the_upstream_request(
+    proxy: RunningServer, mock_app: MockUpstream
+) -> None:
+    body = _body("support-bot", mock={"pause_after_first": 30.0})
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=body, timeout=10) as r:
+        next(r.iter_raw())
+        record = mock_app.records[-1]
+    aborted = time.monotonic()
+    deadline = aborted + 5
+    while record.disconnected is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert record.disconnected is not None, "upstream request was not closed"
+    assert record.disconnected - aborted < 1.5
+    assert record.finished is None
+
+
+def test_abort_while_waiting_for_first_token_closes_upstream(
+    proxy: RunningServer, mock_app: MockUpstream
+) -> None:
+    body = _body("support-bot", mock={"keepalives": 100, "ttft": 30.0})
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=body, timeout=10) as r:
+        assert next(r.iter_raw()).startswith(b": keep-alive")
+        record = mock_app.records[-1]
+    deadline = time.monotonic() + 5
+    while record.disconnected is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert record.disconnected is not None
+
+
+def test_upstream_reset_mid_stream_ends_with_an_sse_error_event(proxy: RunningServer) -> None:
+    body = _body("support-bot", mock={"reset_after": 3})
+    _, via = _raw(proxy.url, body)
+    events = [e for e in via.split(b"\n\n") if e]
+    assert sum(b'"content":"' in e and b'"content":""' not in e for e in events) == 3
+    assert events[-1].startswith(b'data: {"error":')
+    assert b"upstream_protocol_error" in events[-1]
+    assert b"[DONE]" not in via
+
+
+def test_openai_sdk_raises_on_mid_stream_reset(proxy: RunningServer) -> None:
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+    stream = client.chat.completions.create(
+        model="support-bot",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        extra_body={"mock": {"reset_after": 2}},
+    )
+    with pytest.raises(openai.APIError, match="closed the connection"):
+        for _ in stream:
+            pass
+
+
+def test_upstream_stall_mid_stream_past_read_timeout_is_an_error_event(
+    make_proxy: Any,
+) -> None:
+    proxy = make_proxy(read_timeout=0.5)
+    _, via = _raw(proxy.url, _body("support-bot", mock={"pause_after_first": 3.0}))
+    assert via.rstrip().endswith(b"}}")
+    assert b"upstream_timeout" in via.split(b"\n\n")[-2]
