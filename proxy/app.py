@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator, Mapping
+import signal
+import threading
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 
 import orjson
 from starlette.applications import Starlette
@@ -15,34 +20,59 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.chat import ChatCompletions
-from proxy.config import load_config
+from proxy.config import ConfigError
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError, error_body
+from proxy.health import Health
 from proxy.logs import access_log, get_logger
-from proxy.state import AppState, StateRef
-from proxy.upstream import UpstreamClients
+from proxy.record import Observer, Observers
+from proxy.reload import Reloader
+from proxy.state import Runtime, StateRef
 
 CONFIG_ENV = "SLUICEGATE_CONFIG"
 log = get_logger()
 
 
 def create_app(
-    config_path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+    config_path: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    watch_interval: float | None = 1.0,
+    runtime: Runtime | None = None,
+    observers: Sequence[Observer] = (),
 ) -> Starlette:
-    """The proxy for one config file; the file is read at start-up (lifespan)."""
+    """The proxy for one config file; the file is read at start-up and watched for edits.
+
+    `observers` hear about every finished request, after the built-in ones (a test seam,
+    and a hook for embedding)."""
     ref = StateRef()
-    path = Path(config_path)
+    runtime = runtime or Runtime(health=Health())
+    watchers = Observers(on_finish=(access_log, *observers))
+
+    def reloaded(ok: bool, error: ConfigError | None) -> None:
+        if ok:
+            log.info("config_reloaded", config=ref.get().config.summary())
+        else:
+            log.error(
+                "config_reload_refused", errors=[str(i) for i in error.issues] if error else []
+            )
+
+    reloader = Reloader(Path(config_path), env, ref, runtime, reloaded)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        config = load_config(path, env)
-        clients = UpstreamClients(config.upstreams)
-        ref.current = AppState(config=config, clients=clients)
-        log.info("ready", config=config.summary())
+        state = reloader.start()
+        log.info("ready", config=state.config.summary())
+        reloader.install_sighup()
+        _drain_on_sigterm(runtime)
+        watcher = asyncio.ensure_future(reloader.watch(watch_interval)) if watch_interval else None
         try:
             yield
         finally:
-            ref.current = None
-            await clients.aclose()
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await reloader.aclose()
 
     async def models(_request: Request) -> Response:
         state = ref.get()
@@ -56,17 +86,17 @@ def create_app(
         return _json(200, {"status": "ok"})
 
     async def readyz(_request: Request) -> Response:
-        if ref.current is None:
-            return _json(503, {"status": "not ready"})
+        if ref.current is None or runtime.draining:
+            return _json(503, {"status": "draining" if runtime.draining else "not ready"})
         return _json(200, {"status": "ready"})
 
     routes = [
-        Route("/v1/chat/completions", ChatCompletions(ref, access_log), methods=["POST"]),
+        Route("/v1/chat/completions", ChatCompletions(ref, watchers), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -75,6 +105,26 @@ def create_app(
             Exception: _crash,
         },
     )
+    app.state.runtime = runtime
+    app.state.reloader = reloader
+    return app
+
+
+def _drain_on_sigterm(runtime: Runtime) -> None:
+    """Readiness turns false the moment SIGTERM arrives; the server's own handler (uvicorn's,
+    installed before the lifespan runs) then stops accepting and lets in-flight requests
+    finish. Only the main thread can touch signal handlers (threaded test servers skip it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        runtime.draining = True
+        log.info("draining")
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, handle)
 
 
 def create_app_from_env() -> Starlette:

@@ -1,115 +1,140 @@
-"""POST /v1/chat/completions: admission → route choice → upstream call → relay."""
+"""POST /v1/chat/completions: admission → route choice → attempts → relay → metering."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 from proxy.asgi import ClientWatch, Receive, Scope, Send, read_body, send_body, send_error
+from proxy.attempts import Answer, Attempts, Failure
 from proxy.chat_request import ChatRequest, parse_chat_request
-from proxy.config import Target
 from proxy.errors import ModelNotFound, ProxyError
 from proxy.headers import client_response_headers, request_id, upstream_request_headers
-from proxy.record import Observer, RequestRecord
-from proxy.relay import relay_stream
-from proxy.routing import plan
-from proxy.state import AppState, StateRef
+from proxy.metering import cost_usd
+from proxy.record import Observers, RequestRecord
+from proxy.relay import relay
+from proxy.state import AppState, Overloaded, StateRef
+from proxy.usage import tee_for, usage_of_body, usage_of_stream
 
 
 class ChatCompletions:
     """A raw ASGI endpoint, so no middleware or response object wraps the stream."""
 
-    def __init__(self, ref: StateRef, observe: Observer) -> None:
+    def __init__(self, ref: StateRef, observers: Observers) -> None:
         self._ref = ref
-        self._observe = observe
+        self._observers = observers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = _Exchange(scope, receive, send)
-        started = time.perf_counter()
         try:
-            await exchange.run(self._ref)
+            await exchange.run(self._ref, self._observers)
         finally:
-            exchange.record.duration_ms = round((time.perf_counter() - started) * 1000, 2)
-            with contextlib.suppress(Exception):  # observers watch; they never break a request
-                self._observe(exchange.record)
+            exchange.record.duration_s = time.perf_counter() - exchange.arrived
+            self._observers.finished(exchange.record)
 
 
 class _Exchange:
     """One request's way through the pipeline."""
 
-    __slots__ = ("receive", "record", "rid", "scope", "send")
+    __slots__ = ("arrived", "receive", "record", "rid", "scope", "send")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.arrived = time.perf_counter()
         self.scope, self.receive, self.send = scope, receive, send
         self.rid = request_id(scope["headers"])
         self.record = RequestRecord(request_id=self.rid.decode())
 
-    async def run(self, ref: StateRef) -> None:
+    async def run(self, ref: StateRef, observers: Observers) -> None:
         try:
             state = ref.get()
+            limit = state.config.server.max_inflight
+            if limit is not None and state.runtime.inflight >= limit:
+                raise Overloaded(f"sluicegate is serving its limit of {limit} requests")
+        except ProxyError as exc:
+            await self._fail(exc, [(b"retry-after", b"1")])
+            return
+        state.runtime.inflight += 1
+        try:
+            await self._admitted(state, observers)
+        finally:
+            state.runtime.inflight -= 1
+
+    async def _admitted(self, state: AppState, observers: Observers) -> None:
+        try:
             body = await read_body(self.scope, self.receive, state.config.server.max_body_bytes)
             request = parse_chat_request(body)
-            target = _choose(state, request.model)
+            route = state.config.route(request.model)
+            if route is None:
+                message = (
+                    f"The model '{request.model}' does not exist or you do not have access to it."
+                )
+                raise ModelNotFound(message, param="model")
         except ProxyError as exc:
             await self._fail(exc)
             return
-        record = self.record
-        record.route, record.upstream, record.model = request.model, target.upstream, target.model
-        record.stream = request.stream
+        self.record.route, self.record.stream = route.model, request.stream
+        observers.started(route.model)
         watch = ClientWatch(self.receive)
         try:
-            await self._forward(state, target, request, watch)
+            headers = upstream_request_headers(self.scope["headers"], self.rid)
+            result = await Attempts(state, route, request, headers, self.record).run()
+            await self._respond(state, request, result, watch)
         except asyncio.CancelledError:
             if not watch.client_gone:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]  # always in a task
-            record.client_disconnected = True
+            self.record.client_disconnected = True
         finally:
             watch.close()
 
-    async def _forward(
-        self, state: AppState, target: Target, request: ChatRequest, watch: ClientWatch
+    async def _respond(
+        self, state: AppState, request: ChatRequest, result: Answer | Failure, watch: ClientWatch
     ) -> None:
-        upstream = state.config.upstreams[target.upstream]
-        headers = upstream_request_headers(self.scope["headers"], self.rid)
-        try:
-            response = await state.clients.send(
-                upstream, "/chat/completions", request.upstream_body(target.model), headers
-            )
-        except ProxyError as exc:
+        record = self.record
+        target = result.target
+        if target is not None:
+            record.upstream, record.model = target.upstream, target.model
+        if isinstance(result, Failure):
             watch.done = True
-            await self._fail(exc)
+            if result.error is not None or not result.status:
+                await self._fail(result.error or ProxyError("no upstream could answer"))
+            else:
+                record.status = result.status
+                headers = client_response_headers(result.headers, self.rid)
+                await send_body(self.send, result.status, result.body, headers)
             return
-        self.record.status = response.status
-        headers = client_response_headers(response.headers, self.rid)
-        if 200 <= response.status < 300 and response.content_type.startswith("text/event-stream"):
-            failure = await relay_stream(self.send, response, headers, watch)
-            if failure is not None:
-                self.record.error, self.record.message = failure.code, failure.message
-            return
-        # Non-stream answers (and upstream errors) are small: read whole, so a failure while
-        # reading can still become a proper error status instead of a truncated body.
+        first = record.attempts[0] if record.attempts else None
+        if first is not None and first.upstream != result.target.upstream:
+            record.fallback_reason = first.outcome
+        record.status = result.status
         try:
-            payload = await response.read()
-        except ProxyError as exc:
-            watch.done = True
-            await self._fail(exc)
-            return
+            await self._send_answer(state, request, result, watch)
         finally:
-            await response.aclose()
-        watch.done = True
-        await send_body(self.send, response.status, payload, headers)
+            state.health[result.target.upstream].inflight -= 1
 
-    async def _fail(self, exc: ProxyError) -> None:
+    async def _send_answer(
+        self, state: AppState, request: ChatRequest, answer: Answer, watch: ClientWatch
+    ) -> None:
+        record, upstream = self.record, state.config.upstreams[answer.target.upstream]
+        headers = client_response_headers(answer.headers, self.rid)
+        if not request.stream:
+            watch.done = True
+            await send_body(self.send, answer.status, answer.head, headers)
+            record.ttft_s = time.perf_counter() - self.arrived
+            record.usage = usage_of_body(request, answer, upstream)
+        else:
+            tee = tee_for(request, answer, upstream)
+            try:
+                relayed = await relay(self.send, answer, headers, watch, tee)
+                record.ttft_s = relayed.first_byte_at - self.arrived
+                if relayed.failure is not None:
+                    record.stream_error = relayed.reason
+                    record.error, record.message = relayed.failure.code, relayed.failure.message
+            finally:
+                record.usage = usage_of_stream(request, answer, upstream, tee)
+        price = state.config.pricing.get(answer.target.model)
+        record.cost_usd = cost_usd(record.usage, price) if record.usage is not None else None
+
+    async def _fail(self, exc: ProxyError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
         self.record.fail(exc.status, exc.code, exc.message)
-        await send_error(self.send, exc, [(b"x-request-id", self.rid)])
-
-
-def _choose(state: AppState, model: str) -> Target:
-    route = state.config.route(model)
-    if route is None:
-        raise ModelNotFound(
-            f"The model '{model}' does not exist or you do not have access to it.", param="model"
-        )
-    return plan(route, state.rng)[0]
+        await send_error(self.send, exc, [(b"x-request-id", self.rid), *(extra or [])])

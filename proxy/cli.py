@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -91,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_config(config_path: str, host: str, port: int, workers: int) -> int:
     try:
-        load_config(config_path)  # fail here, readably, rather than inside a worker
+        config = load_config(config_path)  # fail here, readably, rather than inside a worker
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -112,6 +113,8 @@ def _serve_config(config_path: str, host: str, port: int, workers: int) -> int:
         access_log=False,
         server_header=False,
         backlog=4096,
+        # SIGTERM: stop accepting, let in-flight streams finish for this long, then exit.
+        timeout_graceful_shutdown=math.ceil(config.server.drain_seconds),
     )
     return 0
 

@@ -35,8 +35,20 @@ class Secret:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    connect: float = 5.0
-    read: float = 30.0
+    connect: float = 5.0  # TCP connect, and waiting for a pooled connection
+    read: float = 30.0  # request sent → response headers
+    idle: float | None = None  # longest silence inside a body; None: same as read
+    total: float | None = None  # the whole non-stream exchange; None: unbounded
+
+    @property
+    def body_idle(self) -> float:
+        return self.read if self.idle is None else self.idle
+
+
+@dataclass(frozen=True, slots=True)
+class Cooldown:
+    failures: int = 3  # consecutive failed attempts that take an upstream out
+    seconds: float = 30.0  # then one probe request decides whether it is back
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +58,8 @@ class UsageHeaders:
 
 
 StreamOptionsMode = Literal["auto", "pass", "strip"]
+Strategy = Literal["weighted", "least_inflight"]
+STRATEGIES: dict[str, Strategy] = {"weighted": "weighted", "least_inflight": "least_inflight"}
 STREAM_OPTIONS_MODES: dict[str, StreamOptionsMode] = {
     "auto": "auto",
     "pass": "pass",
@@ -62,6 +76,7 @@ class Upstream:
     usage_headers: UsageHeaders = UsageHeaders()
     timeouts: Timeouts = Timeouts()
     max_connections: int = 1000
+    cooldown: Cooldown = Cooldown()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +84,7 @@ class Target:
     upstream: str
     model: str
     weight: float = 1.0
+    first_token_timeout: float | None = None  # overrides the route's for this target
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +92,10 @@ class Route:
     model: str  # the name clients send
     targets: tuple[Target, ...]
     fallbacks: tuple[Target, ...] = ()
-    first_token_timeout: float | None = None
+    first_token_timeout: float | None = None  # to the first content event, then next candidate
+    strategy: Strategy = "weighted"
+    retries: int = 2  # extra attempts after one pass over targets and fallbacks
+    hedge_after: float | None = None  # start the next candidate in parallel after this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +108,9 @@ class Price:  # USD per million tokens
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
+    max_inflight: int | None = None  # per process; beyond it, 429 with Retry-After
+    drain_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may finish
+    retry_budget: float = 0.2  # re-attempts on an upstream, as a share of its recent requests
 
 
 @dataclass(frozen=True)

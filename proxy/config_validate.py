@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from proxy.config_model import (
+    STRATEGIES,
     STREAM_OPTIONS_MODES,
     Config,
     ConfigIssue,
+    Cooldown,
     Price,
     Route,
     Secret,
@@ -151,9 +153,17 @@ class Validator:
         top = self.section(raw, "", Config, "upstreams", "routes") if raw is not None else {}
         server = self.section(_optional(top.get("server")), "server", ServerSettings)
         max_body = self.number(server, "max_body_bytes", "server", _SERVER.max_body_bytes, "count")
+        budget = self.number(server, "retry_budget", "server", _SERVER.retry_budget, "non-negative")
         upstreams = self.upstreams(top.get("upstreams"))
         return Config(
-            server=ServerSettings(int(max_body)),
+            server=ServerSettings(
+                max_body_bytes=int(max_body),
+                max_inflight=self.optional_int(server, "max_inflight", "server"),
+                drain_seconds=self.number(
+                    server, "drain_seconds", "server", _SERVER.drain_seconds, "non-negative"
+                ),
+                retry_budget=budget,
+            ),
             upstreams=upstreams,
             routes=self.routes(top.get("routes")),
             pricing=self.pricing(top.get("pricing")),
@@ -193,9 +203,29 @@ class Validator:
             timeouts=Timeouts(
                 connect=self.number(timeouts, "connect", tpath, _UP.timeouts.connect, "positive"),
                 read=self.number(timeouts, "read", tpath, _UP.timeouts.read, "positive"),
+                idle=self.optional_seconds(timeouts, "idle", tpath),
+                total=self.optional_seconds(timeouts, "total", tpath),
             ),
             max_connections=int(pool),
+            cooldown=self.cooldown(_optional(data.get("cooldown")), child_path(path, "cooldown")),
         )
+
+    def cooldown(self, raw: object, path: str) -> Cooldown:
+        data = self.section(raw, path, Cooldown)
+        return Cooldown(
+            failures=int(self.number(data, "failures", path, _UP.cooldown.failures, "count")),
+            seconds=self.number(data, "seconds", path, _UP.cooldown.seconds, "non-negative"),
+        )
+
+    def optional_seconds(self, data: _Data, key: str, path: str) -> float | None:
+        if data.get(key) is None:
+            return None
+        return self.number(data, key, path, 1.0, "positive")
+
+    def optional_int(self, data: _Data, key: str, path: str) -> int | None:
+        if data.get(key) is None:
+            return None
+        return int(self.number(data, key, path, 1, "count"))
 
     def usage_headers(self, raw: object, path: str) -> UsageHeaders:
         path = child_path(path, "usage_headers")
@@ -225,14 +255,22 @@ class Validator:
 
     def route(self, path: str, raw: object) -> Route:
         data = self.section(raw, path, Route, "model", "targets")
-        timeout = None
-        if data.get("first_token_timeout") is not None:
-            timeout = self.number(data, "first_token_timeout", path, 1.0, "positive")
+        strategy = self.string(data, "strategy", path) or "weighted"
+        if strategy not in STRATEGIES:
+            spath = child_path(path, "strategy")
+            got = self.shown(spath, strategy, bare=True)
+            self.issue(spath, f"expected one of weighted, least_inflight, got {got}")
+        retries = self.number(data, "retries", path, 2, "non-negative")
+        if retries != int(retries):
+            self.issue(child_path(path, "retries"), f"expected an integer, got {retries}")
         return Route(
             model=self.string(data, "model", path),
             targets=self.targets(data, "targets", path),
             fallbacks=self.targets(data, "fallbacks", path),
-            first_token_timeout=timeout,
+            first_token_timeout=self.optional_seconds(data, "first_token_timeout", path),
+            strategy=STRATEGIES.get(strategy, "weighted"),
+            retries=int(retries),
+            hedge_after=self.optional_seconds(data, "hedge_after", path),
         )
 
     def targets(self, data: _Data, key: str, path: str) -> tuple[Target, ...]:
@@ -251,6 +289,7 @@ class Validator:
             upstream=upstream,
             model=self.string(data, "model", path),
             weight=self.number(data, "weight", path, 1.0, "positive"),
+            first_token_timeout=self.optional_seconds(data, "first_token_timeout", path),
         )
 
     def pricing(self, raw: object) -> dict[str, Price]:

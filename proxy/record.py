@@ -1,23 +1,81 @@
-"""What one request did, written by the pipeline and read by observers (logs, later metrics)."""
+"""What one request did, written by the pipeline and read by observers (logs, metrics).
+
+Every label-like field holds a config value (route, upstream and model as configured) or a
+fixed word; raw client input never lands here except the request id.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+UsageSource = Literal["reported", "header", "estimated"]
+
+# Outcomes of one upstream attempt (fixed words: they become metric label values).
+AttemptOutcome = Literal[
+    "ok",  # committed: its answer went to the client
+    "connect_error",
+    "timeout",  # no response headers in time
+    "first_token_timeout",  # headers came, content did not
+    "reset",  # the connection dropped before the answer was committed
+    "status_429",
+    "status_auth",  # 401/403/404 from the upstream: its key or model is wrong
+    "status_4xx",
+    "stream_error",  # an error event in place of the answer
+    "status_5xx",
+    "stream_options_rejected",
+    "hedge_lost",  # another attempt produced content first
+    "cancelled",  # the client left
+    "skipped_cooldown",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts that never overlap: their sum is every token the request used."""
+
+    input: int = 0  # prompt tokens not served from cache
+    cached_input: int = 0
+    output: int = 0  # completion tokens that are not reasoning
+    reasoning: int = 0
+    source: UsageSource = "reported"
+
+    @property
+    def completion(self) -> int:
+        return self.output + self.reasoning
+
+    @property
+    def prompt(self) -> int:
+        return self.input + self.cached_input
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    upstream: str
+    model: str
+    outcome: AttemptOutcome
+    seconds: float = 0.0
 
 
 @dataclass(slots=True)
 class RequestRecord:
     request_id: str
     status: int = 0
-    route: str | None = None  # the route's configured model name, never raw client input
-    upstream: str | None = None
-    model: str | None = None  # the upstream model that was asked
+    route: str | None = None  # the route's configured model name
+    upstream: str | None = None  # the upstream whose answer the client got (or the last tried)
+    model: str | None = None  # that upstream's model, as configured
     stream: bool | None = None
-    error: str | None = None  # our error code, when the request failed
+    error: str | None = None  # our error code when the request failed
     message: str | None = None
+    stream_error: str | None = None  # why a committed stream was cut short
     client_disconnected: bool = False
-    duration_ms: float = 0.0
+    duration_s: float = 0.0
+    ttft_s: float | None = None  # arrival → first content byte sent to the client
+    usage: Usage | None = None
+    cost_usd: float | None = None  # None: the model has no price (counted as unpriced)
+    attempts: list[Attempt] = field(default_factory=list)
+    fallback_reason: str | None = None  # why the answer came from other than the first pick
 
     def fail(self, status: int, code: str | None, message: str) -> None:
         self.status, self.error, self.message = status, code, message
@@ -28,3 +86,27 @@ class RequestRecord:
 
 
 Observer = Callable[[RequestRecord], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Observers:
+    """Who hears about requests. `started(route)` is called exactly when a request gets a
+    route (so `record.route` is set at `finished`); `finished(record)` for every request.
+    Observers watch; a failing one is ignored and never breaks a request."""
+
+    on_start: tuple[Callable[[str], None], ...] = ()
+    on_finish: tuple[Observer, ...] = ()
+
+    def started(self, route: str) -> None:
+        for observe in self.on_start:
+            try:
+                observe(route)
+            except Exception:  # observers never steer
+                continue
+
+    def finished(self, record: RequestRecord) -> None:
+        for observe in self.on_finish:
+            try:
+                observe(record)
+            except Exception:  # observers never steer
+                continue

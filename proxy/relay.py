@@ -1,38 +1,63 @@
-"""The streaming hot path: upstream chunks to the client's socket, unchanged.
+"""The streaming hot path: a committed answer's bytes to the client's socket.
 
-One short loop: each chunk the network delivers is written as it arrives, with no
-parsing, re-chunking or buffering. If the upstream fails after the stream has started,
-the status can no longer change, so the client gets an explicit SSE error event rather
-than a clean-looking truncated stream.
+One short loop: each chunk the network delivers goes through the tee (a marker scan) and is
+written as it arrives, with no parsing, re-chunking or buffering. If the upstream fails after
+the answer committed, the status can no longer change, so the client gets an explicit SSE
+error event rather than a clean-looking truncated stream.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 from proxy.asgi import ClientWatch, Send
-from proxy.errors import ProxyError
+from proxy.attempts import Answer
+from proxy.errors import ProxyError, UpstreamTimeout
 from proxy.headers import Headers
-from proxy.upstream import UpstreamResponse
+from proxy.tee import Tee
 
 
-async def relay_stream(
-    send: Send, response: UpstreamResponse, headers: Headers, watch: ClientWatch
-) -> ProxyError | None:
-    """Relay an SSE body; returns the upstream error that cut it short, if any."""
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    failure: ProxyError | None = None
-    last = b"\n\n"
+@dataclass(slots=True)
+class Relayed:
+    first_byte_at: float  # perf_counter when the answer's first bytes were handed to the socket
+    failure: ProxyError | None = None  # what cut a committed stream short
+    reason: str | None = None  # its metric word: reset | idle_timeout
+
+
+async def relay(
+    send: Send, answer: Answer, headers: Headers, watch: ClientWatch, tee: Tee
+) -> Relayed:
+    """Send a committed answer: its held head at once, then the rest as it arrives."""
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    head = tee.feed(answer.head)
+    more = answer.rest is not None
+    if not more:
+        head += tee.end()
+        watch.done = True
+    await send({"type": "http.response.body", "body": head, "more_body": more})
+    result = Relayed(time.perf_counter())
+    if answer.rest is None:
+        return result
+    last = head or b"\n\n"
     try:
-        async for chunk in response.chunks():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            last = chunk
+        async for chunk in answer.rest:
+            out = tee.feed(chunk)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+                last = out
     except ProxyError as exc:
-        failure = exc
+        result.failure = exc
+        result.reason = "idle_timeout" if isinstance(exc, UpstreamTimeout) else "reset"
     finally:
-        await response.aclose()
+        if answer.response is not None:
+            await answer.response.aclose()
+    tail = tee.end()
+    if result.failure is not None:
+        tail += sse_error_event(result.failure, at_boundary=(tail or last).endswith(b"\n\n"))
     watch.done = True
-    tail = b"" if failure is None else sse_error_event(failure, at_boundary=last.endswith(b"\n\n"))
     await send({"type": "http.response.body", "body": tail, "more_body": False})
-    return failure
+    return result
 
 
 def sse_error_event(error: ProxyError, *, at_boundary: bool) -> bytes:

@@ -1,20 +1,79 @@
-"""Route planning (pure): the requested model → the ordered attempts to make."""
+"""Route planning and failure classification (pure).
+
+`plan` turns a route into the ordered candidates for one request; `classify` decides, for
+each way an attempt can fail, whether the next candidate should be tried and whether the
+failure counts against the upstream's health. Every rule says which upstream behaviour
+it answers.
+"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from proxy.config import Route, Target
+from proxy.config_model import Route, Target
+from proxy.record import AttemptOutcome
 
 
-def plan(route: Route, rng: random.Random) -> tuple[Target, ...]:
-    """Targets in weighted-random order (without replacement), then fallbacks in order.
+def plan(route: Route, rng: random.Random, inflight: Callable[[str], int]) -> tuple[Target, ...]:
+    """Targets in strategy order, then fallbacks in their configured order.
 
-    Efraimidis-Spirakis keys (u ** (1/w), highest first) give each target its weight's
-    share of first place and a sensible order for the rest.
+    weighted: Efraimidis-Spirakis keys (u ** (1/w), highest first) give each target its
+    weight's share of first place and a sensible order for the rest.
+    least_inflight: fewest requests in flight first; ties broken by the weighted draw.
     """
     targets = route.targets
     if len(targets) > 1:
-        keyed = sorted(targets, key=lambda t: rng.random() ** (1.0 / t.weight), reverse=True)
-        targets = tuple(keyed)
+        keys = {id(t): rng.random() ** (1.0 / t.weight) for t in targets}
+        if route.strategy == "least_inflight":
+            targets = tuple(sorted(targets, key=lambda t: (inflight(t.upstream), -keys[id(t)])))
+        else:
+            targets = tuple(sorted(targets, key=lambda t: keys[id(t)], reverse=True))
     return targets + route.fallbacks
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    next_candidate: bool  # try the next candidate (else: this answer goes to the client)
+    unhealthy: bool  # counts toward the upstream's cooldown
+
+
+_VERDICTS: dict[AttemptOutcome, Verdict] = {
+    # Nothing was sent, or the upstream is overloaded or broken: another upstream may answer.
+    "connect_error": Verdict(next_candidate=True, unhealthy=True),
+    "timeout": Verdict(next_candidate=True, unhealthy=True),
+    "reset": Verdict(next_candidate=True, unhealthy=True),
+    "status_5xx": Verdict(next_candidate=True, unhealthy=True),
+    # DeepSeek under load: headers and keep-alives for minutes, no tokens.
+    "first_token_timeout": Verdict(next_candidate=True, unhealthy=True),
+    # An error event in place of the first token (overload reported in-stream).
+    "stream_error": Verdict(next_candidate=True, unhealthy=True),
+    # Rate limits are about us, not the upstream's health: move on, no cooldown.
+    "status_429": Verdict(next_candidate=True, unhealthy=False),
+    # A wrong key or a model the upstream lacks: a fallback elsewhere may still answer.
+    "status_auth": Verdict(next_candidate=True, unhealthy=False),
+    # The request itself is wrong (400, 413, 422...): every upstream would say the same.
+    "status_4xx": Verdict(next_candidate=False, unhealthy=False),
+}
+
+
+def classify(outcome: AttemptOutcome) -> Verdict:
+    return _VERDICTS.get(outcome, Verdict(next_candidate=False, unhealthy=False))
+
+
+def outcome_for_status(status: int) -> AttemptOutcome:
+    if status == 429:
+        return "status_429"
+    if status in (401, 403, 404):
+        return "status_auth"
+    if status >= 500:
+        return "status_5xx"
+    return "status_4xx"
+
+
+def backoff(attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
+    """Full-jitter exponential backoff (0.1 s doubling, capped at 2 s), or Retry-After."""
+    if retry_after is not None:
+        return retry_after
+    return rng.uniform(0, min(2.0, 0.1 * 2**attempt))

@@ -1,4 +1,9 @@
-"""The application state: built once at start-up, replaced whole (never mutated)."""
+"""The application state: built once at start-up, replaced whole on reload (never mutated).
+
+`AppState` pairs one config with the upstream clients built for it. What must outlive a
+reload (upstream health, the in-flight count for admission, the random source) lives in
+`Runtime`, made once per process and handed to every AppState.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from dataclasses import dataclass, field
 
 from proxy.config import Config
 from proxy.errors import ProxyError
+from proxy.health import Health
 from proxy.upstream import UpstreamClients
 
 
@@ -16,11 +22,33 @@ class NotReady(ProxyError):
     code = "not_ready"
 
 
+class Overloaded(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = "proxy_overloaded"
+
+
+@dataclass(slots=True)
+class Runtime:
+    health: Health = field(default_factory=Health)
+    rng: random.Random = field(default_factory=random.Random)
+    inflight: int = 0  # requests being served by this process
+    draining: bool = False  # SIGTERM seen: readiness goes false, in-flight work finishes
+
+
 @dataclass(frozen=True, slots=True)
 class AppState:
     config: Config
     clients: UpstreamClients
-    rng: random.Random = field(default_factory=random.Random)
+    runtime: Runtime
+
+    @property
+    def health(self) -> Health:
+        return self.runtime.health
+
+    @property
+    def rng(self) -> random.Random:
+        return self.runtime.rng
 
 
 class StateRef:

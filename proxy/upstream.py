@@ -64,8 +64,24 @@ class UpstreamResponse:
 class UpstreamClients:
     """One pooled client per upstream; `send` opens a request and returns at its headers."""
 
-    def __init__(self, upstreams: Mapping[str, Upstream]) -> None:
-        self._clients = {name: _build_client(up) for name, up in upstreams.items()}
+    def __init__(
+        self, upstreams: Mapping[str, Upstream], reuse: UpstreamClients | None = None
+    ) -> None:
+        """With `reuse` (the clients of the config being replaced), an upstream whose
+        definition did not change keeps its client and warm connections."""
+        old = reuse._by_definition if reuse is not None else {}
+        self._by_definition: dict[Upstream, httpx.AsyncClient] = {
+            up: old.get(up) or _build_client(up) for up in upstreams.values()
+        }
+        self._clients = {up.name: client for up, client in self._by_definition.items()}
+
+    def not_in(self, other: UpstreamClients) -> list[httpx.AsyncClient]:
+        """Clients of ours that `other` does not use: to close once our requests are done."""
+        kept = {id(c) for c in other._clients.values()}
+        return [c for c in self._clients.values() if id(c) not in kept]
+
+    async def aclose_except(self, other: UpstreamClients) -> None:
+        await close_all(self.not_in(other))
 
     async def send(
         self, upstream: Upstream, path: str, body: bytes, headers: Headers
@@ -84,7 +100,11 @@ class UpstreamClients:
         return UpstreamResponse(response.status_code, response.headers.raw, upstream.name, response)
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(c.aclose() for c in self._clients.values()))
+        await close_all(list(self._clients.values()))
+
+
+async def close_all(clients: list[httpx.AsyncClient]) -> None:
+    await asyncio.gather(*(c.aclose() for c in clients))
 
 
 def _build_client(upstream: Upstream) -> httpx.AsyncClient:
@@ -105,7 +125,9 @@ def _build_client(upstream: Upstream) -> httpx.AsyncClient:
 
     return httpx.AsyncClient(
         transport=AiohttpTransport(limits=limits, client=session),
-        timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.connect),
+        # `read` is the longest silence between bytes (aiohttp resets it per read); the wait
+        # for response headers is bounded separately by the caller.
+        timeout=httpx.Timeout(connect=t.connect, read=t.body_idle, write=t.read, pool=t.connect),
         headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
         cookies=httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))),
         follow_redirects=False,

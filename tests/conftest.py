@@ -21,12 +21,17 @@ upstreams:
     base_url: {mock_url}/v1
     api_key: ${{MOCK_API_KEY}}
     timeouts: {{connect: 2, read: {read_timeout}}}
+  verbatim:
+    base_url: {mock_url}/v1
+    stream_options: pass
   dead:
     base_url: http://127.0.0.1:{dead_port}/v1
     timeouts: {{connect: 1, read: 2}}
 routes:
   - model: support-bot
     targets: [{{upstream: mock, model: mock-chat}}]
+  - model: verbatim
+    targets: [{{upstream: verbatim, model: mock-chat}}]
   - model: nowhere
     targets: [{{upstream: dead, model: mock-chat}}]
 pricing:

@@ -130,7 +130,7 @@ def test_upstream_timeout_is_504(make_proxy: Any) -> None:
 def test_upstream_error_status_and_body_are_relayed(
     proxy: RunningServer, mock_server: RunningServer, status: int, stream: bool
 ) -> None:
-    body = {**OK_BODY, "stream": stream, "mock": {"status": status, "retry_after": 2}}
+    body = {**OK_BODY, "stream": stream, "mock": {"status": status, "retry_after": 0.01}}
     via = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=10)
     direct = httpx.post(
         mock_server.url + "/v1/chat/completions", json={**body, "model": "mock-chat"}, timeout=10

@@ -104,4 +104,4 @@ def test_concurrent_async_streams_each_get_their_own_answer(
 
 def test_models_lists_route_names(proxy: RunningServer) -> None:
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
-    assert sorted(m.id for m in client.models.list()) == ["nowhere", "support-bot"]
+    assert sorted(m.id for m in client.models.list()) == ["nowhere", "support-bot", "verbatim"]

@@ -1,0 +1,342 @@
+"""Walks a request's plan until one upstream's answer commits: retries, fallback, hedging.
+
+An answer commits at its first content event (see `sse.parse`). Until then nothing of it
+reaches the client, so a stalled, failing or slow attempt can be abandoned and the next
+candidate tried; the client only ever sees the one answer that committed.
+
+Order: targets (strategy order), then fallbacks, each once; then up to `retries` more
+attempts cycling through them again after a backoff, each paid from the upstream's retry
+budget. Upstreams in cooldown are skipped (unless every candidate is). With `hedge_after`,
+a candidate that has not committed by then gets company: the next candidate starts in
+parallel and the first to commit wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.chat_request import ChatRequest, StreamOptionsAction
+from proxy.config_model import Route, Target, Upstream
+from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+from proxy.headers import Headers
+from proxy.record import Attempt, AttemptOutcome, RequestRecord
+from proxy.routing import backoff, classify, outcome_for_status, plan
+from proxy.sse import EventSplitter, completion_to_sse, parse
+from proxy.state import AppState
+from proxy.upstream import UpstreamResponse
+
+MAX_RETRY_AFTER = 10.0  # seconds; a longer Retry-After takes the upstream out of this request
+
+
+@dataclass(slots=True)
+class Answer:
+    """A committed upstream answer: `head` is ready to send, `rest` streams the remainder."""
+
+    target: Target
+    status: int
+    headers: Headers
+    head: bytes
+    rest: AsyncIterator[bytes] | None = None  # None: head is the whole body
+    response: UpstreamResponse | None = None  # open until the relay is done
+    first: dict[str, Any] | None = None  # the first content event, a template for usage
+    action: StreamOptionsAction = "pass"
+
+
+@dataclass(slots=True)
+class Failure:
+    target: Target | None
+    outcome: AttemptOutcome
+    error: ProxyError | None = None  # ours; else the upstream's own answer below
+    status: int = 0
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+    retry_after: float | None = None
+
+
+class Attempts:
+    def __init__(
+        self,
+        state: AppState,
+        route: Route,
+        request: ChatRequest,
+        headers: Headers,
+        record: RequestRecord,
+    ) -> None:
+        self._state, self._route, self._request = state, route, request
+        self._headers, self._record = headers, record
+        self._hedged: set[asyncio.Task[Answer | Failure | None]] = set()
+
+    async def run(self) -> Answer | Failure:
+        health = self._state.health
+        candidates = plan(self._route, self._state.rng, lambda name: health[name].inflight)
+        if self._route.hedge_after is not None and len(candidates) > 1:
+            return await self._run_hedged(candidates, self._route.hedge_after)
+        last: Failure = Failure(None, "connect_error", UpstreamUnreachable("no upstream"))
+        for target in self._order(candidates):
+            result = await self._one(target)
+            if result is None:
+                continue
+            if isinstance(result, Answer) or not classify(result.outcome).next_candidate:
+                return result
+            last = result
+        return last
+
+    def _order(self, candidates: tuple[Target, ...]) -> Iterator[Target]:
+        yield from candidates
+        for i in range(self._route.retries):
+            yield candidates[i % len(candidates)]
+
+    async def _one(self, target: Target) -> Answer | Failure | None:
+        """One attempt, or None when the candidate is skipped (cooldown, budget)."""
+        health = self._state.health[target.upstream]
+        now = time.monotonic()
+        repeat = any(a.upstream == target.upstream for a in self._record.attempts)
+        if not health.available(now) and self._others_available(now, target):
+            self._note(target, "skipped_cooldown", 0.0)
+            return None
+        if repeat:
+            wait = backoff(len(self._record.attempts), self._state.rng)
+            wait = max(wait, health.not_before - now)
+            if wait > MAX_RETRY_AFTER or not health.withdraw():
+                return None
+            await asyncio.sleep(wait)
+        else:
+            health.deposit(self._state.config.server.retry_budget)
+        return await self._attempt(target)
+
+    def _others_available(self, now: float, target: Target) -> bool:
+        health = self._state.health
+        others = (t for t in self._route.targets + self._route.fallbacks if t != target)
+        return any(health[t.upstream].available(now) for t in others)
+
+    async def _attempt(self, target: Target) -> Answer | Failure:
+        upstream = self._state.config.upstreams[target.upstream]
+        health = self._state.health[upstream.name]
+        action = self._action(upstream)
+        started = time.monotonic()
+        health.begin(started)
+        health.inflight += 1
+        outcome: AttemptOutcome = "cancelled"
+        try:
+            result = await self._exchange(upstream, target, action)
+            if isinstance(result, Failure) and result.outcome == "stream_options_rejected":
+                # Learnt once per process; this request goes again at once, without the field.
+                health.rejects_stream_options = True
+                self._note(target, "stream_options_rejected", time.monotonic() - started)
+                started = time.monotonic()
+                result = await self._exchange(upstream, target, "strip")
+            outcome = "ok" if isinstance(result, Answer) else result.outcome
+            self._judge(upstream, result, outcome)
+            return result
+        except asyncio.CancelledError:
+            if asyncio.current_task() in self._hedged:
+                outcome = "hedge_lost"
+            raise
+        finally:
+            if outcome != "ok":
+                health.inflight -= 1  # a committed answer holds it until the relay ends
+            self._note(target, outcome, time.monotonic() - started)
+
+    def _action(self, upstream: Upstream) -> StreamOptionsAction:
+        mode = upstream.stream_options
+        if mode == "auto" and self._state.health[upstream.name].rejects_stream_options:
+            return "strip"
+        return "inject" if mode == "auto" else mode
+
+    def _judge(self, upstream: Upstream, result: Answer | Failure, outcome: AttemptOutcome) -> None:
+        health, now = self._state.health, time.monotonic()
+        if isinstance(result, Answer):
+            health.succeeded(upstream.name)
+            return
+        if result.retry_after is not None:
+            health[upstream.name].not_before = now + result.retry_after
+        if classify(outcome).unhealthy:
+            health.failed(upstream.name, now, upstream.cooldown)
+
+    def _note(self, target: Target, outcome: AttemptOutcome, seconds: float) -> None:
+        self._record.attempts.append(Attempt(target.upstream, target.model, outcome, seconds))
+
+    async def _exchange(
+        self, upstream: Upstream, target: Target, action: StreamOptionsAction
+    ) -> Answer | Failure:
+        request, timeouts = self._request, upstream.timeouts
+        first_token = target.first_token_timeout or self._route.first_token_timeout
+        header_wait = timeouts.read
+        if not request.stream and first_token is not None:
+            header_wait = min(header_wait, first_token)  # non-stream: first token ≈ headers
+        body = request.upstream_body(target.model, action)
+        try:
+            async with asyncio.timeout(header_wait):
+                response = await self._state.clients.send(
+                    upstream, "/chat/completions", body, self._headers
+                )
+        except TimeoutError:
+            error = UpstreamTimeout(f"upstream '{upstream.name}' sent no response headers in time")
+            return Failure(target, "timeout", error)
+        except ProxyError as exc:
+            return Failure(target, _outcome_of(exc), exc)
+        keep_open = False
+        try:
+            result = await self._read(upstream, target, action, response, first_token)
+            keep_open = isinstance(result, Answer) and result.response is not None
+            return result
+        finally:
+            if not keep_open:
+                await response.aclose()
+
+    async def _read(
+        self,
+        upstream: Upstream,
+        target: Target,
+        action: StreamOptionsAction,
+        response: UpstreamResponse,
+        first_token: float | None,
+    ) -> Answer | Failure:
+        try:
+            if response.status >= 400:
+                return await self._refusal(upstream, target, action, response)
+            if self._request.stream and response.content_type.startswith("text/event-stream"):
+                return await self._commit(target, action, response, first_token)
+            async with asyncio.timeout(upstream.timeouts.total):
+                payload = await response.read()
+        except TimeoutError:
+            error = UpstreamTimeout(f"upstream '{upstream.name}' did not finish in time")
+            return Failure(target, "timeout", error)
+        except ProxyError as exc:
+            return Failure(target, _outcome_of(exc), exc)
+        headers = response.headers
+        if self._request.stream:  # JSON for a stream request: give the client a stream
+            converted = completion_to_sse(payload, with_usage=True)  # the tee drops it if unasked
+            if converted is not None:
+                sse_headers = [(b"content-type", b"text/event-stream"), *_without_type(headers)]
+                return Answer(target, response.status, sse_headers, converted, action=action)
+        return Answer(target, response.status, headers, payload, action=action)
+
+    async def _refusal(
+        self,
+        upstream: Upstream,
+        target: Target,
+        action: StreamOptionsAction,
+        response: UpstreamResponse,
+    ) -> Failure:
+        """An error answer: kept whole, to relay if no other candidate does better."""
+        payload = await response.read()
+        if _rejects_stream_options(response.status, payload, upstream, action):
+            return Failure(target, "stream_options_rejected")
+        outcome = outcome_for_status(response.status)
+        retry_after = _retry_after(response.headers)
+        return Failure(
+            target, outcome, None, response.status, response.headers, payload, retry_after
+        )
+
+    async def _commit(
+        self,
+        target: Target,
+        action: StreamOptionsAction,
+        response: UpstreamResponse,
+        first_token: float | None,
+    ) -> Answer | Failure:
+        """Reads (and holds back) the stream up to its first content event."""
+        chunks = response.chunks().__aiter__()
+        splitter, held = EventSplitter(), bytearray()
+        try:
+            async with asyncio.timeout(first_token):
+                while True:
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:  # ended before any content: relay what it was
+                        return Answer(target, response.status, response.headers, bytes(held))
+                    held += chunk
+                    for event in splitter.feed(chunk):
+                        kind, payload = parse(event)
+                        if kind == "error":
+                            error: ProxyError = UpstreamProtocolError(
+                                f"upstream '{target.upstream}' sent an error instead of an answer"
+                            )
+                            return Failure(target, "stream_error", error)
+                        if kind in ("content", "done"):
+                            return Answer(
+                                target, response.status, response.headers, bytes(held),
+                                chunks, response, payload, action,
+                            )  # fmt: skip
+        except TimeoutError:
+            error = UpstreamTimeout(f"upstream '{target.upstream}' sent no first token in time")
+            return Failure(target, "first_token_timeout", error)
+        except ProxyError as exc:
+            return Failure(target, "reset", exc)
+
+    async def _run_hedged(self, candidates: tuple[Target, ...], after: float) -> Answer | Failure:
+        order = self._order(candidates)
+        last = Failure(None, "connect_error", UpstreamUnreachable("no upstream"))
+        running: set[asyncio.Task[Answer | Failure | None]] = set()
+        winner: Answer | None = None
+        try:
+            while True:
+                if len(running) < 2 and (target := next(order, None)) is not None:
+                    running.add(asyncio.ensure_future(self._one(target)))
+                if not running:
+                    return last
+                # The hedge timer: with one attempt running, the next starts after `after`.
+                timeout = after if len(running) < 2 else None
+                done, running = await asyncio.wait(
+                    running, timeout=timeout, return_when="FIRST_COMPLETED"
+                )
+                results = [task.result() for task in done]
+                winner = next((r for r in results if isinstance(r, Answer)), None)
+                if winner is not None:
+                    return winner
+                for result in results:
+                    if isinstance(result, Failure):
+                        last = result
+                if not running and not classify(last.outcome).next_candidate:
+                    return last
+        finally:
+            await self._cancel(running, won=winner is not None)
+
+    async def _cancel(
+        self, running: set[asyncio.Task[Answer | Failure | None]], *, won: bool
+    ) -> None:
+        if won:
+            self._hedged |= running
+        for task in running:
+            task.cancel()
+        for late in await asyncio.gather(*running, return_exceptions=True):
+            if isinstance(late, Answer) and late.response is not None:
+                await late.response.aclose()  # committed at the same moment: loses
+
+
+def _outcome_of(error: ProxyError) -> AttemptOutcome:
+    if isinstance(error, UpstreamUnreachable):
+        return "connect_error"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    return "reset"
+
+
+def _rejects_stream_options(
+    status: int, body: bytes, upstream: Upstream, action: StreamOptionsAction
+) -> bool:
+    return (
+        status == 400
+        and upstream.stream_options == "auto"
+        and action != "strip"
+        and (b"stream_options" in body)
+    )
+
+
+def _retry_after(headers: Headers) -> float | None:
+    for name, value in headers:
+        if name.lower() == b"retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None  # an HTTP date: rare from APIs, and the backoff still applies
+    return None
+
+
+def _without_type(headers: Headers) -> Headers:
+    return [(k, v) for k, v in headers if k.lower() != b"content-type"]

@@ -1,0 +1,215 @@
+"""Server-Sent Events, read incrementally (pure).
+
+The relay never parses what it forwards after the first content event; these helpers serve
+the few places that must look inside the stream: deciding when an answer has really begun
+(before which nothing is forwarded and a fallback is still possible), taking out the usage
+event the proxy requested on the client's behalf, and collecting text for a token estimate
+when an upstream reports no usage at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+
+Kind = Literal["content", "done", "error", "other"]
+_ENDS = (b"\n\n", b"\r\n\r\n")
+_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+
+
+class EventSplitter:
+    """Cuts a byte stream into complete SSE events (raw, without their blank line)."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self._pending + chunk if self._pending else chunk
+        events: list[bytes] = []
+        start = 0
+        while True:
+            end, width = _next_end(data, start)
+            if end < 0:
+                break
+            events.append(data[start:end])
+            start = end + width
+        self._pending = data[start:]
+        return events
+
+
+def _next_end(data: bytes, start: int) -> tuple[int, int]:
+    best, width = -1, 0
+    for end in _ENDS:
+        i = data.find(end, start)
+        if i >= 0 and (best < 0 or i < best):
+            best, width = i, len(end)
+    return best, width
+
+
+def _last_end(data: bytes) -> int:
+    """Index just past the last event end in data, or 0."""
+    return max((i + len(e) for e in _ENDS if (i := data.rfind(e)) >= 0), default=0)
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The event's `data:` lines joined by newlines; None for comments and empty events."""
+    lines = [line for line in event.splitlines() if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return b"\n".join(line[6:] if line[5:6] == b" " else line[5:] for line in lines)
+
+
+def parse(event: bytes) -> tuple[Kind, dict[str, Any] | None]:
+    """What an event means for the proxy, and its JSON payload when it has one.
+
+    "content" is the first sign of a real answer: a delta with text, reasoning, a tool or
+    function call or a refusal, or a finish_reason (an empty answer is still an answer), or
+    a usage event. Role-only chunks, empty deltas and keep-alive comments are "other": an
+    upstream that sends only those has not started answering.
+    """
+    data = event_data(event)
+    if data is None:
+        return "other", None
+    if data.strip() == b"[DONE]":
+        return "done", None
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return "other", None
+    if not isinstance(payload, dict):
+        return "other", None
+    return _kind(payload), payload
+
+
+def _kind(payload: dict[str, Any]) -> Kind:
+    if payload.get("error") is not None:
+        return "error"
+    if payload.get("usage"):
+        return "content"
+    for choice in payload.get("choices") or ():
+        if isinstance(choice, dict) and (choice.get("finish_reason") or _has_content(choice)):
+            return "content"
+    return "other"
+
+
+def _has_content(choice: dict[str, Any]) -> bool:
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return False
+    return any(
+        delta.get(key)
+        for key in ("content", "reasoning_content", "tool_calls", "function_call", "refusal")
+    )
+
+
+class UsageEventDropper:
+    """Takes the usage-only event out of a stream; every other byte passes unchanged.
+
+    Used when the proxy asked the upstream for usage that the client did not ask for. Bytes
+    after the last complete event are held until that event completes, so a usage event
+    split across chunks is never half-forwarded; event-aligned chunks pass straight through.
+    """
+
+    __slots__ = ("_held", "usage")
+
+    def __init__(self) -> None:
+        self._held = b""
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._held + chunk if self._held else chunk
+        end = _last_end(data)
+        complete, self._held = (data, b"") if end == len(data) else (data[:end], data[end:])
+        if not any(marker in complete for marker in _USAGE_MARKERS):
+            return complete
+        kept: list[bytes] = []
+        for event, ending in _events_with_ends(complete):
+            kind, payload = parse(event)
+            if kind == "content" and payload is not None and _usage_only(payload):
+                self.usage = payload["usage"]
+            else:
+                kept.append(event + ending)
+        return b"".join(kept)
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held
+
+
+def _usage_only(payload: dict[str, Any]) -> bool:
+    return isinstance(payload.get("usage"), dict) and not payload.get("choices")
+
+
+def _events_with_ends(data: bytes) -> list[tuple[bytes, bytes]]:
+    out: list[tuple[bytes, bytes]] = []
+    start = 0
+    while (found := _next_end(data, start))[0] >= 0:
+        end, width = found
+        out.append((data[start:end], data[end : end + width]))
+        start = end + width
+    return out
+
+
+class ContentCollector:
+    """Collects the answer's text and usage, parsing every event: the slow path, used only
+    when the upstream will not report usage and a token estimate is needed."""
+
+    __slots__ = ("_splitter", "parts", "usage")
+
+    def __init__(self) -> None:
+        self._splitter = EventSplitter()
+        self.parts: list[str] = []
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        for event in self._splitter.feed(chunk):
+            _, payload = parse(event)
+            if payload is None:
+                continue
+            if isinstance(payload.get("usage"), dict):
+                self.usage = payload["usage"]
+            for choice in payload.get("choices") or ():
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if isinstance(delta, dict):
+                    for key in ("content", "reasoning_content"):
+                        if isinstance(delta.get(key), str):
+                            self.parts.append(delta[key])
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def usage_chunk(template: dict[str, Any], usage: dict[str, int]) -> bytes:
+    """An OpenAI-shaped usage-only chunk, for a client that asked for usage the upstream
+    could not stream (stream_options stripped): the one event the proxy ever adds."""
+    fields = {k: template[k] for k in ("id", "object", "created", "model") if k in template}
+    return b"data: " + orjson.dumps({**fields, "choices": [], "usage": usage}) + b"\n\n"
+
+
+def completion_to_sse(body: bytes, *, with_usage: bool) -> bytes | None:
+    """A JSON chat completion (some upstreams answer `stream: true` that way) as the SSE
+    stream the client asked for: one chunk per choice, usage if asked, then [DONE].
+    None when the body is not a chat completion."""
+    try:
+        completion = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
+        return None
+    head = {k: completion[k] for k in ("id", "created", "model") if k in completion}
+    head["object"] = "chat.completion.chunk"
+    out: list[bytes] = []
+    for i, choice in enumerate(completion["choices"]):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        delta = message if isinstance(message, dict) else {}
+        finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+        chunk = {**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish}]}
+        out.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    if with_usage and isinstance(completion.get("usage"), dict):
+        out.append(usage_chunk(head, completion["usage"]))
+    out.append(b"data: [DONE]\n\n")
+    return b"".join(out)

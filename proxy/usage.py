@@ -1,0 +1,83 @@
+"""Where one request's token usage comes from (pure): the stream or body itself, the
+upstream's usage headers, or an offline estimate, tried in that order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.attempts import Answer
+from proxy.chat_request import ChatRequest
+from proxy.config_model import Upstream
+from proxy.metering import estimate_usage, usage_from_headers, usage_from_json
+from proxy.record import Usage
+from proxy.tee import Tee
+
+
+def tee_for(request: ChatRequest, answer: Answer, upstream: Upstream) -> Tee:
+    if answer.rest is None:  # complete already: a converted JSON answer, or no content at all
+        return Tee("watch" if request.wants_usage else "drop")
+    if answer.action == "inject" and not request.wants_usage:
+        return Tee("drop")  # the usage event was requested by the proxy: the client never sees it
+    if request.wants_usage and answer.action != "strip":
+        return Tee("watch")
+    headers = _header_usage(answer, upstream)
+    if headers is not None and not request.wants_usage:
+        return Tee("watch")
+    if not request.wants_usage:
+        return Tee("collect")
+    messages = request.payload.get("messages")
+
+    def synthesize(text: str) -> dict[str, int]:
+        return _openai_shape(headers or estimate_usage(messages, text))
+
+    return Tee("collect", template=answer.first, synthesize=synthesize)
+
+
+def usage_of_stream(request: ChatRequest, answer: Answer, upstream: Upstream, tee: Tee) -> Usage:
+    return (
+        tee.usage()
+        or _header_usage(answer, upstream)
+        or estimate_usage(request.payload.get("messages"), tee.text)
+    )
+
+
+def usage_of_body(request: ChatRequest, answer: Answer, upstream: Upstream) -> Usage | None:
+    if not 200 <= answer.status < 300:
+        return None
+    try:
+        body = orjson.loads(answer.head)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("usage"), dict):
+        return usage_from_json(body["usage"])
+    return _header_usage(answer, upstream) or estimate_usage(
+        request.payload.get("messages"), _message_text(body)
+    )
+
+
+def _header_usage(answer: Answer, upstream: Upstream) -> Usage | None:
+    names = upstream.usage_headers
+    if names.prompt_tokens is None and names.completion_tokens is None:
+        return None
+    return usage_from_headers(answer.headers, names.prompt_tokens, names.completion_tokens)
+
+
+def _message_text(body: Any) -> str:
+    if not isinstance(body, dict):
+        return ""
+    parts = []
+    for choice in body.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            parts.append(message["content"])
+    return "".join(parts)
+
+
+def _openai_shape(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt,
+        "completion_tokens": usage.completion,
+        "total_tokens": usage.prompt + usage.completion,
+    }
