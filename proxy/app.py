@@ -25,10 +25,11 @@ from proxy.errors import MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.health import Health
 from proxy.logs import access_log, get_logger
 from proxy.record import Observer, Observers
-from proxy.reload import Reloader
+from proxy.reload import POLL_SECONDS, Reloader
 from proxy.state import Runtime, StateRef
 
 CONFIG_ENV = "SLUICEGATE_CONFIG"
+WATCH_ENV = "SLUICEGATE_WATCH"
 log = get_logger()
 
 
@@ -36,7 +37,7 @@ def create_app(
     config_path: str | os.PathLike[str],
     env: Mapping[str, str] | None = None,
     *,
-    watch_interval: float | None = 1.0,
+    watch_interval: float | None = POLL_SECONDS,
     runtime: Runtime | None = None,
     observers: Sequence[Observer] = (),
 ) -> Starlette:
@@ -129,7 +130,10 @@ def _drain_on_sigterm(runtime: Runtime) -> None:
 
 def create_app_from_env() -> Starlette:
     """Factory for `uvicorn --factory` in multi-worker mode: the CLI passes the path."""
-    return create_app(os.environ.get(CONFIG_ENV, "routes.yaml"))
+    watch = os.environ.get(WATCH_ENV, "1") == "1"
+    return create_app(
+        os.environ.get(CONFIG_ENV, "routes.yaml"), watch_interval=POLL_SECONDS if watch else None
+    )
 
 
 def _json(status: int, payload: object, headers: Mapping[str, str] | None = None) -> Response:

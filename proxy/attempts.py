@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from proxy.chat_request import ChatRequest, StreamOptionsAction
 from proxy.config_model import Route, Target, Upstream
 from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
@@ -44,6 +46,7 @@ class Answer:
     response: UpstreamResponse | None = None  # open until the relay is done
     first: dict[str, Any] | None = None  # the first content event, a template for usage
     action: StreamOptionsAction = "pass"
+    reported: dict[str, Any] | None = None  # usage of a JSON answer converted to a stream
 
 
 @dataclass(slots=True)
@@ -139,6 +142,8 @@ class Attempts:
         finally:
             if outcome != "ok":
                 health.inflight -= 1  # a committed answer holds it until the relay ends
+                if not classify(outcome).unhealthy:
+                    health.release_probe()
             self._note(target, outcome, time.monotonic() - started)
 
     def _action(self, upstream: Upstream) -> StreamOptionsAction:
@@ -210,10 +215,13 @@ class Attempts:
             return Failure(target, _outcome_of(exc), exc)
         headers = response.headers
         if self._request.stream:  # JSON for a stream request: give the client a stream
-            converted = completion_to_sse(payload, with_usage=True)  # the tee drops it if unasked
+            converted = completion_to_sse(payload, with_usage=self._request.wants_usage)
             if converted is not None:
                 sse_headers = [(b"content-type", b"text/event-stream"), *_without_type(headers)]
-                return Answer(target, response.status, sse_headers, converted, action=action)
+                return Answer(
+                    target, response.status, sse_headers, converted,
+                    action=action, reported=_usage_of(payload),
+                )  # fmt: skip
         return Answer(target, response.status, headers, payload, action=action)
 
     async def _refusal(
@@ -336,6 +344,14 @@ def _retry_after(headers: Headers) -> float | None:
             except ValueError:
                 return None  # an HTTP date: rare from APIs, and the backoff still applies
     return None
+
+
+def _usage_of(body: bytes) -> dict[str, Any] | None:
+    try:
+        usage = orjson.loads(body).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
 
 
 def _without_type(headers: Headers) -> Headers:

@@ -13,11 +13,12 @@ from pathlib import Path
 import uvicorn
 
 from proxy import __version__
-from proxy.app import CONFIG_ENV, create_app
+from proxy.app import CONFIG_ENV, WATCH_ENV, create_app
 from proxy.config import ConfigError, load_config
 from proxy.logs import configure as configure_logs
 from proxy.mock_upstream import Knobs, MockUpstream
 from proxy.mock_upstream import serve as serve_mock
+from proxy.reload import POLL_SECONDS
 from proxy.serving import RunningServer, fastest_http, fastest_loop
 
 DEMO_CONFIG = """\
@@ -50,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=_workers, default=1, help="a number, or 'auto' (CPUs)")
     serve.add_argument("--demo", action="store_true", help="serve a built-in demo upstream too")
+    serve.add_argument(
+        "--no-watch",
+        dest="watch",
+        action="store_false",
+        help="do not poll the routes file for edits (SIGHUP still reloads it)",
+    )
     serve.set_defaults(run=_serve)
 
     check = sub.add_parser("check", help="validate a routes file")
@@ -87,19 +94,22 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logs()
     if args.demo:
         return _serve_demo(args)
-    return _serve_config(args.config, args.host, args.port, args.workers)
+    return _serve_config(args.config, args.host, args.port, args.workers, watch=args.watch)
 
 
-def _serve_config(config_path: str, host: str, port: int, workers: int) -> int:
+def _serve_config(
+    config_path: str, host: str, port: int, workers: int, *, watch: bool = True
+) -> int:
     try:
         config = load_config(config_path)  # fail here, readably, rather than inside a worker
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    app: object = create_app(config_path)
+    app: object = create_app(config_path, watch_interval=POLL_SECONDS if watch else None)
     if workers > 1:
         # Each worker process builds its own app from the path in the environment.
         os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
+        os.environ[WATCH_ENV] = "1" if watch else "0"
         app = "proxy.app:create_app_from_env"
     uvicorn.run(
         app,  # type: ignore[arg-type]  # an ASGI app or its import string
@@ -127,7 +137,7 @@ def _serve_demo(args: argparse.Namespace) -> int:
         config_path.write_text(DEMO_CONFIG.format(upstream_url=mock.url))
         print(_demo_banner(args.host, args.port, mock.url), flush=True)
         try:
-            return _serve_config(str(config_path), args.host, args.port, args.workers)
+            return _serve_config(str(config_path), args.host, args.port, args.workers, watch=False)
         finally:
             mock.stop()
 

@@ -27,6 +27,8 @@ class UpstreamHealth:
         "_budget",
         "_failures",
         "_open_until",
+        "_period",
+        "_probe_started",
         "_probing",
         "inflight",
         "name",
@@ -42,10 +44,16 @@ class UpstreamHealth:
         self._failures = 0
         self._open_until: float | None = None
         self._probing = False
+        self._probe_started = 0.0
+        self._period = 0.0  # the cooldown length in force, also the longest a probe may take
         self._budget = _BUDGET_RESERVE
 
     def in_cooldown(self, now: float) -> bool:
-        return self._open_until is not None and (now < self._open_until or self._probing)
+        if self._open_until is None:
+            return False
+        if self._probing:  # a probe that never got a verdict must not hold it out for ever
+            return now < self._probe_started + self._period
+        return now < self._open_until
 
     def available(self, now: float) -> bool:
         return now >= self.not_before and not self.in_cooldown(now)
@@ -53,7 +61,7 @@ class UpstreamHealth:
     def begin(self, now: float) -> None:
         """An attempt starts; past the cooldown, it is the probe."""
         if self._open_until is not None and now >= self._open_until:
-            self._probing = True
+            self._probing, self._probe_started = True, now
 
     def succeeded(self) -> bool:
         """Returns True when this closed an open circuit."""
@@ -66,9 +74,14 @@ class UpstreamHealth:
         self._failures += 1
         was_probe, self._probing = self._probing, False
         if was_probe or (self._open_until is None and self._failures >= policy.failures):
-            self._open_until = now + policy.seconds
+            self._open_until, self._period = now + policy.seconds, policy.seconds
             return not was_probe
         return False
+
+    def release_probe(self) -> None:
+        """The probe ended without a health verdict (a 4xx, a cancel): the circuit stays
+        open as it was, and the next request may probe."""
+        self._probing = False
 
     def deposit(self, ratio: float) -> None:
         """A first attempt: earns `ratio` of a retry."""

@@ -41,6 +41,8 @@ class Reloader:
         self._stamp = _stamp(path)
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
+        self.applied = 0  # reloads that took effect
+        self.refused = 0  # invalid edits that were turned away
 
     def start(self) -> AppState:
         config = load_config(self._path, self._env)
@@ -54,6 +56,7 @@ class Reloader:
             try:
                 config = load_config(self._path, self._env)
             except ConfigError as exc:
+                self.refused += 1
                 self._on_reload(False, exc)
                 return False
             old = self._ref.current
@@ -65,6 +68,7 @@ class Reloader:
                 task = asyncio.ensure_future(self._retire(old.clients, clients, delay))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
+            self.applied += 1
             self._on_reload(True, None)
             return True
 

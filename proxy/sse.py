@@ -28,16 +28,9 @@ class EventSplitter:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         data = self._pending + chunk if self._pending else chunk
-        events: list[bytes] = []
-        start = 0
-        while True:
-            end, width = _next_end(data, start)
-            if end < 0:
-                break
-            events.append(data[start:end])
-            start = end + width
-        self._pending = data[start:]
-        return events
+        events, end = split_complete(data)
+        self._pending = data[end:]
+        return [event for event, _ in events]
 
 
 def _next_end(data: bytes, start: int) -> tuple[int, int]:
@@ -49,9 +42,16 @@ def _next_end(data: bytes, start: int) -> tuple[int, int]:
     return best, width
 
 
-def _last_end(data: bytes) -> int:
-    """Index just past the last event end in data, or 0."""
-    return max((i + len(e) for e in _ENDS if (i := data.rfind(e)) >= 0), default=0)
+def split_complete(data: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
+    """The complete events in data, each with its ending, and where the incomplete rest
+    starts. Scanning forward (never rfind) keeps runs of blank lines framed consistently."""
+    out: list[tuple[bytes, bytes]] = []
+    start = 0
+    while (found := _next_end(data, start))[0] >= 0:
+        end, width = found
+        out.append((data[start:end], data[end : end + width]))
+        start = end + width
+    return out, start
 
 
 def event_data(event: bytes) -> bytes | None:
@@ -121,17 +121,19 @@ class UsageEventDropper:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._held + chunk if self._held else chunk
-        end = _last_end(data)
+        events, end = split_complete(data)
         complete, self._held = (data, b"") if end == len(data) else (data[:end], data[end:])
         if not any(marker in complete for marker in _USAGE_MARKERS):
             return complete
         kept: list[bytes] = []
-        for event, ending in _events_with_ends(complete):
-            kind, payload = parse(event)
-            if kind == "content" and payload is not None and _usage_only(payload):
-                self.usage = payload["usage"]
-            else:
-                kept.append(event + ending)
+        for event, ending in events:
+            _, payload = parse(event)
+            usage = payload.get("usage") if payload is not None else None
+            if isinstance(usage, dict):
+                self.usage = usage
+                if not payload.get("choices"):  # type: ignore[union-attr]  # payload set
+                    continue  # the usage-only event: the client did not ask for it
+            kept.append(event + ending)
         return b"".join(kept)
 
     def flush(self) -> bytes:
@@ -139,48 +141,43 @@ class UsageEventDropper:
         return held
 
 
-def _usage_only(payload: dict[str, Any]) -> bool:
-    return isinstance(payload.get("usage"), dict) and not payload.get("choices")
-
-
-def _events_with_ends(data: bytes) -> list[tuple[bytes, bytes]]:
-    out: list[tuple[bytes, bytes]] = []
-    start = 0
-    while (found := _next_end(data, start))[0] >= 0:
-        end, width = found
-        out.append((data[start:end], data[end : end + width]))
-        start = end + width
-    return out
-
-
 class ContentCollector:
     """Collects the answer's text and usage, parsing every event: the slow path, used only
     when the upstream will not report usage and a token estimate is needed."""
 
-    __slots__ = ("_splitter", "parts", "usage")
+    __slots__ = ("done", "parts", "usage")
 
     def __init__(self) -> None:
-        self._splitter = EventSplitter()
         self.parts: list[str] = []
         self.usage: dict[str, Any] | None = None
+        self.done = False
 
-    def feed(self, chunk: bytes) -> None:
-        for event in self._splitter.feed(chunk):
-            _, payload = parse(event)
-            if payload is None:
-                continue
-            if isinstance(payload.get("usage"), dict):
-                self.usage = payload["usage"]
-            for choice in payload.get("choices") or ():
-                delta = choice.get("delta") if isinstance(choice, dict) else None
-                if isinstance(delta, dict):
-                    for key in ("content", "reasoning_content"):
-                        if isinstance(delta.get(key), str):
-                            self.parts.append(delta[key])
+    def observe(self, event: bytes) -> None:
+        kind, payload = parse(event)
+        if kind == "done":
+            self.done = True
+        if payload is None:
+            return
+        if isinstance(payload.get("usage"), dict):
+            self.usage = payload["usage"]
+        for choice in payload.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict):
+                self.parts.extend(_texts(delta))
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+
+def _texts(delta: dict[str, Any]) -> list[str]:
+    """What the model generated in a delta: text, reasoning, and tool-call arguments."""
+    texts = [delta[k] for k in ("content", "reasoning_content") if isinstance(delta.get(k), str)]
+    for call in delta.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            texts.extend(v for k in ("name", "arguments") if isinstance(v := function.get(k), str))
+    return texts
 
 
 def usage_chunk(template: dict[str, Any], usage: dict[str, int]) -> bytes:

@@ -1,12 +1,14 @@
 """The metering tee on the relay: watches the bytes for usage, and touches them only where
 the proxy's own stream_options handling requires it (pure, no I/O).
 
-Three cases, decided once per request when its answer commits:
-- the stream will carry usage the client asked for: watch for it (a cheap marker scan);
-- the proxy added `include_usage` for its own metering: take that usage event out again;
-- the upstream cannot send usage (stream_options stripped, or passed without it): collect
-  the text for a token estimate, and if the client asked for usage, add one usage chunk
-  before `data: [DONE]`: the only bytes the proxy ever adds to an answer.
+Three modes, decided once per request when its answer commits:
+- watch: the stream will carry usage the client asked for: a cheap marker scan finds it;
+- drop: the proxy added `include_usage` for its own metering: that usage event is taken out;
+- collect: the upstream will not report usage (stream_options stripped, or passed without
+  it): every event is parsed for the text of a token estimate and, if the client asked for
+  usage, one usage chunk is added before `data: [DONE]` — the only bytes the proxy ever adds
+  to an answer. Incomplete events are held back in this mode, so the chunk lands between
+  whole events.
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ from typing import Any, Literal
 
 from proxy.metering import UsageEventFinder, usage_from_json
 from proxy.record import Usage
-from proxy.sse import ContentCollector, UsageEventDropper, usage_chunk
+from proxy.sse import ContentCollector, UsageEventDropper, split_complete, usage_chunk
 
 TeeMode = Literal["watch", "drop", "collect"]
-_DONE = b"data: [DONE]"
 
 
 class Tee:
-    __slots__ = ("_collector", "_dropper", "_finder", "_synth", "_template", "mode")
+    __slots__ = ("_collector", "_dropper", "_finder", "_held", "_synth", "_template", "mode")
 
     def __init__(
         self,
@@ -36,6 +37,7 @@ class Tee:
         self._finder = UsageEventFinder() if mode == "watch" else None
         self._dropper = UsageEventDropper() if mode == "drop" else None
         self._collector = ContentCollector() if mode == "collect" else None
+        self._held = b""
         self._template = template or {}
         self._synth = synthesize  # completion text → usage dict, for the added chunk
 
@@ -45,19 +47,32 @@ class Tee:
             return chunk
         if self._dropper is not None:
             return self._dropper.feed(chunk)
-        assert self._collector is not None
-        self._collector.feed(chunk)
-        if self._synth is not None and (i := chunk.find(_DONE)) >= 0:
-            added = usage_chunk(self._template, self._synth(self._collector.text))
-            self._synth = None
-            return chunk[:i] + added + chunk[i:]
-        return chunk
+        return self._collect(chunk)
+
+    def _collect(self, chunk: bytes) -> bytes:
+        collector = self._collector
+        assert collector is not None
+        data = self._held + chunk if self._held else chunk
+        events, end = split_complete(data)
+        self._held = data[end:]
+        out: list[bytes] = []
+        for event, ending in events:
+            collector.observe(event)
+            if collector.done and self._synth is not None:
+                out.append(usage_chunk(self._template, self._synth(collector.text)))
+                self._synth = None
+            out.append(event + ending)
+        return b"".join(out)
 
     def end(self) -> bytes:
         """Bytes still held when the upstream stream ends."""
         if self._finder is not None:
             self._finder.flush()
-        return self._dropper.flush() if self._dropper is not None else b""
+            return b""
+        if self._dropper is not None:
+            return self._dropper.flush()
+        held, self._held = self._held, b""
+        return held
 
     def usage(self) -> Usage | None:
         """Usage the stream itself reported, if any."""

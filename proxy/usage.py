@@ -17,7 +17,7 @@ from proxy.tee import Tee
 
 def tee_for(request: ChatRequest, answer: Answer, upstream: Upstream) -> Tee:
     if answer.rest is None:  # complete already: a converted JSON answer, or no content at all
-        return Tee("watch" if request.wants_usage else "drop")
+        return Tee("collect")
     if answer.action == "inject" and not request.wants_usage:
         return Tee("drop")  # the usage event was requested by the proxy: the client never sees it
     if request.wants_usage and answer.action != "strip":
@@ -38,6 +38,7 @@ def tee_for(request: ChatRequest, answer: Answer, upstream: Upstream) -> Tee:
 def usage_of_stream(request: ChatRequest, answer: Answer, upstream: Upstream, tee: Tee) -> Usage:
     return (
         tee.usage()
+        or (usage_from_json(answer.reported) if answer.reported is not None else None)
         or _header_usage(answer, upstream)
         or estimate_usage(request.payload.get("messages"), tee.text)
     )

@@ -1,0 +1,378 @@
+"""The SSE helpers are pure: the mock's own stream bytes, split at every point and every way."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.mock_content import completion_body, expected_content, stream_events
+from proxy.sse import (
+    ContentCollector,
+    EventSplitter,
+    Kind,
+    UsageEventDropper,
+    completion_to_sse,
+    event_data,
+    parse,
+    usage_chunk,
+)
+
+SEED, TOKENS, MODEL = 7, 5, "mock-gpt-4o"
+USAGE = {"prompt_tokens": 9, "completion_tokens": TOKENS, "total_tokens": 9 + TOKENS}
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def _stream(seed: int, tokens: int, *, crlf: bool = False) -> tuple[bytes, bytes, list[bytes]]:
+    """A whole include_usage stream, its usage event, and its events without blank lines."""
+    ev = stream_events(seed, MODEL, tokens, "stop", True)
+    usage = ev.usage_event(9, tokens)
+    frames = [ev.role, KEEPALIVE, *ev.content, ev.final, usage, ev.done]
+    if crlf:  # JSON holds no raw newlines, so only the framing changes
+        frames, usage = [f.replace(b"\n", b"\r\n") for f in frames], usage.replace(b"\n", b"\r\n")
+    end = b"\r\n\r\n" if crlf else b"\n\n"
+    return b"".join(frames), usage, [f.removesuffix(end) for f in frames]
+
+
+STREAM, USAGE_EVENT, EVENTS = _stream(SEED, TOKENS)
+CRLF_STREAM, CRLF_USAGE_EVENT, CRLF_EVENTS = _stream(SEED, TOKENS, crlf=True)
+FRAMINGS = pytest.mark.parametrize(
+    ("stream", "usage_event", "events"),
+    [(STREAM, USAGE_EVENT, EVENTS), (CRLF_STREAM, CRLF_USAGE_EVENT, CRLF_EVENTS)],
+    ids=["lf", "crlf"],
+)
+
+
+def _split(stream: bytes, cuts: list[int]) -> list[bytes]:
+    edges = [0, *sorted(cuts), len(stream)]
+    return [stream[a:b] for a, b in itertools.pairwise(edges)]
+
+
+def _splitter_events(chunks: list[bytes]) -> list[bytes]:
+    splitter = EventSplitter()
+    return [event for chunk in chunks for event in splitter.feed(chunk)]
+
+
+def _dropped(chunks: list[bytes]) -> tuple[bytes, dict[str, Any] | None]:
+    dropper = UsageEventDropper()
+    out = b"".join(dropper.feed(chunk) for chunk in chunks) + dropper.flush()
+    return out, dropper.usage
+
+
+# --- EventSplitter ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("chunk", "events"),
+    [
+        (b"data: a\n\ndata: b\n\n", [b"data: a", b"data: b"]),
+        (b"data: a\r\n\r\ndata: b\r\n\r\n", [b"data: a", b"data: b"]),
+        (b"data: a\n\ndata: b\r\n\r\n", [b"data: a", b"data: b"]),
+        (b"event: x\ndata: a\n\n", [b"event: x\ndata: a"]),
+        (b"data: a\n\ndata: b", [b"data: a"]),
+        (b"data: a\n", []),
+        (b"\n\n", [b""]),
+    ],
+    ids=["lf", "crlf", "mixed", "multi-line", "unfinished-tail", "no-blank-line", "empty"],
+)
+def test_splitter_cuts_events_at_blank_lines(chunk: bytes, events: list[bytes]) -> None:
+    assert EventSplitter().feed(chunk) == events
+
+
+def test_splitter_holds_an_unfinished_event_until_its_blank_line() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b"data: a\r\n") == []
+    assert splitter.feed(b"\r") == []
+    assert splitter.feed(b"\ndata: b\n") == [b"data: a"]
+    assert splitter.feed(b"\n") == [b"data: b"]
+
+
+@FRAMINGS
+def test_splitter_events_are_the_same_at_every_two_way_split(
+    stream: bytes, usage_event: bytes, events: list[bytes]
+) -> None:
+    assert _splitter_events([stream]) == events
+    for at in range(len(stream) + 1):
+        assert _splitter_events(_split(stream, [at])) == events, at
+
+
+@FRAMINGS
+def test_splitter_events_are_the_same_from_one_byte_chunks(
+    stream: bytes, usage_event: bytes, events: list[bytes]
+) -> None:
+    assert _splitter_events([stream[i : i + 1] for i in range(len(stream))]) == events
+
+
+# --- event_data and parse ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event", "data"),
+    [
+        (b"data: x", b"x"),
+        (b"data:x", b"x"),
+        (b"data:  x", b" x"),
+        (b"data: a\ndata: b", b"a\nb"),
+        (b"data: a\r\ndata: b", b"a\nb"),
+        (b"event: delta\nid: 3\ndata: x", b"x"),
+        (b"data:", b""),
+        (b": keep-alive", None),
+        (b"event: ping", None),
+        (b"", None),
+    ],
+    ids=[
+        "one-space-stripped",
+        "no-space",
+        "only-one-space-stripped",
+        "lines-joined",
+        "crlf-lines-joined",
+        "other-fields-ignored",
+        "empty-data",
+        "comment",
+        "no-data-field",
+        "empty-event",
+    ],
+)
+def test_event_data(event: bytes, data: bytes | None) -> None:
+    assert event_data(event) == data
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return {"id": "c1", "object": "chat.completion.chunk", "choices": [choice]}
+
+
+TOOL_CALL = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f"}}
+PAYLOADS: dict[str, tuple[dict[str, Any], Kind]] = {
+    "content": (_chunk({"content": "Hi"}), "content"),
+    "role-only": (_chunk({"role": "assistant", "content": ""}), "other"),
+    "empty-delta": (_chunk({}), "other"),
+    "null-usage-on-a-role-chunk": ({**_chunk({"role": "assistant"}), "usage": None}, "other"),
+    "finish-reason-only": (_chunk({}, "stop"), "content"),
+    "tool-calls": (_chunk({"tool_calls": [TOOL_CALL]}), "content"),
+    "function-call": (_chunk({"function_call": {"name": "f", "arguments": ""}}), "content"),
+    "reasoning-content": (_chunk({"reasoning_content": "Let me think"}), "content"),
+    "refusal": (_chunk({"refusal": "No."}), "content"),
+    "usage-event": ({"id": "c1", "choices": [], "usage": USAGE}, "content"),
+    "error-event": ({"error": {"message": "overloaded", "type": "server_error"}}, "error"),
+    "no-choices": ({"id": "c1", "choices": []}, "other"),
+}
+
+
+@pytest.mark.parametrize(("payload", "kind"), list(PAYLOADS.values()), ids=list(PAYLOADS))
+def test_parse_json_events(payload: dict[str, Any], kind: Kind) -> None:
+    assert parse(b"data: " + orjson.dumps(payload)) == (kind, payload)
+
+
+@pytest.mark.parametrize(
+    ("event", "kind"),
+    [
+        (b"data: [DONE]", "done"),
+        (b"data:[DONE] ", "done"),
+        (b": keep-alive", "other"),
+        (b"data: {not json", "other"),
+        (b'data: "a string"', "other"),
+        (b"data: [1, 2]", "other"),
+        (b"", "other"),
+    ],
+    ids=[
+        "done",
+        "done-unspaced",
+        "keep-alive",
+        "invalid-json",
+        "json-string",
+        "json-array",
+        "empty",
+    ],
+)
+def test_parse_events_without_a_payload(event: bytes, kind: Kind) -> None:
+    assert parse(event) == (kind, None)
+
+
+# --- UsageEventDropper ------------------------------------------------------------------
+
+
+@FRAMINGS
+def test_dropper_removes_exactly_the_usage_event_at_every_two_way_split(
+    stream: bytes, usage_event: bytes, events: list[bytes]
+) -> None:
+    expected = stream.replace(usage_event, b"")
+    for at in range(len(stream) + 1):
+        assert _dropped(_split(stream, [at])) == (expected, USAGE), at
+
+
+@FRAMINGS
+def test_dropper_removes_exactly_the_usage_event_from_one_byte_chunks(
+    stream: bytes, usage_event: bytes, events: list[bytes]
+) -> None:
+    chunks = [stream[i : i + 1] for i in range(len(stream))]
+    assert _dropped(chunks) == (stream.replace(usage_event, b""), USAGE)
+
+
+def test_dropper_passes_event_aligned_chunks_straight_through() -> None:
+    dropper = UsageEventDropper()
+    frames = [e + b"\n\n" for e in EVENTS]
+    out = [dropper.feed(frame) for frame in frames]
+    assert out == [b"" if frame == USAGE_EVENT else frame for frame in frames]
+
+
+def test_dropper_holds_an_unfinished_event_and_flush_returns_it() -> None:
+    dropper = UsageEventDropper()
+    assert dropper.feed(EVENTS[0] + b'\n\ndata: {"ch') == EVENTS[0] + b"\n\n"
+    assert dropper.flush() == b'data: {"ch'
+    assert dropper.flush() == b""
+
+
+RIDING = b"data: " + orjson.dumps({**_chunk({}, "stop"), "usage": USAGE}) + b"\n\n"
+RIDING_STREAM = b"".join(e + b"\n\n" for e in EVENTS[:-3]) + RIDING + b"data: [DONE]\n\n"
+
+
+def test_dropper_keeps_a_usage_object_that_rides_on_a_chunk_with_choices() -> None:
+    assert _dropped([RIDING_STREAM])[0] == RIDING_STREAM
+
+
+def test_dropper_records_a_usage_object_that_rides_on_a_chunk_with_choices() -> None:
+    assert _dropped([RIDING_STREAM]) == (RIDING_STREAM, USAGE)
+
+
+def test_dropper_keeps_a_stray_blank_line_whatever_the_chunking() -> None:
+    stream = EVENTS[0] + b"\n\n" + USAGE_EVENT + b"\n" + b"data: [DONE]\n\n"
+    expected = EVENTS[0] + b"\n\n" + b"\n" + b"data: [DONE]\n\n"
+    assert _dropped([stream]) == (expected, USAGE)
+    for at in range(len(stream) + 1):
+        assert _dropped(_split(stream, [at])) == (expected, USAGE), at
+
+
+# --- ContentCollector, usage_chunk, completion_to_sse -----------------------------------
+
+
+@FRAMINGS
+def test_collector_gathers_the_answer_text_and_usage(
+    stream: bytes, usage_event: bytes, events: list[bytes]
+) -> None:
+    collector, splitter = ContentCollector(), EventSplitter()
+    for i in range(len(stream)):
+        for event in splitter.feed(stream[i : i + 1]):
+            collector.observe(event)
+    assert collector.text == expected_content(SEED, TOKENS)
+    assert collector.usage == USAGE
+
+
+def test_collector_counts_reasoning_and_tool_calls_and_skips_what_is_not_text() -> None:
+    chunks = [
+        _chunk({"reasoning_content": "think "}),
+        _chunk({"content": None, "reasoning_content": None}),
+        _chunk({"tool_calls": [TOOL_CALL]}),
+        _chunk({"content": "answer"}),
+        {"choices": ["not a choice", {"delta": "not a delta"}]},
+    ]
+    collector = ContentCollector()
+    for c in chunks:
+        collector.observe(b"data: " + orjson.dumps(c))
+    for event in EventSplitter().feed(KEEPALIVE + b"data: [DONE]\n\n"):
+        collector.observe(event)
+    tool = TOOL_CALL["function"]
+    expected = ["think ", *(v for k in ("name", "arguments") if (v := tool.get(k))), "answer"]
+    assert (collector.parts, collector.usage) == (expected, None)
+    assert collector.done
+
+
+@pytest.mark.parametrize(
+    ("template", "head"),
+    [
+        (
+            {"id": "c1", "object": "chat.completion.chunk", "created": 5, "model": "m"},
+            b'{"id":"c1","object":"chat.completion.chunk","created":5,"model":"m",',
+        ),
+        (
+            {"model": "m", "choices": [{"index": 0}], "system_fingerprint": "fp", "id": "c1"},
+            b'{"id":"c1","model":"m",',
+        ),
+        ({}, b"{"),
+    ],
+    ids=["full-template", "only-identity-fields-in-fixed-order", "empty-template"],
+)
+def test_usage_chunk_is_an_openai_usage_only_event(template: dict[str, Any], head: bytes) -> None:
+    usage = b'"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":5,"total_tokens":14}}'
+    assert usage_chunk(template, USAGE) == b"data: " + head + usage + b"\n\n"
+
+
+def _payloads(sse: bytes) -> list[dict[str, Any] | str]:
+    events = EventSplitter().feed(sse)
+    return [payload or kind for kind, payload in map(parse, events)]
+
+
+@pytest.mark.parametrize("with_usage", [True, False], ids=["with-usage", "without-usage"])
+def test_completion_becomes_chunks_then_usage_then_done(with_usage: bool) -> None:
+    sse = completion_to_sse(completion_body(SEED, MODEL, TOKENS, "stop", 9), with_usage=with_usage)
+    assert sse is not None
+    assert sse.endswith(b"\n\ndata: [DONE]\n\n")
+    head = {
+        "id": f"chatcmpl-mock-{SEED}",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL,
+    }
+    message = {"role": "assistant", "content": expected_content(SEED, TOKENS)}
+    choice = {"index": 0, "delta": message, "finish_reason": "stop"}
+    usage = [{**head, "choices": [], "usage": USAGE}] if with_usage else []
+    assert _payloads(sse) == [{**head, "choices": [choice]}, *usage, "done"]
+
+
+def test_completion_gives_one_chunk_per_choice_and_no_usage_it_lacks() -> None:
+    choices: list[dict[str, Any]] = [
+        {"index": 0, "message": {"role": "assistant", "content": "a"}, "finish_reason": "stop"},
+        {"index": 1, "message": {"role": "assistant", "content": "b"}, "finish_reason": "length"},
+        {"index": 2, "finish_reason": None},
+    ]
+    sse = completion_to_sse(orjson.dumps({"id": "x", "choices": choices}), with_usage=True)
+    assert sse is not None
+    head = {"id": "x", "object": "chat.completion.chunk"}
+    assert _payloads(sse) == [
+        {
+            **head,
+            "choices": [{"index": 0, "delta": choices[0]["message"], "finish_reason": "stop"}],
+        },
+        {
+            **head,
+            "choices": [{"index": 1, "delta": choices[1]["message"], "finish_reason": "length"}],
+        },
+        {**head, "choices": [{"index": 2, "delta": {}, "finish_reason": None}]},
+        "done",
+    ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"[1, 2]", b'{"error": {"message": "no"}}', b'{"choices": {"0": {}}}', b""],
+    ids=["invalid-json", "array", "error-body", "choices-not-a-list", "empty"],
+)
+def test_a_body_that_is_not_a_completion_is_not_converted(body: bytes) -> None:
+    assert completion_to_sse(body, with_usage=True) is None
+
+
+# --- properties -------------------------------------------------------------------------
+
+
+@st.composite
+def split_streams(draw: st.DrawFn) -> tuple[bytes, bytes, list[bytes], list[bytes]]:
+    seed, tokens = draw(st.integers(0, 10_000)), draw(st.integers(0, 6))
+    stream, usage_event, events = _stream(seed, tokens, crlf=draw(st.booleans()))
+    cuts = draw(st.lists(st.integers(0, len(stream)), max_size=16))
+    return stream, usage_event, events, _split(stream, cuts)
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(split_streams())
+def test_any_chunking_drops_only_the_usage_event_and_splits_the_same_events(
+    case: tuple[bytes, bytes, list[bytes], list[bytes]],
+) -> None:
+    stream, usage_event, events, chunks = case
+    out, usage = _dropped(chunks)
+    assert out == stream.replace(usage_event, b"")
+    assert usage == orjson.loads(event_data(usage_event.strip()) or b"")["usage"]
+    assert _splitter_events(chunks) == events

@@ -1,0 +1,276 @@
+"""Where a request's usage comes from: the tee mode per case, then stream, headers, estimate."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.attempts import Answer
+from proxy.chat_request import ChatRequest, StreamOptionsAction
+from proxy.config_model import Target, Upstream, UsageHeaders
+from proxy.headers import Headers
+from proxy.metering import estimate_usage
+from proxy.mock_content import expected_content, stream_events
+from proxy.record import Usage
+from proxy.sse import completion_to_sse, parse, usage_chunk
+from proxy.tee import Tee, TeeMode
+from proxy.usage import tee_for, usage_of_body, usage_of_stream
+
+SEED, TOKENS, MODEL = 3, 4, "mock-gpt-4o"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "有货吗?"}]
+DONE = b"data: [DONE]\n\n"
+TEXT = expected_content(SEED, TOKENS)
+
+PLAIN = Upstream("up", "http://up.test/v1")
+COUNTED = Upstream(
+    "up", "http://up.test/v1", usage_headers=UsageHeaders("x-prompt-tokens", "x-completion-tokens")
+)
+SENT: Headers = [
+    (b"Content-Type", b"text/event-stream"),
+    (b"X-Prompt-Tokens", b"12"),
+    (b"x-completion-tokens", b"34"),
+]
+FROM_HEADERS = Usage(input=12, output=34, source="header")
+# Header states: none configured / configured and sent / configured but absent from this answer.
+HEADER_CASES: dict[str, tuple[Upstream, Headers]] = {
+    "no-headers": (PLAIN, SENT),
+    "headers-sent": (COUNTED, SENT),
+    "headers-absent": (COUNTED, [(b"content-type", b"text/event-stream")]),
+}
+
+
+def _stream(include_usage: bool) -> bytes:
+    ev = stream_events(SEED, MODEL, TOKENS, "stop", include_usage)
+    usage = [ev.usage_event(9, TOKENS)] if include_usage else []
+    return b"".join([ev.role, *ev.content, ev.final, *usage, ev.done])
+
+
+WITH_USAGE, NO_USAGE = _stream(include_usage=True), _stream(include_usage=False)
+FIRST = parse(stream_events(SEED, MODEL, TOKENS, "stop", False).content[0].rstrip())[1]
+
+
+def _request(wants_usage: bool, *, stream: bool = True) -> ChatRequest:
+    payload: dict[str, Any] = {"model": "bot", "messages": MESSAGES, "stream": stream}
+    if wants_usage:
+        payload["stream_options"] = {"include_usage": True}
+    return ChatRequest(model="bot", stream=stream, payload=payload)
+
+
+async def _rest() -> AsyncIterator[bytes]:
+    yield b""  # never iterated: only its presence (the answer goes on) matters here
+
+
+def _answer(
+    *,
+    complete: bool = False,
+    action: StreamOptionsAction = "pass",
+    headers: Headers | None = None,
+    head: bytes = b"",
+    status: int = 200,
+) -> Answer:
+    return Answer(
+        target=Target("up", MODEL),
+        status=status,
+        headers=SENT if headers is None else headers,
+        head=head,
+        rest=None if complete else _rest(),
+        first=FIRST,
+        action=action,
+    )
+
+
+def _feed(tee: Tee, stream: bytes) -> bytes:
+    return tee.feed(stream) + tee.end()
+
+
+# --- which tee ----------------------------------------------------------------------------
+
+# (client wants usage, action, header state) → (mode, adds a usage chunk) for an answer that
+# still streams. Header usage only matters to a client that did not ask for the usage chunk.
+STREAMING: list[tuple[bool, StreamOptionsAction, str, TeeMode, bool]] = [
+    *((True, "inject", h, "watch", False) for h in HEADER_CASES),
+    *((True, "pass", h, "watch", False) for h in HEADER_CASES),
+    *((True, "strip", h, "collect", True) for h in HEADER_CASES),
+    *((False, "inject", h, "drop", False) for h in HEADER_CASES),
+    (False, "pass", "no-headers", "collect", False),
+    (False, "pass", "headers-sent", "watch", False),
+    (False, "pass", "headers-absent", "collect", False),
+    (False, "strip", "no-headers", "collect", False),
+    (False, "strip", "headers-sent", "watch", False),
+    (False, "strip", "headers-absent", "collect", False),
+]
+# A complete answer (a converted JSON body, or a stream that ended before any content) is
+# small and already whole: collect it, so an answer without usage is estimated from its text.
+# (The conversion adds a usage chunk only when the client asked for one.)
+COMPLETE = [
+    (wants, action, h, "collect", False)
+    for wants, action, h in itertools.product(
+        (True, False), ("inject", "pass", "strip"), HEADER_CASES
+    )
+]
+TEE_CASES = [(w, a, h, False, (m, s)) for w, a, h, m, s in STREAMING] + [
+    (w, a, h, True, (m, s)) for w, a, h, m, s in COMPLETE
+]
+
+
+def _tee_id(case: tuple[bool, str, str, bool, tuple[str, bool]]) -> str:
+    wants, action, headers, complete, _ = case
+    return "-".join(
+        ["wants" if wants else "unasked", action, headers, "complete" if complete else "streaming"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("wants", "action", "header_case", "complete", "expected"),
+    TEE_CASES,
+    ids=[_tee_id(case) for case in TEE_CASES],
+)
+def test_tee_for(
+    wants: bool,
+    action: StreamOptionsAction,
+    header_case: str,
+    complete: bool,
+    expected: tuple[TeeMode, bool],
+) -> None:
+    upstream, headers = HEADER_CASES[header_case]
+    answer = _answer(complete=complete, action=action, headers=headers)
+    tee = tee_for(_request(wants), answer, upstream)
+    assert (tee.mode, tee.feed(DONE) != DONE) == expected  # (mode, adds a usage chunk)
+
+
+@pytest.mark.parametrize(
+    ("header_case", "usage"),
+    [("headers-sent", FROM_HEADERS), ("headers-absent", estimate_usage(MESSAGES, TEXT))],
+    ids=["from-headers", "estimated"],
+)
+def test_the_added_usage_chunk_matches_the_recorded_usage(header_case: str, usage: Usage) -> None:
+    upstream, headers = HEADER_CASES[header_case]
+    request, answer = _request(True), _answer(action="strip", headers=headers)
+    tee = tee_for(request, answer, upstream)
+    counts = {"prompt_tokens": usage.prompt, "completion_tokens": usage.completion}
+    counts["total_tokens"] = usage.prompt + usage.completion
+    assert FIRST is not None
+    expected = NO_USAGE[: -len(DONE)] + usage_chunk(FIRST, counts) + DONE
+    assert _feed(tee, NO_USAGE) == expected
+    assert usage_of_stream(request, answer, upstream, tee) == usage
+
+
+# --- usage of a stream --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("wants", "action", "header_case", "stream", "usage"),
+    [
+        (True, "pass", "headers-sent", WITH_USAGE, Usage(input=9, output=TOKENS)),
+        (False, "inject", "headers-sent", WITH_USAGE, Usage(input=9, output=TOKENS)),
+        (False, "pass", "headers-sent", NO_USAGE, FROM_HEADERS),
+        (False, "pass", "headers-absent", NO_USAGE, estimate_usage(MESSAGES, TEXT)),
+        (False, "strip", "no-headers", NO_USAGE, estimate_usage(MESSAGES, TEXT)),
+    ],
+    ids=[
+        "reported-wins-over-headers",
+        "reported-in-the-dropped-event",
+        "headers-when-the-stream-reports-none",
+        "estimate-when-headers-are-absent",
+        "estimate-from-the-collected-text",
+    ],
+)
+def test_usage_of_stream(
+    wants: bool,
+    action: StreamOptionsAction,
+    header_case: str,
+    stream: bytes,
+    usage: Usage,
+) -> None:
+    upstream, headers = HEADER_CASES[header_case]
+    request, answer = _request(wants), _answer(action=action, headers=headers)
+    tee = tee_for(request, answer, upstream)
+    _feed(tee, stream)
+    assert usage_of_stream(request, answer, upstream, tee) == usage
+
+
+def _completion(content: str, usage: dict[str, int] | None = None) -> bytes:
+    message = {"role": "assistant", "content": content}
+    body: dict[str, Any] = {"id": "x", "choices": [{"index": 0, "message": message}]}
+    if usage is not None:
+        body["usage"] = usage
+    return orjson.dumps(body)
+
+
+def test_a_converted_json_answer_with_usage_reports_it() -> None:
+    head = completion_to_sse(
+        _completion(TEXT, {"prompt_tokens": 5, "completion_tokens": 2}), with_usage=True
+    )
+    assert head is not None
+    request, answer = _request(False), _answer(complete=True, head=head, headers=[])
+    tee = tee_for(request, answer, PLAIN)
+    _feed(tee, head)
+    assert usage_of_stream(request, answer, PLAIN, tee) == Usage(input=5, output=2)
+
+
+@pytest.mark.parametrize("wants", [True, False], ids=["wants", "unasked"])
+def test_a_converted_json_answer_without_usage_is_estimated_from_its_text(wants: bool) -> None:
+    head = completion_to_sse(_completion(TEXT), with_usage=True)
+    assert head is not None
+    request, answer = _request(wants), _answer(complete=True, head=head, headers=[])
+    tee = tee_for(request, answer, PLAIN)
+    _feed(tee, head)
+    assert usage_of_stream(request, answer, PLAIN, tee) == estimate_usage(MESSAGES, TEXT)
+
+
+# --- usage of a whole body ------------------------------------------------------------------
+
+BODY_USAGE = {"prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "header_case", "usage"),
+    [
+        (200, _completion(TEXT, BODY_USAGE), "no-headers", Usage(input=20, output=7)),
+        (200, _completion(TEXT, BODY_USAGE), "headers-sent", Usage(input=20, output=7)),
+        (200, _completion(TEXT), "headers-sent", FROM_HEADERS),
+        (200, _completion(TEXT), "headers-absent", estimate_usage(MESSAGES, TEXT)),
+        (200, _completion(TEXT), "no-headers", estimate_usage(MESSAGES, TEXT)),
+        (200, b"{not json", "no-headers", estimate_usage(MESSAGES, "")),
+        (200, b'{"usage": null}', "no-headers", estimate_usage(MESSAGES, "")),
+        (299, _completion(TEXT, BODY_USAGE), "no-headers", Usage(input=20, output=7)),
+        (400, _completion(TEXT, BODY_USAGE), "headers-sent", None),
+        (429, _completion(TEXT, BODY_USAGE), "no-headers", None),
+        (500, _completion(TEXT, BODY_USAGE), "no-headers", None),
+        (304, _completion(TEXT, BODY_USAGE), "no-headers", None),
+    ],
+    ids=[
+        "from-the-body",
+        "body-wins-over-headers",
+        "headers-when-the-body-has-none",
+        "estimate-when-headers-are-absent",
+        "estimate-from-the-message-text",
+        "invalid-json-estimates-the-prompt",
+        "null-usage-estimates",
+        "any-2xx",
+        "error-400-is-not-metered",
+        "error-429-is-not-metered",
+        "error-500-is-not-metered",
+        "non-2xx-is-not-metered",
+    ],
+)
+def test_usage_of_body(status: int, body: bytes, header_case: str, usage: Usage | None) -> None:
+    upstream, headers = HEADER_CASES[header_case]
+    answer = _answer(complete=True, status=status, headers=headers, head=body)
+    assert usage_of_body(_request(False, stream=False), answer, upstream) == usage
+
+
+def test_usage_of_body_estimates_over_every_choice() -> None:
+    choices = [
+        {"index": 0, "message": {"role": "assistant", "content": "first "}},
+        {"index": 1, "message": {"role": "assistant", "content": "second"}},
+        {"index": 2, "message": {"role": "assistant", "content": None}},
+        "not a choice",
+    ]
+    answer = _answer(complete=True, headers=[], head=orjson.dumps({"choices": choices}))
+    usage = usage_of_body(_request(False, stream=False), answer, PLAIN)
+    assert usage == estimate_usage(MESSAGES, "first second")
