@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from proxy.asgi import ClientWatch, Receive, Scope, Send, read_body, send_body, send_error
 from proxy.attempts import Answer, Attempts, Failure
 from proxy.chat_request import ChatRequest, parse_chat_request
-from proxy.errors import ModelNotFound, ProxyError
+from proxy.errors import ModelNotFound, ProxyError, UpstreamProtocolError
 from proxy.headers import client_response_headers, request_id, upstream_request_headers
 from proxy.metering import cost_usd
 from proxy.record import Observers, RequestRecord
-from proxy.relay import relay
+from proxy.relay import end_with_error, open_stream, relay, send_comment
 from proxy.state import AppState, Overloaded, StateRef
 from proxy.usage import tee_for, usage_of_body, usage_of_stream
+
+SSE_TYPE = [(b"content-type", b"text/event-stream")]
 
 
 class ChatCompletions:
@@ -36,13 +41,14 @@ class ChatCompletions:
 class _Exchange:
     """One request's way through the pipeline."""
 
-    __slots__ = ("arrived", "receive", "record", "rid", "scope", "send")
+    __slots__ = ("arrived", "opened", "receive", "record", "rid", "scope", "send")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.arrived = time.perf_counter()
         self.scope, self.receive, self.send = scope, receive, send
         self.rid = request_id(scope["headers"])
         self.record = RequestRecord(request_id=self.rid.decode())
+        self.opened = False  # SSE headers sent before an answer existed (keep-alives)
 
     async def run(self, ref: StateRef, observers: Observers) -> None:
         try:
@@ -77,7 +83,12 @@ class _Exchange:
         watch = ClientWatch(self.receive)
         try:
             headers = upstream_request_headers(self.scope["headers"], self.rid)
-            result = await Attempts(state, route, request, headers, self.record).run()
+            run = Attempts(state, route, request, headers, self.record).run()
+            keepalive = state.config.server.keepalive_seconds
+            if request.stream and keepalive is not None:
+                result = await self._with_keepalives(run, keepalive)
+            else:
+                result = await run
             await self._respond(state, request, result, watch)
         except asyncio.CancelledError:
             if not watch.client_gone:
@@ -86,6 +97,28 @@ class _Exchange:
             self.record.client_disconnected = True
         finally:
             watch.close()
+
+    async def _with_keepalives(
+        self, run: Coroutine[Any, Any, Answer | Failure], every: float
+    ) -> Answer | Failure:
+        """While no answer has committed, keep the client's connection alive: after `every`
+        seconds the SSE headers go out, then a comment every `every` seconds (the proxy's own
+        bytes, never an upstream's)."""
+        task = asyncio.ensure_future(run)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=every)
+                if done:
+                    return task.result()
+                if not self.opened:
+                    self.opened = True
+                    await open_stream(self.send, client_response_headers(SSE_TYPE, self.rid))
+                await send_comment(self.send)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _respond(
         self, state: AppState, request: ChatRequest, result: Answer | Failure, watch: ClientWatch
@@ -96,7 +129,14 @@ class _Exchange:
             record.upstream, record.model = target.upstream, target.model
         if isinstance(result, Failure):
             watch.done = True
-            if result.error is not None or not result.status:
+            if self.opened:
+                error = result.error or UpstreamProtocolError(
+                    f"upstream '{record.upstream}' answered {result.status}"
+                )
+                record.fail(200, error.code, error.message)
+                record.stream_error = "no_answer"
+                await end_with_error(self.send, error)
+            elif result.error is not None or not result.status:
                 await self._fail(result.error or ProxyError("no upstream could answer"))
             else:
                 record.status = result.status
@@ -125,7 +165,7 @@ class _Exchange:
         else:
             tee = tee_for(request, answer, upstream)
             try:
-                relayed = await relay(self.send, answer, headers, watch, tee)
+                relayed = await relay(self.send, answer, headers, watch, tee, opened=self.opened)
                 record.ttft_s = relayed.first_byte_at - self.arrived
                 if relayed.failure is not None:
                     record.stream_error = relayed.reason

@@ -111,6 +111,8 @@ class ServerSettings:
     max_inflight: int | None = None  # per process; beyond it, 429 with Retry-After
     drain_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may finish
     retry_budget: float = 0.2  # re-attempts on an upstream, as a share of its recent requests
+    keepalive_seconds: float | None = 15.0  # a stream waiting this long for its first token
+    # gets response headers and then an SSE comment every as long; None: never
 
 
 @dataclass(frozen=True)

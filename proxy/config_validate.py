@@ -163,6 +163,9 @@ class Validator:
                     server, "drain_seconds", "server", _SERVER.drain_seconds, "non-negative"
                 ),
                 retry_budget=budget,
+                keepalive_seconds=self.optional_seconds(server, "keepalive_seconds", "server")
+                if "keepalive_seconds" in server
+                else _SERVER.keepalive_seconds,
             ),
             upstreams=upstreams,
             routes=self.routes(top.get("routes")),

@@ -26,10 +26,13 @@ class Relayed:
 
 
 async def relay(
-    send: Send, answer: Answer, headers: Headers, watch: ClientWatch, tee: Tee
+    send: Send, answer: Answer, headers: Headers, watch: ClientWatch, tee: Tee, *, opened: bool
 ) -> Relayed:
-    """Send a committed answer: its held head at once, then the rest as it arrives."""
-    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    """Send a committed answer: its held head at once, then the rest as it arrives.
+
+    `opened`: the proxy already sent SSE headers (and keep-alive comments) while waiting."""
+    if not opened:
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     head = tee.feed(answer.head)
     more = answer.rest is not None
     if not more:
@@ -58,6 +61,24 @@ async def relay(
     watch.done = True
     await send({"type": "http.response.body", "body": tail, "more_body": False})
     return result
+
+
+KEEPALIVE = b": keep-alive\n\n"
+
+
+async def open_stream(send: Send, headers: Headers) -> None:
+    """SSE response headers before any answer exists: only for keep-alive comments."""
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+
+async def send_comment(send: Send) -> None:
+    await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+
+
+async def end_with_error(send: Send, error: ProxyError) -> None:
+    """The answer failed after the proxy had opened the stream: an error event, then the end."""
+    body = sse_error_event(error, at_boundary=True)
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def sse_error_event(error: ProxyError, *, at_boundary: bool) -> bytes:

@@ -3,6 +3,9 @@ retries and their budget, cooldown, stream_options quirks, JSON answers to strea
 
 from __future__ import annotations
 
+import socket
+import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -71,9 +74,9 @@ def serve(
 ) -> Iterator[Callable[[str], tuple[RunningServer, Records]]]:
     running: list[RunningServer] = []
 
-    def start(routes: str) -> tuple[RunningServer, Records]:
+    def start(routes: str, server: str = "") -> tuple[RunningServer, Records]:
         path = tmp_path / "routes.yaml"
-        path.write_text(upstreams.yaml(dead_port) + "routes:\n" + routes)
+        path.write_text(server + upstreams.yaml(dead_port) + "routes:\n" + routes)
         records: Records = []
         app = create_app(path, env={}, watch_interval=None, observers=(records.append,))
         server = RunningServer(app).start()
@@ -273,3 +276,94 @@ def test_admission_limit_answers_429_with_retry_after(
             assert r.json()["error"]["code"] == "proxy_overloaded"
             assert first.result().status_code == 200
         assert httpx.post(url, json=body, timeout=10).status_code == 200  # the slot is free
+
+
+class Slammer:
+    """A TCP server that reads a request and resets the connection before any response:
+    what an overloaded upstream (or its load balancer) does under pressure."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # linger 0: an RST, not a FIN
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_reset_before_headers_is_retried_on_the_next_candidate(
+    tmp_path: Path, upstreams: Upstreams
+) -> None:
+    slammer = Slammer()
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "upstreams:\n"
+        f"  slam: {{base_url: 'http://127.0.0.1:{slammer.port}/v1'}}\n"
+        f"  healthy: {{base_url: '{upstreams.servers['healthy'].url}/v1'}}\n"
+        "routes:\n"
+        "  - model: bot\n"
+        "    targets: [{upstream: slam, model: m}]\n"
+        "    fallbacks: [{upstream: healthy, model: m}]\n"
+    )
+    records: Records = []
+    app = create_app(path, env={}, watch_interval=None, observers=(records.append,))
+    try:
+        with RunningServer(app) as proxy:
+            for stream in (False, True):
+                body = {"model": "bot", "messages": MESSAGES, "seed": 6, "stream": stream}
+                r = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=10)
+                assert r.status_code == 200
+                assert expected_content(6, 16).encode()[:6] in r.content
+            assert _wait_for(lambda: len(records) == 2)
+        assert [[a.outcome for a in rec.attempts] for rec in records] == [["reset", "ok"]] * 2
+        assert slammer.accepted >= 2
+    finally:
+        slammer.close()
+
+
+def test_a_slow_first_token_gets_the_proxys_keepalives_then_the_answer(
+    serve: Any, upstreams: Upstreams
+) -> None:
+    proxy, _ = serve(
+        "  - model: bot\n    targets: [{upstream: healthy, model: m}]\n",
+        server="server: {keepalive_seconds: 0.2}\n",
+    )
+    knobs = {"mock": {"ttft": 1.2}, "stream_options": {"include_usage": True}}
+    _, via = _raw_stream(proxy.url, "bot", **knobs)
+    _, direct = _raw_stream(upstreams.servers["healthy"].url, "m", **knobs)
+    comments = len(via) - len(direct)
+    assert comments > 0
+    assert via[comments:] == direct  # after the proxy's comments, the upstream's exact bytes
+    assert via[:comments] == b": keep-alive\n\n" * (comments // len(b": keep-alive\n\n"))
+
+
+def test_a_failure_after_keepalives_ends_the_stream_with_an_error_event(serve: Any) -> None:
+    proxy, records = serve(
+        "  - model: bot\n"
+        "    targets: [{upstream: slow, model: m}]\n"
+        "    first_token_timeout: 1.0\n"
+        "    retries: 0\n",
+        server="server: {keepalive_seconds: 0.2}\n",
+    )
+    _, via = _raw_stream(proxy.url, "bot")
+    events = [e for e in via.split(b"\n\n") if e]
+    assert set(events[:-1]) == {b": keep-alive"}
+    assert events[-1].startswith(b'data: {"error":')
+    assert b"upstream_timeout" in events[-1]
+    assert _wait_for(lambda: len(records) == 1)
+    assert records[0].stream_error == "no_answer"
