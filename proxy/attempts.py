@@ -171,8 +171,11 @@ class Attempts:
         request, timeouts = self._request, upstream.timeouts
         first_token = target.first_token_timeout or self._route.first_token_timeout
         header_wait = timeouts.read
-        if not request.stream and first_token is not None:
-            header_wait = min(header_wait, first_token)  # non-stream: first token ≈ headers
+        if not request.stream:
+            # Non-stream: the first token comes with the headers, and `total` bounds it all.
+            header_wait = min(
+                header_wait, first_token or header_wait, timeouts.total or header_wait
+            )
         body = request.upstream_body(target.model, action)
         try:
             async with asyncio.timeout(header_wait):
@@ -206,7 +209,8 @@ class Attempts:
                 return await self._refusal(upstream, target, action, response)
             if self._request.stream and response.content_type.startswith("text/event-stream"):
                 return await self._commit(target, action, response, first_token)
-            async with asyncio.timeout(upstream.timeouts.total):
+            total = upstream.timeouts.total
+            async with asyncio.timeout(None if total is None else total - response.elapsed()):
                 payload = await response.read()
         except TimeoutError:
             error = UpstreamTimeout(f"upstream '{upstream.name}' did not finish in time")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -35,6 +36,11 @@ class UpstreamResponse:
     headers: Headers
     upstream: str
     _response: httpx.Response
+    _sent_at: float = 0.0  # monotonic time the request went out
+
+    def elapsed(self) -> float:
+        """Seconds since the request went out."""
+        return time.monotonic() - self._sent_at
 
     @property
     def content_type(self) -> str:
@@ -93,11 +99,14 @@ class UpstreamClients:
         request = client.build_request(
             "POST", upstream.base_url + path, content=body, headers=request_headers
         )
+        sent_at = time.monotonic()
         try:
             response = await client.send(request, stream=True)
         except (httpx.HTTPError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise to_proxy_error(exc, upstream.name, reading=False) from None
-        return UpstreamResponse(response.status_code, response.headers.raw, upstream.name, response)
+        return UpstreamResponse(
+            response.status_code, response.headers.raw, upstream.name, response, sent_at
+        )
 
     async def aclose(self) -> None:
         await close_all(list(self._clients.values()))

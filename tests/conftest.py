@@ -20,7 +20,7 @@ upstreams:
   mock:
     base_url: {mock_url}/v1
     api_key: ${{MOCK_API_KEY}}
-    timeouts: {{connect: 2, read: {read_timeout}}}
+    timeouts: {{connect: 2, read: {read_timeout}, total: {total}}}
   verbatim:
     base_url: {mock_url}/v1
     stream_options: pass
@@ -66,7 +66,9 @@ def make_proxy(
 ) -> Iterator[ProxyFactory]:
     started: list[RunningServer] = []
 
-    def factory(*, read_timeout: float = 10, max_body: int = 4194304) -> RunningServer:
+    def factory(
+        *, read_timeout: float = 10, max_body: int = 4194304, total: float | None = None
+    ) -> RunningServer:
         path = tmp_path / f"routes-{len(started)}.yaml"
         path.write_text(
             ROUTES.format(
@@ -74,6 +76,7 @@ def make_proxy(
                 dead_port=dead_port,
                 read_timeout=read_timeout,
                 max_body=max_body,
+                total="null" if total is None else total,
             )
         )
         server = RunningServer(create_app(path, env={"MOCK_API_KEY": UPSTREAM_KEY})).start()

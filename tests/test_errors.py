@@ -125,6 +125,15 @@ def test_upstream_timeout_is_504(make_proxy: Any) -> None:
     _assert_still_serving(proxy)
 
 
+def test_non_stream_answer_slower_than_total_is_504(make_proxy: Any) -> None:
+    proxy = make_proxy(total=1.0)
+    # The mock sends a non-stream answer whole, after ttft + 40 tokens x 50 ms = 2.1 s.
+    body = {**OK_BODY, "mock": {"ttft": 0.1, "tokens": 40, "delay": 0.05}}
+    r = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=10)
+    _assert_openai_error(r, 504, "upstream_timeout")
+    _assert_still_serving(proxy)
+
+
 @pytest.mark.parametrize("status", [400, 401, 429, 500, 503])
 @pytest.mark.parametrize("stream", [False, True])
 def test_upstream_error_status_and_body_are_relayed(
