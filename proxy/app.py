@@ -24,9 +24,11 @@ from proxy.config import ConfigError
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.health import Health
 from proxy.logs import access_log, get_logger
-from proxy.record import Observer, Observers
+from proxy.metering import tokenizer_available
+from proxy.metrics import Metrics
+from proxy.record import Observer, Observers, RequestRecord
 from proxy.reload import POLL_SECONDS, Reloader
-from proxy.state import Runtime, StateRef
+from proxy.state import NotReady, Runtime, StateRef
 
 CONFIG_ENV = "SLUICEGATE_CONFIG"
 WATCH_ENV = "SLUICEGATE_WATCH"
@@ -47,11 +49,14 @@ def create_app(
     and a hook for embedding)."""
     ref = StateRef()
     runtime = runtime or Runtime(health=Health())
-    watchers = Observers(on_finish=(access_log, *observers))
+    metrics: list[Metrics] = []  # the one per process, made when the config is first read
 
     def reloaded(ok: bool, error: ConfigError | None) -> None:
+        config = ref.get().config
+        for meter in metrics:
+            meter.config_reloaded(ok, config if ok else None)
         if ok:
-            log.info("config_reloaded", config=ref.get().config.summary())
+            log.info("config_reloaded", config=config.summary())
         else:
             log.error(
                 "config_reload_refused", errors=[str(i) for i in error.issues] if error else []
@@ -62,6 +67,15 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         state = reloader.start()
+        meter = Metrics(state.config)
+        metrics.append(meter)
+        runtime.health.on_cooldown = meter.set_cooldown
+        runtime.observers = Observers(
+            on_start=(meter.request_started,),
+            on_finish=(_counted(access_log, meter), meter.request_finished, *observers),
+        )
+        # The tokenizer loads lazily (~0.2 s); do it now, off the event loop.
+        await asyncio.to_thread(tokenizer_available)
         log.info("ready", config=state.config.summary())
         reloader.install_sighup()
         _drain_on_sigterm(runtime)
@@ -86,13 +100,20 @@ def create_app(
     async def healthz(_request: Request) -> Response:
         return _json(200, {"status": "ok"})
 
+    async def metrics_endpoint(_request: Request) -> Response:
+        if not metrics:
+            raise NotReady("sluicegate is starting")
+        body, content_type = metrics[0].render()
+        return Response(body, 200, media_type=content_type)
+
     async def readyz(_request: Request) -> Response:
         if ref.current is None or runtime.draining:
             return _json(503, {"status": "draining" if runtime.draining else "not ready"})
         return _json(200, {"status": "ready"})
 
     routes = [
-        Route("/v1/chat/completions", ChatCompletions(ref, watchers), methods=["POST"]),
+        Route("/v1/chat/completions", ChatCompletions(ref, runtime), methods=["POST"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -109,6 +130,18 @@ def create_app(
     app.state.runtime = runtime
     app.state.reloader = reloader
     return app
+
+
+def _counted(observer: Observer, meter: Metrics) -> Observer:
+    """An observer whose failures show in sluicegate_observer_errors_total."""
+
+    def observe(record: RequestRecord) -> None:
+        try:
+            observer(record)
+        except Exception:
+            meter.observer_failed("access_log")
+
+    return observe
 
 
 def _drain_on_sigterm(runtime: Runtime) -> None:

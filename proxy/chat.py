@@ -16,7 +16,7 @@ from proxy.headers import client_response_headers, request_id, upstream_request_
 from proxy.metering import cost_usd
 from proxy.record import Observers, RequestRecord
 from proxy.relay import end_with_error, open_stream, relay, send_comment
-from proxy.state import AppState, Overloaded, StateRef
+from proxy.state import AppState, Overloaded, Runtime, StateRef
 from proxy.usage import tee_for, usage_of_body, usage_of_stream
 
 SSE_TYPE = [(b"content-type", b"text/event-stream")]
@@ -25,17 +25,18 @@ SSE_TYPE = [(b"content-type", b"text/event-stream")]
 class ChatCompletions:
     """A raw ASGI endpoint, so no middleware or response object wraps the stream."""
 
-    def __init__(self, ref: StateRef, observers: Observers) -> None:
+    def __init__(self, ref: StateRef, runtime: Runtime) -> None:
         self._ref = ref
-        self._observers = observers
+        self._runtime = runtime  # its observers outlive reloads, as the counters must
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = _Exchange(scope, receive, send)
+        observers = self._runtime.observers
         try:
-            await exchange.run(self._ref, self._observers)
+            await exchange.run(self._ref, observers)
         finally:
             exchange.record.duration_s = time.perf_counter() - exchange.arrived
-            self._observers.finished(exchange.record)
+            observers.finished(exchange.record)
 
 
 class _Exchange:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from proxy import __version__
 from proxy.app import CONFIG_ENV, WATCH_ENV, create_app
 from proxy.config import ConfigError, load_config
 from proxy.logs import configure as configure_logs
+from proxy.metrics import prepare_multiprocess_dir
 from proxy.mock_upstream import Knobs, MockUpstream
 from proxy.mock_upstream import serve as serve_mock
 from proxy.reload import POLL_SECONDS
@@ -106,11 +108,23 @@ def _serve_config(
         print(exc, file=sys.stderr)
         return 1
     app: object = create_app(config_path, watch_interval=POLL_SECONDS if watch else None)
+    metrics_dir = None
     if workers > 1:
-        # Each worker process builds its own app from the path in the environment.
+        # Each worker process builds its own app from the path in the environment, and
+        # writes its metrics where every worker's /metrics can add them all up.
         os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
         os.environ[WATCH_ENV] = "1" if watch else "0"
         app = "proxy.app:create_app_from_env"
+        metrics_dir = prepare_multiprocess_dir()
+    try:
+        _run_uvicorn(app, host, port, workers, config.server.drain_seconds)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _run_uvicorn(app: object, host: str, port: int, workers: int, drain: float) -> None:
     uvicorn.run(
         app,  # type: ignore[arg-type]  # an ASGI app or its import string
         factory=workers > 1,
@@ -124,9 +138,8 @@ def _serve_config(
         server_header=False,
         backlog=4096,
         # SIGTERM: stop accepting, let in-flight streams finish for this long, then exit.
-        timeout_graceful_shutdown=math.ceil(config.server.drain_seconds),
+        timeout_graceful_shutdown=math.ceil(drain),
     )
-    return 0
 
 
 def _serve_demo(args: argparse.Namespace) -> int:

@@ -100,7 +100,7 @@ class Health:
 
     def __init__(self, on_cooldown: CooldownObserver | None = None) -> None:
         self._by_name: dict[str, UpstreamHealth] = {}
-        self._on_cooldown = on_cooldown
+        self.on_cooldown = on_cooldown
 
     def __getitem__(self, name: str) -> UpstreamHealth:
         health = self._by_name.get(name)
@@ -123,5 +123,5 @@ class Health:
             self._notify(name, True)
 
     def _notify(self, name: str, active: bool) -> None:
-        if self._on_cooldown is not None:
-            self._on_cooldown(name, active)
+        if self.on_cooldown is not None:
+            self.on_cooldown(name, active)

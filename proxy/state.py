@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.health import Health
+from proxy.record import Observers
 from proxy.upstream import UpstreamClients
 
 
@@ -34,6 +35,7 @@ class Runtime:
     rng: random.Random = field(default_factory=random.Random)
     inflight: int = 0  # requests being served by this process
     draining: bool = False  # SIGTERM seen: readiness goes false, in-flight work finishes
+    observers: Observers = field(default_factory=Observers)  # set up in the lifespan
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,16 +3,18 @@ upstream's usage headers, or an offline estimate, tried in that order."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.attempts import Answer
 from proxy.chat_request import ChatRequest
 from proxy.config_model import Upstream
 from proxy.metering import estimate_usage, usage_from_headers, usage_from_json
 from proxy.record import Usage
 from proxy.tee import Tee
+
+if TYPE_CHECKING:  # only the type: this module stays free of I/O imports
+    from proxy.attempts import Answer
 
 
 def tee_for(request: ChatRequest, answer: Answer, upstream: Upstream) -> Tee:

@@ -1,0 +1,324 @@
+"""Prometheus metrics: the observer that turns each finished request's record into series.
+
+The only importer of prometheus_client. Metric names and labels are a public contract (the
+Grafana dashboard and the alert rules read them). Every label value is a config value or a
+fixed word: anything else collapses to `_other`, so client input cannot grow the series count.
+
+Several workers: `prepare_multiprocess_dir()` runs in the supervisor before the workers
+start; each worker then imports prometheus_client with PROMETHEUS_MULTIPROC_DIR set, writes
+its values to files there, and any worker's `render()` adds up every worker's files.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tempfile
+from typing import get_args
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+    values,
+)
+
+from proxy.config_model import Config
+from proxy.logs import get_logger
+from proxy.record import AttemptOutcome, RequestRecord, UsageSource
+
+# `_created` samples double the series count, and multiprocess mode has none: without them
+# the exposition looks the same with one worker or many.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
+
+# What generate_latest writes. Spelled out: newer clients' CONTENT_TYPE_LATEST claims 1.0.0.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+UNKNOWN = "_unknown"  # no route matched (bad JSON, unknown model, …); stream not known
+NONE = "_none"  # no upstream or model was involved
+OTHER = "_other"  # a value outside the known set (defensive: the pipeline should not send one)
+
+# Time to first token: from fast cached answers (~50 ms) to long reasoning waits (30 s).
+_SUB_SECOND = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75)
+TTFT_BUCKETS = (*_SUB_SECOND, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30)
+# Whole requests: streamed answers run for minutes.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+TOKEN_TYPES = ("input", "cached_input", "output", "reasoning")
+
+_OUTCOMES = frozenset(get_args(AttemptOutcome))
+_SOURCES = frozenset(get_args(UsageSource))
+_OBSERVERS = frozenset({"metrics", "access_log"})
+_STREAM = {True: "true", False: "false", None: UNKNOWN}
+
+
+def _known(value: str | None, known: set[str] | frozenset[str]) -> str:
+    if value is None:
+        return NONE
+    return value if value in known else OTHER
+
+
+class _Words:
+    """Free-form reason words (fallback reasons, stream errors), kept bounded: word-shaped
+    values are let in until `limit` distinct ones have been seen, then the rest is `_other`."""
+
+    _SHAPE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+    def __init__(self, limit: int = 32, seed: frozenset[str] = frozenset()) -> None:
+        self._seen, self._limit = set(seed), limit
+
+    def __call__(self, word: str) -> str:
+        if word in self._seen:
+            return word
+        if len(self._seen) < self._limit and self._SHAPE.fullmatch(word):
+            self._seen.add(word)
+            return word
+        return OTHER
+
+
+class Metrics:
+    """One per worker process, alive across config reloads (counters must not restart)."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+        self._multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        if self._multiproc_dir and not getattr(values.ValueClass, "_multiprocess", False):
+            # prometheus_client picks its storage once, when first imported.
+            raise RuntimeError("PROMETHEUS_MULTIPROC_DIR was set after prometheus_client loaded")
+        self.registry = CollectorRegistry() if registry is None else registry
+        self._routes: set[str] = set()
+        self._upstreams: set[str] = set()
+        self._models: set[str] = set()
+        self._fallback_reasons = _Words(seed=_OUTCOMES)
+        self._stream_errors = _Words()
+        self._warned_unpriced: set[str] = set()
+        self._warned_errors: set[type[BaseException]] = set()
+        self._define(self.registry)
+        self._learn(config)
+
+    def _define(self, r: CollectorRegistry) -> None:
+        ident = ("route", "upstream", "model")
+        self._requests = Counter(
+            "sluicegate_requests_total",
+            "Requests answered.",
+            (*ident, "stream", "status"),
+            registry=r,
+        )
+        self._tokens = Counter(
+            "sluicegate_tokens_total",
+            "Tokens used, by non-overlapping type.",
+            (*ident, "type", "usage_source"),
+            registry=r,
+        )
+        self._cost = Counter("sluicegate_cost_usd_total", "Cost in USD.", ident, registry=r)
+        self._unpriced = Counter(
+            "sluicegate_unpriced_tokens_total",
+            "Tokens of models without a price in the config.",
+            ("upstream", "model"),
+            registry=r,
+        )
+        self._ttft = Histogram(
+            "sluicegate_time_to_first_token_seconds",
+            "Arrival to the first content byte sent to the client.",
+            ident,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self._duration = Histogram(
+            "sluicegate_request_duration_seconds",
+            "Arrival to the end of the response.",
+            (*ident, "stream"),
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self._attempts = Counter(
+            "sluicegate_upstream_attempts_total",
+            "Upstream attempts, by outcome.",
+            ("upstream", "outcome"),
+            registry=r,
+        )
+        self._fallbacks = Counter(
+            "sluicegate_fallbacks_total",
+            "Answers that came from other than the first pick.",
+            ("route", "from_upstream", "to_upstream", "reason"),
+            registry=r,
+        )
+        self._stream_errors_total = Counter(
+            "sluicegate_stream_errors_total",
+            "Committed streams cut short.",
+            ("route", "upstream", "reason"),
+            registry=r,
+        )
+        self._inflight = Gauge(
+            "sluicegate_inflight_requests",
+            "Routed requests in progress.",
+            ("route",),
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self._reloads = Counter(
+            "sluicegate_config_reloads_total", "Config reloads.", ("result",), registry=r
+        )
+        self._cooldown = Gauge(
+            "sluicegate_upstream_cooldown",
+            "1 while the upstream is in cooldown (in any worker).",
+            ("upstream",),
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self._observer_errors = Counter(
+            "sluicegate_observer_errors_total",
+            "Failures inside request observers.",
+            ("observer",),
+            registry=r,
+        )
+        for result in ("ok", "error"):
+            self._reloads.labels(result)
+        for observer in sorted(_OBSERVERS):
+            self._observer_errors.labels(observer)
+
+    def _learn(self, config: Config) -> None:
+        """Adds a config's names to the known label values. The sets only grow: requests that
+        started on the previous config still finish with its names after a reload."""
+        self._routes.update(route.model for route in config.routes)
+        self._upstreams.update(config.upstreams)
+        targets = [t for route in config.routes for t in (*route.targets, *route.fallbacks)]
+        self._models.update(t.model for t in targets)
+        # Series that alerts compare over time start at 0, so their first increase is seen.
+        for route in config.routes:
+            self._inflight.labels(route.model)
+        for upstream in config.upstreams:
+            self._cooldown.labels(upstream)
+        for t in targets:
+            if t.model not in config.pricing:
+                self._unpriced.labels(t.upstream, t.model)
+
+    # --- the pipeline's calls ------------------------------------------------------------
+
+    def request_started(self, route: str | None) -> None:
+        """Call with `record.route` as soon as it is set; requests that never get a route are
+        not counted in flight (request_finished pairs on `record.route` being set)."""
+        if route is not None:
+            self._inflight.labels(_known(route, self._routes)).inc()
+
+    def request_finished(self, record: RequestRecord) -> None:
+        """The observer: never raises (a failure is counted and logged once per kind)."""
+        try:
+            self._observe(record)
+        except Exception as exc:  # an observer must not break the request it watches
+            self.observer_failed("metrics")
+            if type(exc) not in self._warned_errors:
+                self._warned_errors.add(type(exc))
+                get_logger().exception("metrics_observer_failed", request_id=record.request_id)
+
+    def observer_failed(self, observer: str) -> None:
+        """For the pipeline to count another observer's failure (e.g. "access_log")."""
+        self._observer_errors.labels(_known(observer, _OBSERVERS)).inc()
+
+    def config_reloaded(self, ok: bool, config: Config | None = None) -> None:
+        """After a reload attempt; pass the new config on success so its names are known."""
+        if ok and config is not None:
+            self._learn(config)
+        self._reloads.labels("ok" if ok else "error").inc()
+
+    def set_cooldown(self, upstream: str, active: bool) -> None:
+        self._cooldown.labels(_known(upstream, self._upstreams)).set(1 if active else 0)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition for GET /metrics: its body and content type."""
+        registry = self.registry
+        if self._multiproc_dir:
+            registry = CollectorRegistry()
+            # prometheus_client leaves this constructor unannotated.
+            multiprocess.MultiProcessCollector(registry, path=self._multiproc_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE
+
+    # --- one record ----------------------------------------------------------------------
+
+    def _identity(self, record: RequestRecord) -> tuple[str, str, str]:
+        if record.route is None:
+            return UNKNOWN, NONE, NONE
+        return (
+            _known(record.route, self._routes),
+            _known(record.upstream, self._upstreams),
+            _known(record.model, self._models),
+        )
+
+    def _observe(self, record: RequestRecord) -> None:
+        ident = route, upstream, _ = self._identity(record)
+        if record.route is not None:
+            self._inflight.labels(route).dec()
+        stream = _STREAM.get(record.stream, OTHER)
+        status = str(record.status) if 100 <= record.status <= 599 else OTHER
+        self._requests.labels(*ident, stream, status).inc()
+        self._duration.labels(*ident, stream).observe(max(record.duration_s, 0.0))
+        if record.ttft_s is not None:
+            self._ttft.labels(*ident).observe(max(record.ttft_s, 0.0))
+        self._count_usage(record, ident)
+        for attempt in record.attempts:
+            self._attempts.labels(
+                _known(attempt.upstream, self._upstreams), _known(attempt.outcome, _OUTCOMES)
+            ).inc()
+        if record.fallback_reason:
+            first = record.attempts[0].upstream if record.attempts else None
+            self._fallbacks.labels(
+                route,
+                _known(first, self._upstreams),
+                upstream,
+                self._fallback_reasons(record.fallback_reason),
+            ).inc()
+        if record.stream_error:
+            reason = self._stream_errors(record.stream_error)
+            self._stream_errors_total.labels(route, upstream, reason).inc()
+
+    def _count_usage(self, record: RequestRecord, ident: tuple[str, str, str]) -> None:
+        usage = record.usage
+        if usage is None:
+            return
+        source = _known(usage.source, _SOURCES)
+        counts = (usage.input, usage.cached_input, usage.output, usage.reasoning)
+        for kind, count in zip(TOKEN_TYPES, counts, strict=True):
+            self._tokens.labels(*ident, kind, source).inc(max(count, 0))
+        if record.cost_usd is not None:
+            self._cost.labels(*ident).inc(max(record.cost_usd, 0.0))
+        elif sum(counts) > 0:
+            _, upstream, model = ident
+            self._unpriced.labels(upstream, model).inc(sum(counts))
+            if model not in self._warned_unpriced:
+                self._warned_unpriced.add(model)
+                get_logger().warning(
+                    "unpriced_model",
+                    upstream=upstream,
+                    model=model,
+                    hint="add it under `pricing:` in the routes file",
+                )
+
+
+def prepare_multiprocess_dir() -> str | None:
+    """Call in the supervisor before starting N>1 workers (before they import anything).
+
+    Creates a fresh directory, exports it as PROMETHEUS_MULTIPROC_DIR for the workers, and
+    returns it for the caller to remove at exit. If the operator already set the variable,
+    that directory is kept but emptied of old values (stale files would inflate the totals),
+    and None is returned: it is not ours to remove.
+    """
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        os.makedirs(given, exist_ok=True)
+        for path in glob.glob(os.path.join(glob.escape(given), "*.db")):
+            os.remove(path)
+        return None
+    path = tempfile.mkdtemp(prefix="sluicegate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+def mark_process_dead(pid: int) -> None:
+    """Call in the supervisor when worker `pid` exits, so its in-flight count and cooldown
+    flags ("live" gauges) stop counting; its counters stay in the totals. No-op with one
+    process."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]  # unannotated
