@@ -128,10 +128,9 @@ class UsageEventDropper:
         kept: list[bytes] = []
         for event, ending in events:
             _, payload = parse(event)
-            usage = payload.get("usage") if payload is not None else None
-            if isinstance(usage, dict):
-                self.usage = usage
-                if not payload.get("choices"):  # type: ignore[union-attr]  # payload set
+            if payload is not None and isinstance(payload.get("usage"), dict):
+                self.usage = payload["usage"]
+                if not payload.get("choices"):
                     continue  # the usage-only event: the client did not ask for it
             kept.append(event + ending)
         return b"".join(kept)

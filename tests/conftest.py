@@ -20,7 +20,7 @@ upstreams:
   mock:
     base_url: {mock_url}/v1
     api_key: ${{MOCK_API_KEY}}
-    timeouts: {{connect: 2, read: {read_timeout}, total: {total}}}
+    timeouts: {{connect: 2, read: {read_timeout}, idle: {idle}, total: {total}}}
   verbatim:
     base_url: {mock_url}/v1
     stream_options: pass
@@ -67,7 +67,11 @@ def make_proxy(
     started: list[RunningServer] = []
 
     def factory(
-        *, read_timeout: float = 10, max_body: int = 4194304, total: float | None = None
+        *,
+        read_timeout: float = 10,
+        max_body: int = 4194304,
+        total: float | None = None,
+        idle: float | None = None,
     ) -> RunningServer:
         path = tmp_path / f"routes-{len(started)}.yaml"
         path.write_text(
@@ -77,6 +81,7 @@ def make_proxy(
                 read_timeout=read_timeout,
                 max_body=max_body,
                 total="null" if total is None else total,
+                idle="null" if idle is None else idle,
             )
         )
         server = RunningServer(create_app(path, env={"MOCK_API_KEY": UPSTREAM_KEY})).start()

@@ -148,3 +148,13 @@ def test_upstream_stall_mid_stream_past_read_timeout_is_an_error_event(
     _, via = _raw(proxy.url, _body("support-bot", mock={"pause_after_first": 3.0}))
     assert via.rstrip().endswith(b"}}")
     assert b"upstream_timeout" in via.split(b"\n\n")[-2]
+
+
+def test_silence_after_content_longer_than_idle_ends_with_an_error_event(make_proxy: Any) -> None:
+    proxy = make_proxy(read_timeout=10, idle=0.5)
+    started = time.monotonic()
+    _, via = _raw(proxy.url, _body("support-bot", mock={"pause_after_first": 5.0}))
+    assert time.monotonic() - started < 4  # the idle limit, not the read timeout, cut it
+    last = via.split(b"\n\n")[-2]
+    assert last.startswith(b'data: {"error":')
+    assert b"upstream_timeout" in last
