@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import orjson
 from starlette.applications import Starlette
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from proxy.chat import ChatCompletions
 from proxy.config import ConfigError
@@ -31,6 +33,7 @@ from proxy.reload import POLL_SECONDS, Reloader
 from proxy.state import NotReady, Runtime, StateRef
 
 CONFIG_ENV = "SLUICEGATE_CONFIG"
+CHAT_PATH = "/v1/chat/completions"
 WATCH_ENV = "SLUICEGATE_WATCH"
 log = get_logger()
 
@@ -111,14 +114,16 @@ def create_app(
             return _json(503, {"status": "draining" if runtime.draining else "not ready"})
         return _json(200, {"status": "ready"})
 
+    chat = ChatCompletions(ref, runtime)
     routes = [
-        Route("/v1/chat/completions", ChatCompletions(ref, runtime), methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
-    app = Starlette(
+    app = _Proxy(
+        chat,
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -159,6 +164,21 @@ def _drain_on_sigterm(runtime: Runtime) -> None:
             previous(signum, frame)
 
     signal.signal(signal.SIGTERM, handle)
+
+
+class _Proxy(Starlette):
+    """Starlette for everything but the hot path: POST /v1/chat/completions goes straight to
+    its raw ASGI endpoint, so no middleware wraps `send` for every streamed chunk."""
+
+    def __init__(self, chat: ChatCompletions, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._chat = chat
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
+            await self._chat(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app_from_env() -> Starlette:

@@ -11,7 +11,7 @@ from typing import Any
 from proxy.asgi import ClientWatch, Receive, Scope, Send, read_body, send_body, send_error
 from proxy.attempts import Answer, Attempts, Failure
 from proxy.chat_request import ChatRequest, parse_chat_request
-from proxy.errors import ModelNotFound, ProxyError, UpstreamProtocolError
+from proxy.errors import InternalError, ModelNotFound, ProxyError, UpstreamProtocolError
 from proxy.headers import client_response_headers, request_id, upstream_request_headers
 from proxy.metering import cost_usd
 from proxy.record import Observers, RequestRecord
@@ -34,6 +34,12 @@ class ChatCompletions:
         observers = self._runtime.observers
         try:
             await exchange.run(self._ref, observers)
+        except Exception:
+            # A bug, not an upstream's failure: answer in OpenAI's shape if the response has
+            # not started, and let the server log the traceback.
+            with contextlib.suppress(Exception):
+                await send_error(send, InternalError("internal proxy error"))
+            raise
         finally:
             exchange.record.duration_s = time.perf_counter() - exchange.arrived
             observers.finished(exchange.record)

@@ -8,7 +8,8 @@
     ├── BodyTooLarge                413     invalid_request_error   request_too_large
     ├── UpstreamUnreachable         502     upstream_error          upstream_unreachable
     ├── UpstreamProtocolError       502     upstream_error          upstream_protocol_error
-    └── UpstreamTimeout             504     upstream_error          upstream_timeout
+    ├── UpstreamTimeout             504     upstream_error          upstream_timeout
+    └── InternalError               500     server_error            internal_error
 
 Errors that the upstream itself answered (4xx/5xx with a body) are not in this tree:
 the relay passes them on with the upstream's own status and body.
@@ -84,6 +85,12 @@ class UpstreamTimeout(ProxyError):
     type = "upstream_error"
     code = "upstream_timeout"
     retryable = True
+
+
+class InternalError(ProxyError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
 
 
 def error_body(

@@ -120,10 +120,12 @@ class UsageEventDropper:
         self.usage: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> bytes:
+        if not self._held and chunk.endswith(b"\n\n") and not _has_usage(chunk):
+            return chunk  # the common case: whole events, none of them the usage event
         data = self._held + chunk if self._held else chunk
         events, end = split_complete(data)
         complete, self._held = (data, b"") if end == len(data) else (data[:end], data[end:])
-        if not any(marker in complete for marker in _USAGE_MARKERS):
+        if not _has_usage(complete):
             return complete
         kept: list[bytes] = []
         for event, ending in events:
@@ -138,6 +140,10 @@ class UsageEventDropper:
     def flush(self) -> bytes:
         held, self._held = self._held, b""
         return held
+
+
+def _has_usage(data: bytes) -> bool:
+    return _USAGE_MARKERS[0] in data or _USAGE_MARKERS[1] in data
 
 
 class ContentCollector:
