@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +10,7 @@ import openai
 
 from proxy.mock_upstream import MockUpstream
 from proxy.serving import RunningServer
+from tests.helpers import sluicegate
 
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_KEY = "sk-proj-Zx81fQ2mLk4RtY7uPq0vWb3nHs6dJc9eAa5gTi1oKl"
@@ -32,26 +28,15 @@ def test_log_lines_carry_the_request_and_no_secret(
         "routes:\n  - {model: bot, targets: [{upstream: mock, model: mock-chat}]}\n"
         "pricing:\n  mock-chat: {input: 0.28, output: 0.42}\n"
     )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     log = tmp_path / "proxy.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port)],
-            cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
-            env={**os.environ, "MOCK_KEY": UPSTREAM_KEY},
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+    env = {"MOCK_KEY": UPSTREAM_KEY}
+    with (
+        log.open("wb") as sink,
+        sluicegate("serve", "--config", str(path), env=env, output=sink) as (
+            _,
+            url,
+        ),
+    ):
         client = openai.OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0)
         messages = [{"role": "user", "content": PROMPT}]
         client.chat.completions.create(model="bot", messages=messages)  # type: ignore[arg-type]
@@ -63,9 +48,6 @@ def test_log_lines_carry_the_request_and_no_secret(
             headers={"authorization": f"Bearer {CLIENT_KEY}"},
         )
         metrics = httpx.get(url + "/metrics").text
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     assert mock_app.records[-1].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
     everything = log.read_text() + metrics + bad.text
     for secret in (UPSTREAM_KEY, CLIENT_KEY, PROMPT):

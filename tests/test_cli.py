@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +13,8 @@ import httpx
 import openai
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, free_port, sluicegate
+
 CONFIGS = Path(__file__).resolve().parent / "configs"
 FAKE_KEYS = {"DEEPSEEK_API_KEY": "sk-deepseek-fake-000", "GEMINI_API_KEY": "AIza-fake-000"}
 
@@ -71,42 +70,14 @@ def test_check_reports_every_error_with_file_line_and_path(path: Path) -> None:
     assert result.stdout == ""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise TimeoutError(url)
-
-
 @pytest.fixture
-def demo() -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--demo", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
-        yield f"http://127.0.0.1:{port}", proc
-    finally:
-        _stop(proc)
+def demo(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    out = tmp_path / "demo.out"
+    with out.open("wb") as sink, sluicegate("serve", "--demo", output=sink) as (_, url):
+        yield url, out
 
 
-def test_demo_serves_a_streamed_answer_offline(demo: tuple[str, subprocess.Popen[str]]) -> None:
+def test_demo_serves_a_streamed_answer_offline(demo: tuple[str, Path]) -> None:
     url, _ = demo
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     stream = client.chat.completions.create(
@@ -116,46 +87,27 @@ def test_demo_serves_a_streamed_answer_offline(demo: tuple[str, subprocess.Popen
     assert len(text) > 20
 
 
-def test_demo_prints_url_and_examples(demo: tuple[str, subprocess.Popen[str]]) -> None:
-    url, proc = demo
-    proc.terminate()
-    out, _ = proc.communicate(timeout=15)
-    assert f"{url}/v1" in out
-    assert "curl -N" in out
-    assert "from openai import OpenAI" in out
+def test_demo_prints_url_and_examples(demo: tuple[str, Path]) -> None:
+    url, out = demo
+    printed = out.read_text()
+    assert f"{url}/v1" in printed
+    assert "curl -N" in printed
+    assert "from openai import OpenAI" in printed
 
 
 def test_mock_upstream_command_serves_chat() -> None:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "mock-upstream", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}/healthz", proc)
+    with sluicegate("mock-upstream", ready="/healthz") as (_, url):
         r = httpx.post(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
+            url + "/v1/chat/completions",
             json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
         )
         assert r.json()["choices"][0]["message"]["content"]
-    finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    proc.wait(timeout=15)
-    if proc.stdout is not None:
-        proc.stdout.close()
 
 
 def test_serve_refuses_a_broken_config_readably(tmp_path: Path) -> None:
     bad = tmp_path / "routes.yaml"
     bad.write_text("upstreams: {}\nroutes: []\nbogus: 1\n")
-    result = _run("serve", "--config", str(bad), "--port", str(_free_port()))
+    result = _run("serve", "--config", str(bad), "--port", str(free_port()))
     assert result.returncode == 1
     assert f"{bad}:3: bogus: unknown key" in result.stderr
     assert "Traceback" not in result.stderr

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,6 +17,7 @@ from proxy.app import create_app
 from proxy.mock_upstream import MockUpstream, expected_content
 from proxy.reload import Reloader
 from proxy.serving import RunningServer
+from tests.helpers import sluicegate, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,15 +31,6 @@ def _config(mock_url: str, *models: str) -> str:
 
 def _models(url: str) -> list[str]:
     return sorted(m["id"] for m in httpx.get(url + "/v1/models", timeout=5).json()["data"])
-
-
-def _wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture
@@ -59,7 +49,7 @@ def test_an_edit_takes_effect_without_a_restart(
 ) -> None:
     server, path, reloader = watched
     path.write_text(_config(mock_server.url, "bot", "bot-2"))
-    assert _wait_for(lambda: reloader.applied == 1)
+    assert wait_for(lambda: reloader.applied == 1)
     assert _models(server.url) == ["bot", "bot-2"]
     r = httpx.post(
         server.url + "/v1/chat/completions",
@@ -75,7 +65,7 @@ def test_an_invalid_edit_is_refused_and_the_old_config_keeps_serving(
     path.write_text(
         "upstreams: {}\nroutes: [{model: bot, targets: [{upstream: nope, model: x}]}]\n"
     )
-    assert _wait_for(lambda: reloader.refused == 1)
+    assert wait_for(lambda: reloader.refused == 1)
     assert reloader.applied == 0
     assert _models(server.url) == ["bot"]
     body = {"model": "bot", "messages": [{"role": "user", "content": "hi"}]}
@@ -96,7 +86,7 @@ def test_a_configmap_style_symlink_swap_is_seen(tmp_path: Path, mock_server: Run
     with RunningServer(app) as server:
         (tmp_path / "..data_tmp").symlink_to(second.name)
         os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
-        assert _wait_for(lambda: app.state.reloader.applied == 1)
+        assert wait_for(lambda: app.state.reloader.applied == 1)
         assert _models(server.url) == ["bot", "swapped"]
 
 
@@ -131,39 +121,14 @@ def test_reload_under_load_loses_no_request(
     assert len(bodies) == 200
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def served(
     tmp_path: Path, mock_server: RunningServer
 ) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     path = tmp_path / "routes.yaml"
     path.write_text("server: {drain_seconds: 20}\n" + _config(mock_server.url, "bot"))
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port),
-         "--no-watch"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(url + "/readyz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        assert _wait_for(ready, 30)
+    with sluicegate("serve", "--config", str(path), "--no-watch") as (proc, url):
         yield proc, url, path
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
 
 
 def test_sighup_reloads(
@@ -174,7 +139,7 @@ def test_sighup_reloads(
     time.sleep(0.3)  # --no-watch: nothing may change until the signal (checked just below)
     assert _models(url) == ["bot"]
     proc.send_signal(signal.SIGHUP)
-    assert _wait_for(lambda: _models(url) == ["after-hup", "bot"])
+    assert wait_for(lambda: _models(url) == ["after-hup", "bot"])
 
 
 def test_sigterm_drains_open_streams_and_refuses_new_connections(
@@ -198,7 +163,7 @@ def test_sigterm_drains_open_streams_and_refuses_new_connections(
         limits = httpx.Limits(max_connections=100)
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
             tasks = [asyncio.ensure_future(one(client, s)) for s in range(50)]
-            assert await asyncio.to_thread(_wait_for, lambda: len(mock_app.records) >= seen + 50)
+            assert await asyncio.to_thread(wait_for, lambda: len(mock_app.records) >= seen + 50)
             proc.send_signal(signal.SIGTERM)
             refused = False
             for _ in range(200):  # new connections stop being accepted

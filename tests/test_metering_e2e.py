@@ -3,11 +3,7 @@ token for token and cent for cent, in one process and across four workers."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.app import create_app
 from proxy.mock_upstream import Knobs, MockUpstream, RequestRecord
 from proxy.serving import RunningServer
+from tests.helpers import sluicegate, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PRICE_IN, PRICE_OUT = 0.28, 0.42  # USD per million tokens for mock-chat
@@ -114,7 +111,7 @@ def test_counters_equal_the_upstreams_ground_truth(
     app = create_app(path, env={}, watch_interval=None, observers=(finished.append,))
     with RunningServer(app) as proxy:
         _traffic(proxy.url)
-        assert _wait(lambda: len(finished) == 12)
+        assert wait_for(lambda: len(finished) == 12)
         samples = scrape(proxy.url)
     prompt, completion = truth(mock_app.records[seen_mock:] + picky_app.records[seen_picky:])
     tokens = "sluicegate_tokens_total"
@@ -147,15 +144,6 @@ def test_unknown_models_add_no_series(proxy: RunningServer) -> None:
     assert total(after, "sluicegate_requests_total", route="_unknown", status="404") >= 10_000
 
 
-def _wait(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def test_four_workers_report_the_same_totals(
     tmp_path: Path,
     mock_app: MockUpstream,
@@ -165,40 +153,23 @@ def test_four_workers_report_the_same_totals(
 ) -> None:
     path = tmp_path / "routes.yaml"
     path.write_text(_routes(mock_server.url, picky[1].url, dead_port))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port),
-         "--workers", "4", "--no-watch"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(url + "/readyz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        assert _wait(ready, 60)
+    with sluicegate("serve", "--config", str(path), "--workers", "4", "--no-watch") as (
+        _,
+        url,
+    ):
         seen = len(mock_app.records)
         body = {"model": "bot", "messages": MESSAGES, "mock": {"tokens": 7, "delay": 0}}
         for _ in range(40):  # fresh connections, so the kernel spreads them over the workers
             assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 200
-        assert _wait(lambda: len(mock_app.records) >= seen + 40)
+        assert wait_for(lambda: len(mock_app.records) >= seen + 40)
         prompt, completion = truth(mock_app.records[seen:])
 
         def settled() -> bool:
             return total(scrape(url), "sluicegate_requests_total", route="bot") == 40
 
-        assert _wait(settled)
+        assert wait_for(settled)
         for _ in range(8):  # whichever worker answers, the totals are the sum of all
             samples = scrape(url)
             assert total(samples, "sluicegate_requests_total", route="bot") == 40
             assert total(samples, "sluicegate_tokens_total", type="output") == completion
             assert total(samples, "sluicegate_tokens_total", type="input") == prompt
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -20,6 +20,7 @@ from proxy.app import create_app
 from proxy.mock_upstream import Knobs, MockUpstream, expected_content
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
+from tests.helpers import wait_for
 
 MESSAGES = [{"role": "user", "content": "还有优惠吗?"}]
 
@@ -96,15 +97,6 @@ def _raw_stream(url: str, model: str, **extra: Any) -> tuple[float, bytes]:
         return time.monotonic() - started, b"".join(r.iter_raw())
 
 
-def _wait_for(predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_first_token_timeout_falls_back_and_no_byte_of_the_stalled_answer_leaks(
     serve: Any, upstreams: Upstreams
 ) -> None:
@@ -121,8 +113,8 @@ def test_first_token_timeout_falls_back_and_no_byte_of_the_stalled_answer_leaks(
     assert via == direct  # exactly the fallback's stream: not one keep-alive from `slow`
     assert seconds >= 1.0  # it waited the first-token timeout, not the slow upstream's 20 s
     slow = upstreams.apps["slow"].records[-1]
-    assert _wait_for(lambda: slow.disconnected is not None)  # the stalled attempt was closed
-    assert _wait_for(lambda: len(records) == 1)
+    assert wait_for(lambda: slow.disconnected is not None)  # the stalled attempt was closed
+    assert wait_for(lambda: len(records) == 1)
     record = records[-1]
     assert [a.outcome for a in record.attempts] == ["first_token_timeout", "ok"]
     assert (record.upstream, record.fallback_reason) == ("healthy", "first_token_timeout")
@@ -147,8 +139,8 @@ def test_hedging_starts_the_next_candidate_and_cancels_the_loser(
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == expected_content(4, 16)
     slow = upstreams.apps["slow"].records[-1]
-    assert _wait_for(lambda: slow.disconnected is not None)
-    assert _wait_for(lambda: len(records) == 1)
+    assert wait_for(lambda: slow.disconnected is not None)
+    assert wait_for(lambda: len(records) == 1)
     assert sorted(a.outcome for a in records[-1].attempts) == ["hedge_lost", "ok"]
 
 
@@ -161,7 +153,7 @@ def test_5xx_moves_on_to_the_next_candidate(serve: Any) -> None:
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
     answer = client.chat.completions.create(model="bot", messages=MESSAGES, seed=1)  # type: ignore[arg-type]
     assert answer.choices[0].message.content == expected_content(1, 16)
-    assert _wait_for(lambda: len(records) == 1)
+    assert wait_for(lambda: len(records) == 1)
     assert [a.outcome for a in records[-1].attempts] == ["status_5xx", "ok"]
     assert records[-1].fallback_reason == "status_5xx"
 
@@ -175,7 +167,7 @@ def test_retries_are_limited_by_the_budget(serve: Any, upstreams: Upstreams) -> 
         r = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=30)
         assert r.status_code == 503  # the upstream's own answer, relayed
         assert r.json()["error"]["type"] == "server_error"
-    assert _wait_for(lambda: len(records) == 3)  # observers run just after the response
+    assert wait_for(lambda: len(records) == 3)  # observers run just after the response
     attempts = [len(rec.attempts) for rec in records]
     # A reserve of 3 re-attempts, then 0.2 earned per request: no retry storm.
     assert attempts == [4, 1, 1]
@@ -188,7 +180,7 @@ def test_429_is_retried_after_its_retry_after_then_relayed(serve: Any) -> None:
     r = httpx.post(proxy.url + "/v1/chat/completions", json={"model": "bot", "messages": MESSAGES})
     assert r.status_code == 429
     assert r.headers["retry-after"] == "0.2"
-    assert _wait_for(lambda: len(records) == 1)
+    assert wait_for(lambda: len(records) == 1)
     first, second = records[-1].attempts
     assert (first.outcome, second.outcome) == ("status_429", "status_429")
 
@@ -202,7 +194,7 @@ def test_a_dead_upstream_cools_down_and_traffic_moves_to_its_peer(serve: Any) ->
     for _ in range(10):
         r = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=30)
         assert r.status_code == 200
-    assert _wait_for(lambda: len(records) == 10)
+    assert wait_for(lambda: len(records) == 10)
     outcomes = [a.outcome for rec in records for a in rec.attempts if a.upstream == "dead"]
     assert outcomes.count("connect_error") == 1  # tried once, then skipped while cooling down
     assert all(rec.upstream == "healthy" for rec in records)
@@ -229,7 +221,7 @@ def test_an_upstream_that_rejects_stream_options_is_learnt_once(
         usage = [c.usage for c in chunks if c.usage is not None]
         assert len(usage) == 1  # the proxy's one added chunk, from the usage headers
         assert usage[0].completion_tokens == 16
-    assert _wait_for(lambda: len(records) == 2)
+    assert wait_for(lambda: len(records) == 2)
     bodies = [r.body for r in picky.records[before:]]
     # First request: rejected with the field, then at once without it; second: one call.
     assert ["stream_options" in b for b in bodies] == [True, False, False]
@@ -269,7 +261,7 @@ def test_admission_limit_answers_429_with_retry_after(
         url = limited.url + "/v1/chat/completions"
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(httpx.post, url, json=body, timeout=10)
-            assert _wait_for(lambda: len(healthy.records) > seen)  # the first is in flight
+            assert wait_for(lambda: len(healthy.records) > seen)  # the first is in flight
             r = httpx.post(url, json=body, timeout=10)
             assert r.status_code == 429
             assert r.headers["retry-after"] == "1"
@@ -329,7 +321,7 @@ def test_a_reset_before_headers_is_retried_on_the_next_candidate(
                 r = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=10)
                 assert r.status_code == 200
                 assert expected_content(6, 16).encode()[:6] in r.content
-            assert _wait_for(lambda: len(records) == 2)
+            assert wait_for(lambda: len(records) == 2)
         assert [[a.outcome for a in rec.attempts] for rec in records] == [["reset", "ok"]] * 2
         assert slammer.accepted >= 2
     finally:
@@ -365,5 +357,5 @@ def test_a_failure_after_keepalives_ends_the_stream_with_an_error_event(serve: A
     assert set(events[:-1]) == {b": keep-alive"}
     assert events[-1].startswith(b'data: {"error":')
     assert b"upstream_timeout" in events[-1]
-    assert _wait_for(lambda: len(records) == 1)
+    assert wait_for(lambda: len(records) == 1)
     assert records[0].stream_error == "no_answer"
