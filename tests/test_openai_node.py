@@ -1,0 +1,82 @@
+"""The official openai npm SDK (Node) gets the same answers through the proxy as the Python one.
+
+tests/node/ pins the SDK in package.json and package-lock.json; `.ci/run` installs it with
+`npm ci`. Without node the test is skipped locally and fails in CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from proxy.mock_upstream import expected_content
+from proxy.serving import RunningServer
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+SCRIPT = NODE_DIR / "chat.mjs"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path:
+        return path
+    if IN_CI:
+        pytest.fail(f"{name} is missing in CI: the openai npm SDK test needs Node 20 or later")
+    pytest.skip(f"{name} is not installed")
+
+
+def _installed_sdk() -> Path:
+    """tests/node/node_modules, installed from the lock file if it is not there yet."""
+    node = _tool("node")
+    modules = NODE_DIR / "node_modules"
+    if not (modules / "openai" / "package.json").exists():
+        result = subprocess.run(
+            [_tool("npm"), "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    return Path(node)
+
+
+def _sdk_version() -> str:
+    return str(json.loads((NODE_DIR / "node_modules/openai/package.json").read_text())["version"])
+
+
+def test_the_lock_file_pins_the_sdk_that_package_json_names() -> None:
+    wanted = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]["openai"]
+    lock = json.loads((NODE_DIR / "package-lock.json").read_text())
+    assert lock["packages"][""]["dependencies"]["openai"] == wanted
+    assert lock["packages"]["node_modules/openai"]["version"] == wanted
+    assert int(wanted.split(".")[0]) >= 4
+
+
+def test_node_sdk_stream_and_non_stream_through_the_proxy(proxy: RunningServer) -> None:
+    node = _installed_sdk()
+    seed = 23
+    result = subprocess.run(
+        [str(node), str(SCRIPT)],
+        cwd=NODE_DIR,
+        env={**os.environ, "SLUICEGATE_BASE_URL": proxy.url + "/v1", "SEED": str(seed)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"openai@{_sdk_version()}: {result.stderr}"
+    answer = json.loads(result.stdout)
+    want = expected_content(seed, 16)
+    assert answer["non_stream"] == want
+    assert answer["stream"] == want
+    assert answer["non_stream_model"] == "mock-chat"  # the model that answered upstream
+    # The client asked for usage, so the stream's own usage event reached the SDK.
+    assert answer["stream_usage"]["completion_tokens"] == 16
+    assert answer["non_stream_usage"]["completion_tokens"] == 16
