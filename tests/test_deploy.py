@@ -16,7 +16,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import yaml
 from proxy.app import create_app
 from proxy.config import Config, ConfigError, load_config, parse_config
 from proxy.serving import RunningServer
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -173,12 +173,6 @@ def bind_mounts(name: str) -> dict[str, Path]:
         assert source.startswith("."), f"{name}: {volume} is not a repository path"
         mounts[target] = (DEPLOY / source).resolve()
     return mounts
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- Kubernetes -----------------------------------------------------------------------------
