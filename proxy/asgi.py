@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from proxy.errors import BodyTooLarge, ProxyError
+from proxy.errors import BodyTooLarge, ProxyError, RequestTimeout
 from proxy.headers import Headers
 
 Scope = MutableMapping[str, Any]
@@ -17,8 +17,17 @@ Send = Callable[[Message], Awaitable[None]]
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body, refusing early (by Content-Length) or as soon as it exceeds limit."""
+async def read_body(scope: Scope, receive: Receive, limit: int, within: float) -> bytes:
+    """The whole request body, refusing early (by Content-Length) or as soon as it exceeds
+    limit; a client that trickles it for longer than `within` seconds gets a 408."""
+    try:
+        async with asyncio.timeout(within):
+            return await _read_body(scope, receive, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {within:g} s") from None
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")

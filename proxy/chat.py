@@ -74,7 +74,10 @@ class _Exchange:
 
     async def _admitted(self, state: AppState, observers: Observers) -> None:
         try:
-            body = await read_body(self.scope, self.receive, state.config.server.max_body_bytes)
+            server = state.config.server
+            body = await read_body(
+                self.scope, self.receive, server.max_body_bytes, server.body_timeout
+            )
             request = parse_chat_request(body)
             route = state.config.route(request.model)
             if route is None:

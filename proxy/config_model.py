@@ -108,6 +108,7 @@ class Price:  # USD per million tokens
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout: float = 30.0  # seconds a client may take to send its request body
     max_inflight: int | None = None  # per process; beyond it, 429 with Retry-After
     drain_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may finish
     retry_budget: float = 0.2  # re-attempts on an upstream, as a share of its recent requests

@@ -158,6 +158,9 @@ class Validator:
         return Config(
             server=ServerSettings(
                 max_body_bytes=int(max_body),
+                body_timeout=self.number(
+                    server, "body_timeout", "server", _SERVER.body_timeout, "positive"
+                ),
                 max_inflight=self.optional_int(server, "max_inflight", "server"),
                 drain_seconds=self.number(
                     server, "drain_seconds", "server", _SERVER.drain_seconds, "non-negative"

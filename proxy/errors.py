@@ -5,6 +5,7 @@
     ├── ModelNotFound               404     invalid_request_error   model_not_found
     ├── NotFound                    404     invalid_request_error   not_found
     ├── MethodNotAllowed            405     invalid_request_error   method_not_allowed
+    ├── RequestTimeout              408     invalid_request_error   request_timeout
     ├── BodyTooLarge                413     invalid_request_error   request_too_large
     ├── UpstreamUnreachable         502     upstream_error          upstream_unreachable
     ├── UpstreamProtocolError       502     upstream_error          upstream_protocol_error
@@ -58,6 +59,12 @@ class MethodNotAllowed(ProxyError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class BodyTooLarge(ProxyError):

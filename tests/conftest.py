@@ -15,7 +15,7 @@ from proxy.serving import RunningServer
 UPSTREAM_KEY = "sk-upstream-test-0123456789abcdef"
 
 ROUTES = """\
-server: {{max_body_bytes: {max_body}}}
+server: {{max_body_bytes: {max_body}, body_timeout: {body_timeout}}}
 upstreams:
   mock:
     base_url: {mock_url}/v1
@@ -72,6 +72,7 @@ def make_proxy(
         max_body: int = 4194304,
         total: float | None = None,
         idle: float | None = None,
+        body_timeout: float = 30,
     ) -> RunningServer:
         path = tmp_path / f"routes-{len(started)}.yaml"
         path.write_text(
@@ -82,6 +83,7 @@ def make_proxy(
                 max_body=max_body,
                 total="null" if total is None else total,
                 idle="null" if idle is None else idle,
+                body_timeout=body_timeout,
             )
         )
         server = RunningServer(create_app(path, env={"MOCK_API_KEY": UPSTREAM_KEY})).start()

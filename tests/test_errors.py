@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import httpx
@@ -106,6 +107,22 @@ def test_chunked_body_over_limit_is_413(make_proxy: Any) -> None:
 
     r = httpx.post(proxy.url + "/v1/chat/completions", content=chunks(), timeout=10)
     _assert_openai_error(r, 413, "request_too_large")
+    _assert_still_serving(proxy)
+
+
+def test_a_body_that_never_finishes_gets_408(make_proxy: Any) -> None:
+    proxy = make_proxy(body_timeout=0.5)
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+            b'content-type: application/json\r\ncontent-length: 100\r\n\r\n{"model"'
+        )
+        sock.settimeout(10)
+        answer = b""
+        while b"}}" not in answer and (part := sock.recv(65536)):  # headers, then the body
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b'"code":"request_timeout"' in answer
     _assert_still_serving(proxy)
 
 
