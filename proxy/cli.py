@@ -136,6 +136,7 @@ def _run_uvicorn(app: object, host: str, port: int, workers: int, drain: float) 
         log_level="warning",
         access_log=False,
         server_header=False,
+        proxy_headers=False,  # client addresses are not used; skip the per-request middleware
         backlog=4096,
         # SIGTERM: stop accepting, let in-flight streams finish for this long, then exit.
         timeout_graceful_shutdown=math.ceil(drain),
