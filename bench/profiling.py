@@ -1,0 +1,201 @@
+"""A py-spy CPU profile of each sluicegate process during the 100-stream scenario, and its
+summary: self time per function, self time per package, inclusive time of the hot path.
+
+py-spy samples Python stacks only: time spent in C under a Python frame (orjson, httptools,
+a socket write) counts as that frame's self time; a stack that ends in the event loop's
+`run` is uvloop's own C code (polling, socket I/O, callbacks) with no Python frame above.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from procs import pin
+from quiet import Machine
+from scenarios import STREAM, Shape, Target, steady
+
+RATE = 100  # samples per second
+TOP = 15
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*?)(?::\d+)?\)$")
+_PREFIXES = (r".*/site-packages/", r".*/lib/python3\.\d+/", r".*/work/main/", r".*/\w+/main/")
+LOOP_FRAMES = ("Runner.run", "run_until_complete", "run_forever")
+
+
+def py_spy() -> str | None:
+    found = Path(sys.executable).parent / "py-spy"
+    return str(found) if found.exists() else shutil.which("py-spy")
+
+
+def short(frame: str) -> str:
+    """`func (path:line)` → `func (package/module.py)`."""
+    match = _FRAME.match(frame)
+    if match is None:
+        return frame
+    path = match["file"]
+    for prefix in _PREFIXES:
+        path = re.sub("^" + prefix, "", path)
+    return f"{match['func']} ({path})"
+
+
+def package(frame: str) -> str:
+    match = _FRAME.match(frame)
+    path = match["file"] if match else ""
+    if match and match["func"] in LOOP_FRAMES:
+        return "event loop (uvloop C: poll, socket I/O, callbacks)"
+    if "/site-packages/" in path:
+        return path.split("/site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
+    if "/proxy/" in path:
+        return "proxy (sluicegate)"
+    if "/asyncio/" in path:
+        return "asyncio (stdlib)"
+    return "stdlib, other"
+
+
+def summarize(folded: Path) -> dict[str, Any]:
+    self_time: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n, frames = int(count), stack.split(";")
+        total += n
+        self_time[short(frames[-1])] += n
+        packages[package(frames[-1])] += n
+        loop = [i for i, f in enumerate(frames) if f.split(" (")[0] in LOOP_FRAMES]
+        for name in {short(f) for f in frames[loop[-1] + 1 if loop else 0 :]}:
+            inclusive[name] += n
+
+    def share(counter: Counter[str], k: int) -> list[dict[str, Any]]:
+        rows = counter.most_common(k)
+        return [{"name": n, "samples": c, "percent": 100 * c / max(1, total)} for n, c in rows]
+
+    return {
+        "samples": total,
+        "self": share(self_time, TOP),
+        "packages": share(packages, 12),
+        "inclusive": share(inclusive, TOP),
+    }
+
+
+def shorten_file(folded: Path) -> None:
+    """Rewrite the folded stacks with short paths (a smaller file, same stacks)."""
+    lines = []
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        lines.append(";".join(short(f) for f in stack.split(";")) + " " + count)
+    folded.write_text("\n".join(lines) + "\n")
+
+
+async def profile_one(
+    binary: str, target: Target, seconds: float, out: Path, machine: Machine
+) -> dict[str, Any]:
+    assert target.proc is not None
+    await machine.wait_quiet(20.0)
+    mark = machine.mark()
+    argv = ["record", "--pid", str(target.proc.pid), "--duration", f"{seconds:g}", "-o", str(out)]
+    argv += ["--rate", str(RATE), "--format", "raw", "--nonblocking", "--full-filenames"]
+    spy = await asyncio.create_subprocess_exec(
+        binary, *argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    pin([spy.pid], 0)
+    cpu0, start = target.cpu(), time.monotonic()
+    shape = Shape("steady", 100, seconds=seconds)
+    try:
+        _, streams, _ = await steady(target.pool, target.request(STREAM), shape, 30.0)
+    finally:
+        if spy.returncode is None:
+            await asyncio.sleep(1.0)  # py-spy writes its file when its duration ends
+        if spy.returncode is None:
+            spy.terminate()
+        _, err = await asyncio.wait_for(spy.communicate(), 30)
+    cpu = target.cpu() - cpu0
+    return {
+        "foreign_cpu_s": machine.foreign(mark)[0],
+        "streams": streams,
+        "seconds": round(time.monotonic() - start, 1),
+        "proxy_cpu_s_per_1k": cpu.total / max(1, streams) * 1e3,
+        **finish(out, err),
+    }
+
+
+def finish(out: Path, err: bytes) -> dict[str, Any]:
+    if not out.exists():
+        return {"error": err.decode(errors="replace")[-2000:]}
+    summary = summarize(out)
+    shorten_file(out)
+    return {"folded": str(out.relative_to(out.parent.parent)), **summary}
+
+
+async def record(
+    targets: list[Target], seconds: float, bench_dir: Path, machine: Machine
+) -> dict[str, Any]:
+    binary = py_spy()
+    if binary is None:
+        return {"error": "py-spy not installed (pip install py-spy)"}
+    out_dir = bench_dir / "profiles"
+    out_dir.mkdir(exist_ok=True)
+    results = {}
+    for target in targets:
+        out = out_dir / f"{target.name}.folded"
+        results[target.name] = await profile_one(binary, target, seconds, out, machine)
+        await asyncio.sleep(0.5)
+    return results
+
+
+def _rows(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| # | function (file) | samples | % |", "|---|---|---|---|"]
+    for i, row in enumerate(rows, 1):
+        name = row["name"].replace("|", "\\|")
+        out.append(f"| {i} | `{name}` | {row['samples']} | {row['percent']:.1f} |")
+    return out
+
+
+def write_summary(profile: dict[str, Any], path: Path, command: str) -> None:
+    lines = [
+        "# CPU profile of sluicegate on the 100-stream scenario",
+        "",
+        f"Made by `{command}` with py-spy ({RATE} Hz, `--nonblocking`), attached to the proxy",
+        "process (pinned to core 1) while the load generator held 100 concurrent streams",
+        f"({STREAM['tokens']} tokens, {STREAM['delay'] * 1e3:g} ms apart; closed loop) through it.",
+        "The folded stacks are in `bench/profiles/` (flamegraph.pl or speedscope draw them).",
+        "",
+        "Self time is where the CPU was when sampled: C code called from a Python frame",
+        "(orjson, httptools, a socket write) counts as that frame's own time; a stack that ends",
+        "in the loop's `Runner.run` is uvloop's C code with no Python frame above it.",
+    ]
+    for name, data in profile.items():
+        if "error" in data:
+            lines += ["", f"## {name}", "", f"profile failed: {data['error']}"]
+            continue
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            f"{data['samples']} samples over {data['seconds']} s, {data['streams']} streams, "
+            f"{data['proxy_cpu_s_per_1k']:.2f} CPU-s per 1,000 streams while sampled "
+            f"(other load on the machine meanwhile: {data['foreign_cpu_s']:.1f} CPU-s).",
+            "",
+            f"### Top {TOP} functions by self time",
+            "",
+            *_rows(data["self"]),
+            "",
+            "### Self time by package",
+            "",
+            *_rows(data["packages"]),
+            "",
+            f"### Top {TOP} by inclusive time (below the event loop)",
+            "",
+            *_rows(data["inclusive"]),
+        ]
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,314 @@
+"""The results as a Markdown table, JSON, and bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from procs import CLK_TCK, REPO, nginx_binary, nginx_version
+
+COLUMNS = ("direct", "sluicegate-pass", "sluicegate-auto", "nginx")
+HEADINGS = {
+    "direct": "direct (floor)",
+    "sluicegate-pass": "sluicegate `pass`",
+    "sluicegate-auto": "sluicegate `auto`",
+    "nginx": "nginx",
+}
+PACKAGES = ("uvicorn", "httpx", "aiohttp", "uvloop", "httptools", "starlette", "httpx-aiohttp")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    binary = nginx_binary()
+    out["nginx"] = nginx_version(binary) if binary else "not installed"
+    out["sluicegate"] = _git("rev-parse", "--short", "HEAD") + (
+        "+dirty" if _git("status", "--porcelain", "proxy") else ""
+    )
+    return out
+
+
+def _git(*args: str) -> str:
+    run = subprocess.run(
+        ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+    )
+    return run.stdout.strip()
+
+
+def meta(
+    command: str, started: float, settings: dict[str, Any], stream: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "command": command,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "versions": versions(),
+        "machine": {
+            "cores": os.cpu_count(),
+            "kernel": platform.release(),
+            "cpu": _cpu_model(),
+            "clk_tck": CLK_TCK,
+        },
+        "settings": {**settings, "stream": stream},
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def to_json(result: dict[str, Any]) -> str:
+    def clean(value: Any) -> Any:
+        if isinstance(value, float):
+            return None if math.isnan(value) else round(value, 4)
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(result), indent=2, ensure_ascii=False) + "\n"
+
+
+def brief(data: dict[str, Any]) -> str:
+    """One line of progress per scenario."""
+    parts = []
+    for name, row in data.items():
+        if "ttft_p50_ms" in row:
+            parts.append(f"{name} ttft {row['ttft_p50_ms']:.1f}/{row['ttft_p99_ms']:.1f} ms")
+            parts.append(f"cpu {row['proxy_cpu_s_per_1k']:.2f} s/1k err {row['errors']}")
+        elif "rss_growth_mb" in row:
+            parts.append(f"{name} +{row['rss_growth_mb']:.1f} MB err {row['errors']}")
+        elif "max_rate" in row:
+            parts.append(f"{name} {row['max_rate']:.0f} req/s")
+    return "; ".join(parts)
+
+
+def _f(value: float | None, digits: int = 1, sign: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _ttft_row(label: str, rows: dict[str, Any], cols: list[str]) -> list[str]:
+    direct = rows["direct"]
+    cells = [f"{_f(direct['ttft_p50_ms'])} / {_f(direct['ttft_p99_ms'])} abs."]
+    for col in cols[1:]:
+        row = rows[col]
+        p50 = row["ttft_p50_ms"] - direct["ttft_p50_ms"]
+        p99 = row["ttft_p99_ms"] - direct["ttft_p99_ms"]
+        cells.append(f"{_f(p50, 2, True)} / {_f(p99, 2, True)}")
+    return [label, *cells]
+
+
+def _per_col(label: str, cols: list[str], cell: Any) -> list[str]:
+    return [label, *(cell(c) for c in cols)]
+
+
+def rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    sc = result["scenarios"]
+    cols = [c for c in COLUMNS if c in sc["streams_100"]]
+    out = [
+        _ttft_row("TTFT p50 / p99 ms, 1 stream (added over direct)", sc["streams_1"], cols),
+        _ttft_row("TTFT p50 / p99 ms, 100 concurrent (steady)", sc["streams_100"], cols),
+        _ttft_row("TTFT p50 / p99 ms, 100 opened at once", sc["streams_100_burst"], cols),
+        _ttft_row("TTFT p50 / p99 ms, 1,000 opened at once", sc["streams_1000"], cols),
+    ]
+    s100, s1k, mem, ns = sc["streams_100"], sc["streams_1000"], sc["memory"], sc["nonstream"]
+    out += [
+        _per_col(
+            "total p50 / p99 ms, 100 concurrent",
+            cols,
+            lambda c: f"{_f(s100[c]['total_p50_ms'])} / {_f(s100[c]['total_p99_ms'])}",
+        ),
+        _per_col(
+            "streams/s, 100 steady / 1,000 at once",
+            cols,
+            lambda c: f"{s100[c]['streams_per_s']:.0f} / {s1k[c]['streams_per_s']:.0f}",
+        ),
+        _per_col(
+            "stream errors (1 / 100 / 100 at once / 1,000)",
+            cols,
+            lambda c: " / ".join(str(sc[k][c]["errors"]) for k in _STREAM_KEYS),
+        ),
+        _per_col("proxy CPU-s per 1,000 streams, 100 steady (user+sys)", cols, _cpu_cell(s100)),
+        _per_col("proxy CPU-s per 1,000 streams, 1,000 at once", cols, _cpu_cell(s1k)),
+        _per_col("mock CPU-s per 1,000 streams, 100 steady", cols, _mock_cell(s100)),
+        _per_col("RSS MB before → 1,000 open streams", cols, _rss_cell(mem)),
+        _per_col("RSS growth MB per 1,000 open streams (errors)", cols, _growth_cell(mem)),
+        _per_col("non-stream req/s per worker, p99 < 50 ms", cols, _rate_cell(ns)),
+        _per_col("non-stream p99 ms / proxy CPU ms per req at that rate", cols, _rate_p99(ns)),
+        _per_col(
+            "other load during stream rounds: CPU-s / rounds repeated",
+            cols,
+            lambda c: (
+                f"{sum(sc[k][c]['foreign_cpu_s'] for k in _STREAM_KEYS):.1f} / "
+                f"{sum(sc[k][c]['rounds_repeated'] for k in _STREAM_KEYS)}"
+            ),
+        ),
+    ]
+    if "nginx" in cols:
+        out += _ratio_rows(sc, cols)
+    return [HEADINGS[c] for c in cols], out
+
+
+_STREAM_KEYS = ("streams_1", "streams_100", "streams_100_burst", "streams_1000")
+
+
+def _cpu_cell(data: dict[str, Any]) -> Any:
+    def cell(c: str) -> str:
+        if c == "direct":
+            return "-"
+        row = data[c]
+        user, system = row["proxy_user_s_per_1k"], row["proxy_sys_s_per_1k"]
+        return f"{row['proxy_cpu_s_per_1k']:.2f} ({user:.2f}+{system:.2f})"
+
+    return cell
+
+
+def _mock_cell(data: dict[str, Any]) -> Any:
+    return lambda c: f"{data[c]['mock_cpu_s_per_1k']:.2f}"
+
+
+def _rss_cell(mem: dict[str, Any]) -> Any:
+    def cell(c: str) -> str:
+        row = mem.get(c)
+        return f"{row['rss_before_mb']:.1f} → {row['rss_open_mb']:.1f}" if row else "-"
+
+    return cell
+
+
+def _growth_cell(mem: dict[str, Any]) -> Any:
+    def cell(c: str) -> str:
+        row = mem.get(c)
+        return f"{row['rss_growth_mb']:.1f} ({row['errors']})" if row else "-"
+
+    return cell
+
+
+def _rate_cell(ns: dict[str, Any]) -> Any:
+    def cell(c: str) -> str:
+        row = ns.get(c)
+        if not row:
+            return "same as `pass`" if c == "sluicegate-auto" else "-"
+        return f"{'≥ ' if row['bounded_by_cap'] else ''}{row['max_rate']:,.0f}"
+
+    return cell
+
+
+def _rate_p99(ns: dict[str, Any]) -> Any:
+    def cell(c: str) -> str:
+        at = (ns.get(c) or {}).get("at_max")
+        if not at:
+            return "-"
+        cpu = "-" if c == "direct" else f"{at['proxy_cpu_ms_per_req']:.3f}"
+        return f"{at['p99_ms']:.1f} / {cpu}"
+
+    return cell
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return "-"
+    return f"{a / b:.1f}x"
+
+
+def _ratio_rows(sc: dict[str, Any], cols: list[str]) -> list[list[str]]:
+    s100, s1k, mem, ns = sc["streams_100"], sc["streams_1000"], sc["memory"], sc["nonstream"]
+
+    def rate(c: str) -> float | None:
+        row = ns.get(c) or ns.get("sluicegate-pass") or {}
+        value = row.get("max_rate")
+        return None if value is None else float(value)
+
+    def ratio_cell(get: Any) -> Any:
+        return lambda c: "-" if c == "direct" else _ratio(get(c), get("nginx"))
+
+    return [
+        _per_col(
+            "CPU per stream ÷ nginx's, 100 steady / 1,000 at once",
+            cols,
+            lambda c: (
+                "-"
+                if c == "direct"
+                else " / ".join(
+                    _ratio(d[c]["proxy_cpu_s_per_1k"], d["nginx"]["proxy_cpu_s_per_1k"])
+                    for d in (s100, s1k)
+                )
+            ),
+        ),
+        _per_col(
+            "RSS growth ÷ nginx's",
+            cols,
+            ratio_cell(lambda c: mem[c]["rss_growth_mb"] if c in mem else None),
+        ),
+        _per_col(
+            "non-stream req/s ÷ nginx's",
+            cols,
+            lambda c: (
+                "-"
+                if c == "direct"
+                else ("≤ " if c != "nginx" and ns.get("nginx", {}).get("bounded_by_cap") else "")
+                + _ratio(rate(c), rate("nginx"))
+            ),
+        ),
+    ]
+
+
+def markdown(headings: list[str], body: list[list[str]]) -> str:
+    lines = ["| metric | " + " | ".join(headings) + " |", "|---" * (len(headings) + 1) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def targets(result: dict[str, Any]) -> list[list[str]]:
+    """The issue's targets, each measured for both sluicegate modes."""
+    sc, out = result["scenarios"], []
+    s100, mem, ns = sc["streams_100"], sc["memory"], sc["nonstream"]
+    direct = s100["direct"]
+    for mode in ("sluicegate-pass", "sluicegate-auto"):
+        row, tag = s100[mode], mode.split("-")[1]
+        p50 = row["ttft_p50_ms"] - direct["ttft_p50_ms"]
+        p99 = row["ttft_p99_ms"] - direct["ttft_p99_ms"]
+        out.append([f"added TTFT p50 ≤ 0.5 ms, 100 steady (`{tag}`)", f"{p50:+.2f} ms", p50 <= 0.5])
+        out.append([f"added TTFT p99 ≤ 3 ms, 100 steady (`{tag}`)", f"{p99:+.2f} ms", p99 <= 3.0])
+        if "nginx" in s100:
+            ratio = row["proxy_cpu_s_per_1k"] / s100["nginx"]["proxy_cpu_s_per_1k"]
+            out.append([f"CPU per stream ≤ 3x nginx's (`{tag}`)", f"{ratio:.1f}x", ratio <= 3])
+        m = mem[mode]
+        ok = m["rss_growth_mb"] <= 50 and m["errors"] == 0
+        text = f"+{m['rss_growth_mb']:.1f} MB, {m['errors']} errors"
+        out.append([f"1,000 open streams: RSS ≤ +50 MB, no errors (`{tag}`)", text, ok])
+    rate = ns["sluicegate-pass"]["max_rate"]
+    out.append(["≥ 2,000 non-stream req/s per worker, p99 < 50 ms", f"{rate:,.0f}", rate >= 2000])
+    return [[name, value, "yes" if ok else "**no**"] for name, value, ok in out]
+
+
+def table(result: dict[str, Any]) -> str:
+    headings, body = rows(result)
+    goal = ["| target | measured | met |", "|---|---|---|"]
+    goal += ["| " + " | ".join(r) + " |" for r in targets(result)]
+    return markdown(headings, body) + "\n\n" + "\n".join(goal) + "\n"
+
+
+def write_results(result: dict[str, Any], table_md: str, path: Path) -> None:
+    from notes import results_markdown  # noqa: PLC0415  # only needed here
+
+    path.write_text(results_markdown(result, table_md))
