@@ -74,8 +74,13 @@ class ClientWatch:
         self._watcher = asyncio.ensure_future(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except asyncio.CancelledError:
+            # Ending quietly, not by raising: a CancelledError's traceback would hold this
+            # frame, the watch and its task in a cycle that only the GC breaks.
+            return
         if not self.done:
             self.client_gone = True
             self._task.cancel()

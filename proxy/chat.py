@@ -113,22 +113,29 @@ class _Exchange:
     ) -> Answer | Failure:
         """While no answer has committed, keep the client's connection alive: after `every`
         seconds the SSE headers go out, then a comment every `every` seconds (the proxy's own
-        bytes, never an upstream's)."""
-        task = asyncio.ensure_future(run)
+        bytes, never an upstream's). Usually the answer comes first and this costs one timer."""
+        pinger: list[asyncio.Task[None]] = []
+
+        def start() -> None:
+            pinger.append(asyncio.ensure_future(self._ping(every)))
+
+        timer = asyncio.get_running_loop().call_later(every, start)
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=every)
-                if done:
-                    return task.result()
-                if not self.opened:
-                    self.opened = True
-                    await open_stream(self.send, client_response_headers(SSE_TYPE, self.rid))
-                await send_comment(self.send)
+            return await run
         finally:
-            if not task.done():
+            timer.cancel()
+            for task in pinger:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    async def _ping(self, every: float) -> None:
+        while True:
+            if not self.opened:
+                self.opened = True
+                await open_stream(self.send, client_response_headers(SSE_TYPE, self.rid))
+            await send_comment(self.send)
+            await asyncio.sleep(every)
 
     async def _respond(
         self, state: AppState, request: ChatRequest, result: Answer | Failure, watch: ClientWatch
