@@ -22,9 +22,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from proxy.asgi import send_error
 from proxy.chat import ChatCompletions
 from proxy.config import ConfigError
-from proxy.errors import MethodNotAllowed, NotFound, ProxyError, error_body
+from proxy.errors import HeadersTooLarge, MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.health import Health
 from proxy.logs import access_log, get_logger
 from proxy.metering import tokenizer_available
@@ -35,6 +36,9 @@ from proxy.state import NotReady, Runtime, StateRef
 
 CONFIG_ENV = "SLUICEGATE_CONFIG"
 CHAT_PATH = "/v1/chat/completions"
+# httptools reads headers without a limit; refuse what no client of an LLM API sends.
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 * 1024
 WATCH_ENV = "SLUICEGATE_WATCH"
 log = get_logger()
 
@@ -179,9 +183,17 @@ class _Proxy(Starlette):
         self._chat = chat
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
-            await self._chat(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            if (
+                len(headers) > MAX_HEADERS
+                or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES
+            ):
+                await send_error(send, HeadersTooLarge("request headers are too large"))
+                return
+            if scope["path"] == CHAT_PATH and scope["method"] == "POST":
+                await self._chat(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 

@@ -36,7 +36,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError  # the client left before sending its request
+            raise ClientGone  # the client left before sending all of its request
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -44,6 +44,10 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         parts.append(chunk)
         if not message.get("more_body", False):
             return b"".join(parts)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was complete: nobody to answer."""
 
 
 async def send_body(send: Send, status: int, body: bytes, headers: Headers) -> None:

@@ -170,12 +170,11 @@ class Attempts:
     ) -> Answer | Failure:
         request, timeouts = self._request, upstream.timeouts
         first_token = target.first_token_timeout or self._route.first_token_timeout
-        header_wait = timeouts.read
+        # The first token is due `first_token` after the request: headers later than that
+        # already miss it. Non-stream answers come whole, so `total` bounds their headers too.
+        header_wait = min(timeouts.read, first_token or timeouts.read)
         if not request.stream:
-            # Non-stream: the first token comes with the headers, and `total` bounds it all.
-            header_wait = min(
-                header_wait, first_token or header_wait, timeouts.total or header_wait
-            )
+            header_wait = min(header_wait, timeouts.total or header_wait)
         body = request.upstream_body(target.model, action)
         try:
             async with asyncio.timeout(header_wait):
@@ -183,6 +182,9 @@ class Attempts:
                     upstream, "/chat/completions", body, self._headers
                 )
         except TimeoutError:
+            if first_token is not None and header_wait == first_token and request.stream:
+                error = UpstreamTimeout(f"upstream '{upstream.name}' sent no first token in time")
+                return Failure(target, "first_token_timeout", error)
             error = UpstreamTimeout(f"upstream '{upstream.name}' sent no response headers in time")
             return Failure(target, "timeout", error)
         except ProxyError as exc:
@@ -217,7 +219,21 @@ class Attempts:
             return Failure(target, "timeout", error)
         except ProxyError as exc:
             return Failure(target, _outcome_of(exc), exc)
+        return self._whole(upstream, target, action, response, payload)
+
+    def _whole(
+        self,
+        upstream: Upstream,
+        target: Target,
+        action: StreamOptionsAction,
+        response: UpstreamResponse,
+        payload: bytes,
+    ) -> Answer | Failure:
+        """A complete 2xx body: a chat completion, or not an answer at all."""
         headers = response.headers
+        if not _is_completion(payload):  # an HTML error page with a 200, say: not an answer
+            odd = f"upstream '{upstream.name}' answered {response.status} without a completion"
+            return Failure(target, "reset", UpstreamProtocolError(odd))
         if self._request.stream:  # JSON for a stream request: give the client a stream
             converted = completion_to_sse(payload, with_usage=self._request.wants_usage)
             if converted is not None:
@@ -255,21 +271,21 @@ class Attempts:
         """Reads (and holds back) the stream up to its first content event."""
         chunks = response.chunks().__aiter__()
         splitter, held = EventSplitter(), bytearray()
+        remaining = None if first_token is None else max(0.0, first_token - response.elapsed())
         try:
-            async with asyncio.timeout(first_token):
+            async with asyncio.timeout(remaining):
                 while True:
                     try:
                         chunk = await anext(chunks)
-                    except StopAsyncIteration:  # ended before any content: relay what it was
-                        return Answer(target, response.status, response.headers, bytes(held))
+                    except StopAsyncIteration:  # ended with no content and no [DONE]
+                        ended = f"upstream '{target.upstream}' ended its stream without an answer"
+                        return Failure(target, "reset", UpstreamProtocolError(ended))
                     held += chunk
                     for event in splitter.feed(chunk):
                         kind, payload = parse(event)
                         if kind == "error":
-                            error: ProxyError = UpstreamProtocolError(
-                                f"upstream '{target.upstream}' sent an error instead of an answer"
-                            )
-                            return Failure(target, "stream_error", error)
+                            instead = f"upstream '{target.upstream}' sent an error, not an answer"
+                            return Failure(target, "stream_error", UpstreamProtocolError(instead))
                         if kind in ("content", "done"):
                             return Answer(
                                 target, response.status, response.headers, bytes(held),
@@ -279,7 +295,7 @@ class Attempts:
             error = UpstreamTimeout(f"upstream '{target.upstream}' sent no first token in time")
             return Failure(target, "first_token_timeout", error)
         except ProxyError as exc:
-            return Failure(target, "reset", exc)
+            return Failure(target, _outcome_of(exc), exc)
 
     async def _run_hedged(self, candidates: tuple[Target, ...], after: float) -> Answer | Failure:
         order = self._order(candidates)
@@ -348,6 +364,14 @@ def _retry_after(headers: Headers) -> float | None:
             except ValueError:
                 return None  # an HTTP date: rare from APIs, and the backoff still applies
     return None
+
+
+def _is_completion(body: bytes) -> bool:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(parsed, dict) and isinstance(parsed.get("choices"), list)
 
 
 def _usage_of(body: bytes) -> dict[str, Any] | None:

@@ -8,7 +8,16 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from proxy.asgi import ClientWatch, Receive, Scope, Send, read_body, send_body, send_error
+from proxy.asgi import (
+    ClientGone,
+    ClientWatch,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    send_body,
+    send_error,
+)
 from proxy.attempts import Answer, Attempts, Failure
 from proxy.chat_request import ChatRequest, parse_chat_request
 from proxy.errors import InternalError, ModelNotFound, ProxyError, UpstreamProtocolError
@@ -87,6 +96,10 @@ class _Exchange:
                 raise ModelNotFound(message, param="model")
         except ProxyError as exc:
             await self._fail(exc)
+            return
+        except ClientGone:
+            self.record.client_disconnected = True
+            self.record.status = 499  # nginx's word for it: the client closed the request
             return
         self.record.route, self.record.stream = route.model, request.stream
         observers.started(route.model)

@@ -317,10 +317,14 @@ def _optional(value: object) -> object:
 
 
 def _url_problem(url: str) -> str | None:
-    with contextlib.suppress(ValueError):  # raised for an unclosed IPv6 bracket
+    try:
         parts = urlsplit(url)
-        if parts.scheme in ("http", "https") and parts.hostname:
-            # Paths are appended to base_url; a query or fragment would end up in the middle.
-            clean = not parts.query and not parts.fragment
-            return None if clean else "expected a URL without a query or fragment"
-    return "expected an http:// or https:// URL with a host"
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:  # also an unclosed IPv6 bracket
+        return "expected an http:// or https:// URL with a host and a valid port (1-65535)"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "expected an http:// or https:// URL with a host"
+    if parts.query or parts.fragment:
+        # Paths are appended to base_url; a query or fragment would end up in the middle.
+        return "expected a URL without a query or fragment"
+    return None

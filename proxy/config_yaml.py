@@ -65,9 +65,14 @@ def compose(text: str, env: Mapping[str, str]) -> YamlDocument:
     except ReaderError as exc:  # a forbidden character: it has an offset, not a mark
         line = text.count("\n", 0, exc.position) + 1
         raise YamlSyntaxError(line, f"invalid YAML: {exc.reason} ({exc.character!r})") from None
+    except RecursionError:  # a document nested hundreds deep: refuse it, do not crash
+        raise YamlSyntaxError(1, "invalid YAML: nested too deeply") from None
     doc = YamlDocument(None)
     if root is not None:
-        doc.data = _Builder(doc, env).build(root, "", _line(root))
+        try:
+            doc.data = _Builder(doc, env).build(root, "", _line(root))
+        except RecursionError:
+            raise YamlSyntaxError(_line(root), "invalid YAML: nested too deeply") from None
     return doc
 
 

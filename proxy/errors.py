@@ -7,6 +7,7 @@
     ├── MethodNotAllowed            405     invalid_request_error   method_not_allowed
     ├── RequestTimeout              408     invalid_request_error   request_timeout
     ├── BodyTooLarge                413     invalid_request_error   request_too_large
+    ├── HeadersTooLarge             431     invalid_request_error   headers_too_large
     ├── UpstreamUnreachable         502     upstream_error          upstream_unreachable
     ├── UpstreamProtocolError       502     upstream_error          upstream_protocol_error
     ├── UpstreamTimeout             504     upstream_error          upstream_timeout
@@ -71,6 +72,12 @@ class BodyTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
 
 
 class UpstreamUnreachable(ProxyError):

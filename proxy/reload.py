@@ -19,7 +19,7 @@ import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from proxy.config import ConfigError, load_config
+from proxy.config import ConfigError, ConfigIssue, load_config
 from proxy.state import AppState, Runtime, StateRef
 from proxy.upstream import UpstreamClients
 
@@ -58,6 +58,11 @@ class Reloader:
             except ConfigError as exc:
                 self.refused += 1
                 self._on_reload(False, exc)
+                return False
+            except Exception as exc:  # a loader bug must not kill the watcher: refuse the edit
+                self.refused += 1
+                issue = ConfigIssue(str(self._path), None, "", f"could not be read: {exc!r}")
+                self._on_reload(False, ConfigError([issue]))
                 return False
             old = self._ref.current
             clients = UpstreamClients(config.upstreams, reuse=old.clients if old else None)
