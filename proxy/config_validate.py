@@ -319,9 +319,12 @@ def _optional(value: object) -> object:
 def _url_problem(url: str) -> str | None:
     try:
         parts = urlsplit(url)
+    except ValueError:  # an unclosed IPv6 bracket
+        return "expected an http:// or https:// URL with a host"
+    try:
         parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
-    except ValueError:  # also an unclosed IPv6 bracket
-        return "expected an http:// or https:// URL with a host and a valid port (1-65535)"
+    except ValueError:
+        return "expected an http:// or https:// URL with a valid port (1-65535)"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "expected an http:// or https:// URL with a host"
     if parts.query or parts.fragment:

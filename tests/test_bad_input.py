@@ -400,6 +400,8 @@ def test_the_committed_routes_file_parses_with_its_keys_set() -> None:
 
 
 DEEP = "routes: " + "[" * 3000 + "]" * 3000 + "\n"
+
+
 @pytest.mark.parametrize("text", [DEEP, "".join(" " * i + "a:\n" for i in range(3000))],
                          ids=["flow", "block"])  # fmt: skip
 def test_deeply_nested_yaml_is_a_config_error(text: str) -> None:
