@@ -25,6 +25,7 @@ from proxy.upstream import UpstreamClients
 
 ReloadObserver = Callable[[bool, ConfigError | None], None]
 POLL_SECONDS = 1.0
+SETTLE_SECONDS = 0.1
 
 
 class Reloader:
@@ -84,7 +85,12 @@ class Reloader:
     async def watch(self, interval: float = POLL_SECONDS) -> None:
         while True:
             await asyncio.sleep(interval)
-            if _stamp(self._path) != self._stamp:
+            stamp = _stamp(self._path)
+            if stamp == self._stamp:
+                continue
+            # Editors write in several steps: reload once the file has held still briefly.
+            await asyncio.sleep(min(interval, SETTLE_SECONDS))
+            if _stamp(self._path) == stamp:
                 await self.reload()
 
     def install_sighup(self) -> bool:

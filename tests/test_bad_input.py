@@ -424,9 +424,10 @@ def test_a_deeply_nested_edit_is_refused_and_later_edits_still_reload(
             return [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
 
         path.write_text(DEEP)
-        assert _wait_for(lambda: app.state.reloader.refused == 1, 2)
+        # >= 1: the watcher may also catch the file half-written, which is refused too.
+        assert _wait_for(lambda: app.state.reloader.refused >= 1, 10)
         path.write_text(upstreams + routes + routes.replace("model: a", "model: b")[8:])
-        assert _wait_for(lambda: models() == ["a", "b"], 2)
+        assert _wait_for(lambda: models() == ["a", "b"], 10)
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://h:abc/v1"])

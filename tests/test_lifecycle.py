@@ -49,8 +49,8 @@ def test_an_edit_takes_effect_without_a_restart(
 ) -> None:
     server, path, reloader = watched
     path.write_text(_config(mock_server.url, "bot", "bot-2"))
-    assert wait_for(lambda: reloader.applied == 1)
-    assert _models(server.url) == ["bot", "bot-2"]
+    assert wait_for(lambda: _models(server.url) == ["bot", "bot-2"])
+    assert reloader.applied >= 1
     r = httpx.post(
         server.url + "/v1/chat/completions",
         json={"model": "bot-2", "messages": [{"role": "user", "content": "hi"}], "seed": 2},
@@ -65,7 +65,8 @@ def test_an_invalid_edit_is_refused_and_the_old_config_keeps_serving(
     path.write_text(
         "upstreams: {}\nroutes: [{model: bot, targets: [{upstream: nope, model: x}]}]\n"
     )
-    assert wait_for(lambda: reloader.refused == 1)
+    # >= 1: the watcher may also catch the file half-written, which is refused too.
+    assert wait_for(lambda: reloader.refused >= 1)
     assert reloader.applied == 0
     assert _models(server.url) == ["bot"]
     body = {"model": "bot", "messages": [{"role": "user", "content": "hi"}]}
@@ -116,7 +117,7 @@ def test_reload_under_load_loses_no_request(
             return await asyncio.gather(*tasks)
 
     bodies = asyncio.run(run())
-    assert reloader.applied == 1
+    assert reloader.applied >= 1
     assert all(b.endswith("data: [DONE]\n\n") for b in bodies)
     assert len(bodies) == 200
 
