@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from proxy.mock_upstream import Knobs, MockUpstream, expected_content
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
 from proxy.sse import EventSplitter, parse
+from tests.helpers import wait_for
 from tests.test_metering import PROFILE
 
 LIMIT = 10_000
@@ -52,15 +53,6 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     yield running
     running.server.stop()
     running.mock.stop()
-
-
-def _wait_for(predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def _assert_openai_error(r: httpx.Response, status: int, code: str | None) -> dict[str, Any]:
@@ -153,7 +145,7 @@ def test_a_bad_body_gets_a_clear_4xx_in_openai_shape_and_is_counted_once(
     )
     assert _assert_openai_error(r, status, code)["param"] == param
     assert r.headers["x-request-id"] == rid
-    assert _wait_for(lambda: [x.status for x in proxy.records if x.request_id == rid] == [status])
+    assert wait_for(lambda: [x.status for x in proxy.records if x.request_id == rid] == [status])
     _assert_still_serving(proxy)
 
 
@@ -208,7 +200,7 @@ def test_a_client_that_leaves_mid_body_is_recorded_as_gone_not_logged_as_a_crash
         rid = f"leaves-{time.monotonic_ns()}"
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
             sock.sendall(_post(b"content-length: 100", b"x-request-id: " + rid.encode()))
-        assert _wait_for(lambda: any(r.request_id == rid for r in proxy.records))
+        assert wait_for(lambda: any(r.request_id == rid for r in proxy.records))
         _assert_still_serving(proxy)  # served after the abandoned one finished, on one loop
     finally:
         logging.getLogger("uvicorn.error").removeHandler(caplog.handler)
@@ -283,7 +275,7 @@ def test_unknown_paths_and_methods_get_404_or_405_in_openai_shape(
     _assert_openai_error(r, status, code)
     _assert_still_serving(proxy)
     # Only the check request reached the chat endpoint (its record comes after its answer).
-    assert _wait_for(lambda: len(proxy.records) == before + 1)
+    assert wait_for(lambda: len(proxy.records) == before + 1)
     assert proxy.records[-1].status == 200
 
 
@@ -425,9 +417,9 @@ def test_a_deeply_nested_edit_is_refused_and_later_edits_still_reload(
 
         path.write_text(DEEP)
         # >= 1: the watcher may also catch the file half-written, which is refused too.
-        assert _wait_for(lambda: app.state.reloader.refused >= 1, 10)
+        assert wait_for(lambda: app.state.reloader.refused >= 1, 10)
         path.write_text(upstreams + routes + routes.replace("model: a", "model: b")[8:])
-        assert _wait_for(lambda: models() == ["a", "b"], 10)
+        assert wait_for(lambda: models() == ["a", "b"], 10)
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://h:abc/v1"])

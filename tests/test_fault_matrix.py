@@ -30,6 +30,7 @@ from proxy.mock_content import completion_body, injected_error_body, stream_even
 from proxy.mock_upstream import Knobs, MockUpstream, expected_content
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
+from tests.helpers import wait_for
 
 SEED = 7
 MESSAGES = [{"role": "user", "content": "双十一还有货吗?"}]
@@ -342,15 +343,6 @@ def _expected_deltas(row: Row, fallback: bool) -> dict[Series, float]:
     return out
 
 
-def _wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def _request(url: str, model: str, stream: bool, rid: str) -> tuple[int, httpx.Headers, bytes]:
     body = {"model": model, "messages": MESSAGES, "stream": stream, "seed": SEED}
     url += "/v1/chat/completions"
@@ -413,7 +405,7 @@ def test_fault_gives_the_documented_answer_and_metrics_and_the_proxy_serves_on(
     proxy, rid = fleet.proxy, f"{name}-{time.monotonic_ns()}"
     before = _scrape(proxy)
     status, headers, raw = _request(proxy.url, name, row.stream, rid)
-    assert _wait_for(lambda: any(r.request_id == rid for r in fleet.records))
+    assert wait_for(lambda: any(r.request_id == rid for r in fleet.records))
     after = _scrape(proxy)
     _assert_client_got(row, fallback, status, headers, raw)
     deltas = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
@@ -426,7 +418,7 @@ def test_fault_gives_the_documented_answer_and_metrics_and_the_proxy_serves_on(
             if "attempts" in n and ("upstream", name) in labels
         )
         assert len(seen) == tried
-        assert _wait_for(lambda: all(r.finished or r.disconnected for r in seen))
+        assert wait_for(lambda: all(r.finished or r.disconnected for r in seen))
     status, _, raw = _request(proxy.url, "healthy", row.stream, rid + "-next")
     assert (status, _text(raw, row.stream)) == (200, ANSWER)
 

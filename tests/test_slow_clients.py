@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,17 +18,9 @@ from proxy.mock_content import stream_events
 from proxy.mock_upstream import Knobs, MockUpstream, expected_content
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
+from tests.helpers import wait_for
 
 TOKENS = 200_000  # ~37 MB of SSE: far more than every buffer on the way can hide
-
-
-def _wait_for(predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def _started(server: RunningServer) -> RunningServer:
@@ -120,8 +112,8 @@ def test_a_slow_reader_throttles_the_upstream_instead_of_filling_the_proxy(stack
     assert len(_dechunk(body)) > 1000
     # Leaving closes the upstream request at once, and the proxy is none the worse.
     record = stack.mock.records[-1]
-    assert _wait_for(lambda: record.disconnected is not None)
-    assert _wait_for(lambda: len(stack.records) == 1)
+    assert wait_for(lambda: record.disconnected is not None)
+    assert wait_for(lambda: len(stack.records) == 1)
     assert stack.records[0].client_disconnected
     stack.assert_still_serving()
 
@@ -148,16 +140,16 @@ def test_abandoned_streams_close_every_upstream_request_and_the_proxy_serves_on(
 ) -> None:
     clients = [stack.open_stream() for _ in range(ABANDONED)]
     try:  # every stream reached the upstream (some answering, some before their first token)
-        assert _wait_for(lambda: len(stack.mock.records) == ABANDONED, 10)
+        assert wait_for(lambda: len(stack.mock.records) == ABANDONED, 10)
     finally:
         for client in clients:
             client.close()  # without reading a byte
     upstream = stack.mock.records
-    assert _wait_for(lambda: all(r.disconnected is not None for r in upstream), 5), [
+    assert wait_for(lambda: all(r.disconnected is not None for r in upstream), 5), [
         r for r in upstream if r.disconnected is None
     ][:3]
     assert all(r.finished is None for r in upstream)  # cut short: 1000 tokens take 10 s
-    assert _wait_for(lambda: len(stack.records) == ABANDONED)
+    assert wait_for(lambda: len(stack.records) == ABANDONED)
     assert all(r.client_disconnected for r in stack.records)
-    assert _wait_for(lambda: stack.inflight() == 0)
+    assert wait_for(lambda: stack.inflight() == 0)
     stack.assert_still_serving()
