@@ -25,26 +25,10 @@ from proxy.metrics import (
     prepare_multiprocess_dir,
 )
 from proxy.record import Attempt, RequestRecord, Usage
-from tests.test_prometheus import require_binary
+from tests.test_prometheus import CONFIG, ROUTES, require_binary  # one config for both
 
 ROOT = Path(__file__).resolve().parent.parent
 
-ROUTES = """\
-upstreams:
-  deepseek: {base_url: "https://api.deepseek.com/v1"}
-  gemini: {base_url: "https://generativelanguage.googleapis.com/v1beta/openai"}
-  local: {base_url: "http://127.0.0.1:8900/v1"}
-routes:
-  - model: support-bot
-    targets: [{upstream: deepseek, model: deepseek-chat}]
-    fallbacks: [{upstream: gemini, model: gemini-2.0-flash}]
-  - model: labs
-    targets: [{upstream: local, model: free-model}]
-pricing:
-  deepseek-chat: {input: 0.28, cached_input: 0.028, output: 0.42}
-  gemini-2.0-flash: {input: 0.10, cached_input: 0.025, output: 0.40}
-"""
-CONFIG = parse_config(ROUTES, "routes.yaml", {})
 USAGE = Usage(input=476, cached_input=1024, output=180, reasoning=120)
 COST = cost_usd(USAGE, CONFIG.pricing["deepseek-chat"])  # 0.000287952 USD
 
