@@ -46,7 +46,7 @@ class Answer:
     response: UpstreamResponse | None = None  # open until the relay is done
     first: dict[str, Any] | None = None  # the first content event, a template for usage
     action: StreamOptionsAction = "pass"
-    reported: dict[str, Any] | None = None  # usage of a JSON answer converted to a stream
+    reported: dict[str, Any] | None = None  # the usage object of a whole JSON answer
 
 
 @dataclass(slots=True)
@@ -231,18 +231,21 @@ class Attempts:
     ) -> Answer | Failure:
         """A complete 2xx body: a chat completion, or not an answer at all."""
         headers = response.headers
-        if not _is_completion(payload):  # an HTML error page with a 200, say: not an answer
+        completion = _completion(payload)  # parsed once; its usage travels on the Answer
+        if completion is None:  # an HTML error page with a 200, say: not an answer
             odd = f"upstream '{upstream.name}' answered {response.status} without a completion"
             return Failure(target, "reset", UpstreamProtocolError(odd))
+        usage = completion.get("usage")
+        reported = usage if isinstance(usage, dict) else None
         if self._request.stream:  # JSON for a stream request: give the client a stream
             converted = completion_to_sse(payload, with_usage=self._request.wants_usage)
             if converted is not None:
                 sse_headers = [(b"content-type", b"text/event-stream"), *_without_type(headers)]
                 return Answer(
                     target, response.status, sse_headers, converted,
-                    action=action, reported=_usage_of(payload),
+                    action=action, reported=reported,
                 )  # fmt: skip
-        return Answer(target, response.status, headers, payload, action=action)
+        return Answer(target, response.status, headers, payload, action=action, reported=reported)
 
     async def _refusal(
         self,
@@ -366,20 +369,15 @@ def _retry_after(headers: Headers) -> float | None:
     return None
 
 
-def _is_completion(body: bytes) -> bool:
+def _completion(body: bytes) -> dict[str, Any] | None:
+    """The body as a chat completion (an object with `choices`), or None."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return False
-    return isinstance(parsed, dict) and isinstance(parsed.get("choices"), list)
-
-
-def _usage_of(body: bytes) -> dict[str, Any] | None:
-    try:
-        usage = orjson.loads(body).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
         return None
-    return usage if isinstance(usage, dict) else None
+    if isinstance(parsed, dict) and isinstance(parsed.get("choices"), list):
+        return parsed
+    return None
 
 
 def _without_type(headers: Headers) -> Headers:

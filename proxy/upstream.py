@@ -93,9 +93,11 @@ class UpstreamClients:
         self, upstream: Upstream, path: str, body: bytes, headers: Headers
     ) -> UpstreamResponse:
         client = self._clients[upstream.name]
-        request_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+        request_headers = list(headers)  # httpx takes the raw byte pairs as they are
         if upstream.api_key is not None:
-            request_headers.append(("authorization", f"Bearer {upstream.api_key.reveal()}"))
+            request_headers.append(
+                (b"authorization", f"Bearer {upstream.api_key.reveal()}".encode())
+            )
         request = client.build_request(
             "POST", upstream.base_url + path, content=body, headers=request_headers
         )

@@ -49,15 +49,16 @@ def usage_of_stream(request: ChatRequest, answer: Answer, upstream: Upstream, te
 def usage_of_body(request: ChatRequest, answer: Answer, upstream: Upstream) -> Usage | None:
     if not 200 <= answer.status < 300:
         return None
-    try:
+    if answer.reported is not None:  # attempts parsed the body once already
+        return usage_from_json(answer.reported)
+    header = _header_usage(answer, upstream)
+    if header is not None:
+        return header
+    try:  # the rare path: no usage anywhere, so the text is needed for an estimate
         body = orjson.loads(answer.head)
     except orjson.JSONDecodeError:
         body = None
-    if isinstance(body, dict) and isinstance(body.get("usage"), dict):
-        return usage_from_json(body["usage"])
-    return _header_usage(answer, upstream) or estimate_usage(
-        request.payload.get("messages"), _message_text(body)
-    )
+    return estimate_usage(request.payload.get("messages"), _message_text(body))
 
 
 def _header_usage(answer: Answer, upstream: Upstream) -> Usage | None:

@@ -80,7 +80,17 @@ def _answer(
         rest=None if complete else _rest(),
         first=FIRST,
         action=action,
+        reported=_reported(head) if complete else None,
     )
+
+
+def _reported(head: bytes) -> dict[str, Any] | None:
+    """What attempts puts on a whole answer: its body's usage object, parsed once there."""
+    try:
+        usage = orjson.loads(head).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
 
 
 def _feed(tee: Tee, stream: bytes) -> bytes:
