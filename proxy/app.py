@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.asgi import send_error
 from proxy.chat import ChatCompletions
+from proxy.chat_request import APIS
 from proxy.config import ConfigError
 from proxy.errors import HeadersTooLarge, MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.health import Health
@@ -35,7 +36,6 @@ from proxy.reload import POLL_SECONDS, Reloader
 from proxy.state import NotReady, Runtime, StateRef
 
 CONFIG_ENV = "SLUICEGATE_CONFIG"
-CHAT_PATH = "/v1/chat/completions"
 # httptools reads headers without a limit; refuse what no client of an LLM API sends.
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 32 * 1024
@@ -122,16 +122,16 @@ def create_app(
             return _json(503, {"status": "draining" if runtime.draining else "not ready"})
         return _json(200, {"status": "ready"})
 
-    chat = ChatCompletions(ref, runtime)
+    endpoints = {path: ChatCompletions(ref, runtime, api) for path, api in APIS.items()}
     routes = [
-        Route("/v1/chat/completions", chat, methods=["POST"]),
+        *(Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
     app = _Proxy(
-        chat,
+        endpoints,
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -175,12 +175,12 @@ def _drain_on_sigterm(runtime: Runtime) -> None:
 
 
 class _Proxy(Starlette):
-    """Starlette for everything but the hot path: POST /v1/chat/completions goes straight to
-    its raw ASGI endpoint, so no middleware wraps `send` for every streamed chunk."""
+    """Starlette for everything but the hot path: POST to the generation APIs goes straight
+    to their raw ASGI endpoints, so no middleware wraps `send` for every streamed chunk."""
 
-    def __init__(self, chat: ChatCompletions, **kwargs: Any) -> None:
+    def __init__(self, endpoints: Mapping[str, ChatCompletions], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._chat = chat
+        self._endpoints = endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -191,8 +191,9 @@ class _Proxy(Starlette):
             ):
                 await send_error(send, HeadersTooLarge("request headers are too large"))
                 return
-            if scope["path"] == CHAT_PATH and scope["method"] == "POST":
-                await self._chat(scope, receive, send)
+            endpoint = self._endpoints.get(scope["path"])
+            if endpoint is not None and scope["method"] == "POST":
+                await endpoint(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
@@ -215,7 +216,10 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     if exc.status_code == 405:
         error = MethodNotAllowed("method not allowed for this path")
     else:
-        error = NotFound("no such path; this proxy serves /v1/chat/completions and /v1/models")
+        error = NotFound(
+            "no such path; this proxy serves /v1/chat/completions, /v1/completions, "
+            "/v1/embeddings and /v1/models"
+        )
     return Response(error.body(), error.status, exc.headers, media_type="application/json")
 
 

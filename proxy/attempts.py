@@ -179,7 +179,7 @@ class Attempts:
         try:
             async with asyncio.timeout(header_wait):
                 response = await self._state.clients.send(
-                    upstream, "/chat/completions", body, self._headers
+                    upstream, request.api.path, body, self._headers
                 )
         except TimeoutError:
             if first_token is not None and header_wait == first_token and request.stream:
@@ -370,12 +370,14 @@ def _retry_after(headers: Headers) -> float | None:
 
 
 def _completion(body: bytes) -> dict[str, Any] | None:
-    """The body as a chat completion (an object with `choices`), or None."""
+    """The body as an answer (an object with `choices`, or embeddings' `data`), or None."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    if isinstance(parsed, dict) and isinstance(parsed.get("choices"), list):
+    if isinstance(parsed, dict) and (
+        isinstance(parsed.get("choices"), list) or isinstance(parsed.get("data"), list)
+    ):
         return parsed
     return None
 

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: admission → route choice → attempts → relay → metering."""
+"""POST /v1/chat/completions (and /v1/completions, /v1/embeddings): admission → route choice →
+attempts → relay → metering."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from proxy.asgi import (
     send_error,
 )
 from proxy.attempts import Answer, Attempts, Failure
-from proxy.chat_request import ChatRequest, parse_chat_request
+from proxy.chat_request import CHAT, Api, ChatRequest, parse_chat_request
 from proxy.errors import InternalError, ModelNotFound, ProxyError, UpstreamProtocolError
 from proxy.headers import client_response_headers, request_id, upstream_request_headers
 from proxy.metering import cost_usd
@@ -34,12 +35,13 @@ SSE_TYPE = [(b"content-type", b"text/event-stream")]
 class ChatCompletions:
     """A raw ASGI endpoint, so no middleware or response object wraps the stream."""
 
-    def __init__(self, ref: StateRef, runtime: Runtime) -> None:
+    def __init__(self, ref: StateRef, runtime: Runtime, api: Api = CHAT) -> None:
         self._ref = ref
         self._runtime = runtime  # its observers outlive reloads, as the counters must
+        self._api = api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange = _Exchange(scope, receive, send)
+        exchange = _Exchange(scope, receive, send, self._api)
         observers = self._runtime.observers
         try:
             await exchange.run(self._ref, observers)
@@ -57,13 +59,13 @@ class ChatCompletions:
 class _Exchange:
     """One request's way through the pipeline."""
 
-    __slots__ = ("arrived", "opened", "receive", "record", "rid", "scope", "send")
+    __slots__ = ("api", "arrived", "opened", "receive", "record", "rid", "scope", "send")
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, scope: Scope, receive: Receive, send: Send, api: Api) -> None:
         self.arrived = time.perf_counter()
-        self.scope, self.receive, self.send = scope, receive, send
+        self.scope, self.receive, self.send, self.api = scope, receive, send, api
         self.rid = request_id(scope["headers"])
-        self.record = RequestRecord(request_id=self.rid.decode())
+        self.record = RequestRecord(request_id=self.rid.decode(), api=api.name)
         self.opened = False  # SSE headers sent before an answer existed (keep-alives)
 
     async def run(self, ref: StateRef, observers: Observers) -> None:
@@ -87,7 +89,7 @@ class _Exchange:
             body = await read_body(
                 self.scope, self.receive, server.max_body_bytes, server.body_timeout
             )
-            request = parse_chat_request(body)
+            request = parse_chat_request(body, self.api)
             route = state.config.route(request.model)
             if route is None:
                 message = (

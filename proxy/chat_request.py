@@ -1,4 +1,5 @@
-"""The client's chat request: validated just enough to route it (pure).
+"""The client's request to one of the generation APIs (chat, completions, embeddings):
+validated just enough to route it (pure).
 
 The body is forwarded with only `model` replaced (and `stream_options` adjusted, see
 `upstream_body`); every other field, known or not, travels unchanged so new OpenAI
@@ -19,10 +20,32 @@ StreamOptionsAction = Literal["pass", "strip", "inject"]
 
 
 @dataclass(frozen=True, slots=True)
+class Api:
+    """One OpenAI endpoint the proxy routes: where it lives upstream, and the request field
+    that holds the prompt (what an offline estimate counts)."""
+
+    name: str  # as in the access log: chat, completions, embeddings
+    path: str  # below an upstream's base_url
+    prompt_field: str
+    streams: bool  # the API has `stream`; embeddings do not
+
+
+CHAT = Api("chat", "/chat/completions", "messages", streams=True)
+COMPLETIONS = Api("completions", "/completions", "prompt", streams=True)
+EMBEDDINGS = Api("embeddings", "/embeddings", "input", streams=False)
+APIS = {"/v1" + api.path: api for api in (CHAT, COMPLETIONS, EMBEDDINGS)}
+
+
+@dataclass(frozen=True, slots=True)
 class ChatRequest:
     model: str
     stream: bool
     payload: dict[str, Any]
+    api: Api = CHAT
+
+    @property
+    def prompt(self) -> Any:
+        return self.payload.get(self.api.prompt_field)
 
     @property
     def wants_usage(self) -> bool:
@@ -44,7 +67,7 @@ class ChatRequest:
         return orjson.dumps(body)
 
 
-def parse_chat_request(body: bytes) -> ChatRequest:
+def parse_chat_request(body: bytes, api: Api = CHAT) -> ChatRequest:
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -54,12 +77,16 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("you must provide a model parameter (a string)", param="model")
-    messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty array", param="messages")
-    stream = payload.get("stream", False)
+    field = api.prompt_field
+    prompt = payload.get(field)
+    if api is CHAT:
+        if not isinstance(prompt, list) or not prompt:
+            raise BadRequest("'messages' must be a non-empty array", param=field)
+    elif not isinstance(prompt, str | list) or (isinstance(prompt, list) and not prompt):
+        raise BadRequest(f"'{field}' must be a string or a non-empty array", param=field)
+    stream = payload.get("stream", False) if api.streams else False
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", param="stream")
-    return ChatRequest(model=model, stream=stream, payload=payload)
+    return ChatRequest(model=model, stream=stream, payload=payload, api=api)

@@ -184,14 +184,29 @@ class _Counter:
         return self.exact(text)
 
 
-def estimate_usage(messages: Any, completion_text: str) -> Usage:
-    """An offline estimate for upstreams that report no usage (deterministic)."""
+def estimate_usage(prompt: Any, completion_text: str, *, chat: bool = True) -> Usage:
+    """An offline estimate for upstreams that report no usage (deterministic). `prompt` is
+    chat `messages`, or (chat=False) a completions `prompt` / embeddings `input`: a string,
+    strings, or token-id arrays (which count exactly)."""
     count = _Counter()
     output = count(completion_text)  # first: output tokens cost more, so they get exact counts
-    prompt = sum(count(text) for text in _texts(messages))
-    if isinstance(messages, list):
-        prompt += PER_MESSAGE_TOKENS * len(messages) + REPLY_PRIMING_TOKENS
-    return Usage(input=prompt, output=output, source="estimated")
+    if chat:
+        tokens = sum(count(text) for text in _texts(prompt))
+        if isinstance(prompt, list):
+            tokens += PER_MESSAGE_TOKENS * len(prompt) + REPLY_PRIMING_TOKENS
+    else:
+        tokens = sum(count(p) if isinstance(p, str) else len(p) for p in _prompts(prompt))
+    return Usage(input=tokens, output=output, source="estimated")
+
+
+def _prompts(prompt: Any) -> Iterable[str | list[Any]]:
+    """A completions prompt or embeddings input as its parts: texts and token-id arrays."""
+    if isinstance(prompt, str):
+        yield prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        yield prompt  # one prompt given as token ids
+    elif isinstance(prompt, list):
+        yield from (p for p in prompt if isinstance(p, str | list))
 
 
 # --- cost -------------------------------------------------------------------------------

@@ -56,6 +56,21 @@ _UNITS = re.compile(
 )
 
 
+def count_text_tokens(text: str) -> int:
+    return len(_UNITS.findall(text))
+
+
+def count_input_tokens(value: Any) -> int:
+    """A completions `prompt` or embeddings `input`: text, texts, or token-id arrays."""
+    if isinstance(value, str):
+        return count_text_tokens(value)
+    if not isinstance(value, list):
+        return 0
+    if value and all(isinstance(t, int) for t in value):
+        return len(value)
+    return sum(count_text_tokens(p) if isinstance(p, str) else len(p) for p in value)
+
+
 def count_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     """Deterministic stand-in for a tokenizer: 4 per message plus words and CJK characters."""
     total = 0
@@ -101,6 +116,42 @@ def completion_body(seed: int, model: str, tokens: int, finish: str, prompt_toke
     )
 
 
+@lru_cache(maxsize=256)
+def text_completion_body(
+    seed: int, model: str, tokens: int, finish: str, prompt_tokens: int
+) -> bytes:
+    """The whole non-streaming body of the completions API (`text_completion`)."""
+    choice = {"text": expected_content(seed, tokens), "index": 0, "logprobs": None}
+    return orjson.dumps(
+        {
+            "id": f"cmpl-mock-{seed}",
+            "object": "text_completion",
+            "created": CREATED,
+            "model": model,
+            "choices": [{**choice, "finish_reason": finish}],
+            "usage": usage(prompt_tokens, tokens),
+        }
+    )
+
+
+EMBEDDING_DIMENSIONS = 8
+
+
+def embeddings_body(seed: int, model: str, inputs: int, prompt_tokens: int) -> bytes:
+    """The embeddings API's body: one deterministic vector per input."""
+    rng = random.Random(seed)
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": [round(rng.uniform(-1, 1), 6) for _ in range(EMBEDDING_DIMENSIONS)],
+        }
+        for i in range(inputs)
+    ]
+    used = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+    return orjson.dumps({"object": "list", "data": data, "model": model, "usage": used})
+
+
 @dataclass(frozen=True, slots=True)
 class StreamEvents:
     """Every SSE event of one streamed answer, each a complete `data: ...\\n\\n` frame."""
@@ -139,6 +190,29 @@ def stream_events(
     )
 
 
+@lru_cache(maxsize=64)
+def text_stream_events(
+    seed: int, model: str, tokens: int, finish: str, include_usage: bool
+) -> StreamEvents:
+    """The completions API's stream: `text_completion` chunks, no role event."""
+    head = b'data: {"id":"cmpl-mock-%d","object":"text_completion","created":%d,"model":%s,' % (
+        seed,
+        CREATED,
+        orjson.dumps(model),
+    )
+    choice = head + b'"choices":[{"text":'
+    tail = b',"index":0,"logprobs":null,"finish_reason":'
+    end = b"}]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+    return StreamEvents(
+        role=b"",
+        content=tuple(
+            choice + _VOCAB_JSON[tok] + tail + b"null" + end for tok in draw_tokens(seed, tokens)
+        ),
+        final=choice + b'""' + tail + b'"' + finish.encode() + b'"' + end,
+        usage_head=head + b'"choices":[],"usage":' if include_usage else None,
+    )
+
+
 @lru_cache(maxsize=4096)
 def split_event(event: bytes) -> tuple[bytes, ...]:
     """Cut one event into pieces at odd offsets: after the first byte, between the two newlines
@@ -162,7 +236,7 @@ class Invalid(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What one chat request asks for, once validated."""
+    """What one request asks for, once validated."""
 
     seed: int
     model: str
@@ -171,6 +245,8 @@ class Plan:
     stream: bool
     include_usage: bool
     prompt_tokens: int
+    api: str = "chat"  # chat, completions, embeddings
+    inputs: int = 1  # embeddings: how many vectors
 
 
 def _int_param(body: dict[str, Any], name: str) -> int | None:
@@ -182,27 +258,35 @@ def _int_param(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def plan_request(body: dict[str, Any], tokens: int) -> Plan:
+def plan_request(body: dict[str, Any], tokens: int, api: str = "chat") -> Plan:
     seed = body.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise Invalid("Invalid 'seed': expected an integer", "seed")
     model = body.get("model", MODELS[0])
     if not isinstance(model, str):
         raise Invalid("Invalid 'model': expected a string", "model")
-    messages = body.get("messages") or []
-    if not isinstance(messages, list):
-        raise Invalid("Invalid 'messages': expected an array", "messages")
+    field = {"chat": "messages", "completions": "prompt", "embeddings": "input"}[api]
+    prompt = body.get(field) or []
+    if not isinstance(prompt, list) and not (api != "chat" and isinstance(prompt, str)):
+        raise Invalid(f"Invalid '{field}': expected an array", field)
     caps = [_int_param(body, "max_tokens"), _int_param(body, "max_completion_tokens")]
     capped = min([tokens, *(c for c in caps if c is not None)])
     options = body.get("stream_options")
+    if isinstance(prompt, list) and api == "chat":
+        prompt_tokens = count_prompt_tokens(prompt)
+    else:
+        prompt_tokens = count_input_tokens(prompt)
+    several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
     return Plan(
         seed=seed,
         model=model,
         tokens=capped,
         finish="length" if capped < tokens else "stop",
-        stream=body.get("stream") is True,
+        stream=body.get("stream") is True and api != "embeddings",
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
-        prompt_tokens=count_prompt_tokens(messages),
+        prompt_tokens=prompt_tokens,
+        api=api,
+        inputs=len(prompt) if several else 1,
     )
 
 

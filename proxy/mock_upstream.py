@@ -30,11 +30,14 @@ from proxy.mock_content import (
     Plan,
     completion_body,
     count_prompt_tokens,
+    embeddings_body,
     expected_content,
     injected_error_body,
     plan_request,
     split_event,
     stream_events,
+    text_completion_body,
+    text_stream_events,
 )
 from proxy.serving import RunningServer, fastest_http, fastest_loop
 
@@ -158,6 +161,11 @@ _MODELS_BODY = orjson.dumps(
     }
 )
 _HEALTH_BODY = b'{"status":"ok"}'
+_APIS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -176,8 +184,9 @@ class MockUpstream:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
-        if method == "POST" and path == "/v1/chat/completions":
-            await self._chat(scope, receive, send)
+        api = _APIS.get(path)
+        if method == "POST" and api is not None:
+            await self._generate(scope, receive, send, api)
         elif method == "GET" and path == "/v1/models":
             await _respond(send, 200, _MODELS_BODY)
         elif method == "GET" and path == "/healthz":
@@ -186,7 +195,7 @@ class MockUpstream:
             msg = f"Unknown request URL: {method} {path}"
             await _respond(send, 404, error_body(msg, "invalid_request_error", code="not_found"))
 
-    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _generate(self, scope: Scope, receive: Receive, send: Send, api: str) -> None:
         started = time.monotonic()
         chunks: list[bytes] = []
         more = True
@@ -221,7 +230,7 @@ class MockUpstream:
                 return
             if knobs.reject_stream_options and "stream_options" in body:
                 raise Invalid("Unknown parameter: stream_options", "stream_options")
-            plan = plan_request(body, knobs.tokens)
+            plan = plan_request(body, 0 if api == "embeddings" else knobs.tokens, api)
         except Invalid as exc:
             record.finished = time.monotonic()
             await _respond(send, 400, exc.body())
@@ -266,7 +275,7 @@ async def _answer(send: Send, knobs: Knobs, plan: Plan, record: RequestRecord) -
         await _stream(send, knobs, plan, record, extra)
         return
     await asyncio.sleep(knobs.ttft + plan.tokens * knobs.delay)
-    body = completion_body(plan.seed, plan.model, plan.tokens, plan.finish, plan.prompt_tokens)
+    body = _body(plan)
     headers = [_JSON, (b"content-length", b"%d" % len(body)), *extra]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     if knobs.stall:
@@ -276,13 +285,23 @@ async def _answer(send: Send, knobs: Knobs, plan: Plan, record: RequestRecord) -
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def _body(plan: Plan) -> bytes:
+    if plan.api == "embeddings":
+        return embeddings_body(plan.seed, plan.model, plan.inputs, plan.prompt_tokens)
+    shape = text_completion_body if plan.api == "completions" else completion_body
+    return shape(plan.seed, plan.model, plan.tokens, plan.finish, plan.prompt_tokens)
+
+
 async def _stream(
     send: Send, knobs: Knobs, plan: Plan, record: RequestRecord, extra: Headers
 ) -> None:
-    events = stream_events(plan.seed, plan.model, plan.tokens, plan.finish, plan.include_usage)
+    shape = text_stream_events if plan.api == "completions" else stream_events
+    events = shape(plan.seed, plan.model, plan.tokens, plan.finish, plan.include_usage)
     split = knobs.split_utf8
 
     async def write(event: bytes, more: bool = True) -> None:
+        if not event:  # the completions API has no role event
+            return
         if split:
             *head, event = split_event(event)
             for piece in head:

@@ -76,6 +76,8 @@ class RequestRecord:
     cost_usd: float | None = None  # None: the model has no price (counted as unpriced)
     attempts: list[Attempt] = field(default_factory=list)
     fallback_reason: str | None = None  # why the answer came from other than the first pick
+    api: str = "chat"  # chat, completions, embeddings
+    key_name: str | None = None  # the client key's configured name, when keys are configured
 
     def fail(self, status: int, code: str | None, message: str) -> None:
         self.status, self.error, self.message = status, code, message

@@ -96,6 +96,8 @@ def _kind(payload: dict[str, Any]) -> Kind:
 
 
 def _has_content(choice: dict[str, Any]) -> bool:
+    if choice.get("text"):  # the completions API's chunk
+        return True
     delta = choice.get("delta")
     if not isinstance(delta, dict):
         return False
@@ -166,9 +168,13 @@ class ContentCollector:
         if isinstance(payload.get("usage"), dict):
             self.usage = payload["usage"]
         for choice in payload.get("choices") or ():
-            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
             if isinstance(delta, dict):
                 self.parts.extend(_texts(delta))
+            elif isinstance(choice.get("text"), str):  # the completions API's chunk
+                self.parts.append(choice["text"])
 
     @property
     def text(self) -> str:
@@ -203,14 +209,20 @@ def completion_to_sse(body: bytes, *, with_usage: bool) -> bytes | None:
     if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
         return None
     head = {k: completion[k] for k in ("id", "created", "model") if k in completion}
-    head["object"] = "chat.completion.chunk"
+    # The completions API streams `text_completion` objects whose choices carry `text`.
+    legacy = completion.get("object") == "text_completion"
+    head["object"] = "text_completion" if legacy else "chat.completion.chunk"
     out: list[bytes] = []
     for i, choice in enumerate(completion["choices"]):
-        message = choice.get("message") if isinstance(choice, dict) else None
-        delta = message if isinstance(message, dict) else {}
-        finish = choice.get("finish_reason") if isinstance(choice, dict) else None
-        chunk = {**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish}]}
-        out.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        part = choice if isinstance(choice, dict) else {}
+        finish = part.get("finish_reason")
+        if legacy:
+            piece = {"index": i, "text": part.get("text", ""), "finish_reason": finish}
+        else:
+            message = part.get("message")
+            delta = message if isinstance(message, dict) else {}
+            piece = {"index": i, "delta": delta, "finish_reason": finish}
+        out.append(b"data: " + orjson.dumps({**head, "choices": [piece]}) + b"\n\n")
     if with_usage and isinstance(completion.get("usage"), dict):
         out.append(usage_chunk(head, completion["usage"]))
     out.append(b"data: [DONE]\n\n")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.chat_request import ChatRequest
+from proxy.chat_request import CHAT, ChatRequest
 from proxy.config_model import Upstream
 from proxy.metering import estimate_usage, usage_from_headers, usage_from_json
 from proxy.record import Usage
@@ -29,10 +29,10 @@ def tee_for(request: ChatRequest, answer: Answer, upstream: Upstream) -> Tee:
         return Tee("watch")
     if not request.wants_usage:
         return Tee("collect")
-    messages = request.payload.get("messages")
+    prompt, chat = request.prompt, request.api is CHAT
 
     def synthesize(text: str) -> dict[str, int]:
-        return _openai_shape(headers or estimate_usage(messages, text))
+        return _openai_shape(headers or estimate_usage(prompt, text, chat=chat))
 
     return Tee("collect", template=answer.first, synthesize=synthesize)
 
@@ -42,7 +42,7 @@ def usage_of_stream(request: ChatRequest, answer: Answer, upstream: Upstream, te
         tee.usage()
         or (usage_from_json(answer.reported) if answer.reported is not None else None)
         or _header_usage(answer, upstream)
-        or estimate_usage(request.payload.get("messages"), tee.text)
+        or estimate_usage(request.prompt, tee.text, chat=request.api is CHAT)
     )
 
 
@@ -58,7 +58,7 @@ def usage_of_body(request: ChatRequest, answer: Answer, upstream: Upstream) -> U
         body = orjson.loads(answer.head)
     except orjson.JSONDecodeError:
         body = None
-    return estimate_usage(request.payload.get("messages"), _message_text(body))
+    return estimate_usage(request.prompt, _message_text(body), chat=request.api is CHAT)
 
 
 def _header_usage(answer: Answer, upstream: Upstream) -> Usage | None:
@@ -73,9 +73,13 @@ def _message_text(body: Any) -> str:
         return ""
     parts = []
     for choice in body.get("choices") or ():
-        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
         if isinstance(message, dict) and isinstance(message.get("content"), str):
             parts.append(message["content"])
+        elif isinstance(choice.get("text"), str):  # the completions API
+            parts.append(choice["text"])
     return "".join(parts)
 
 

@@ -255,7 +255,7 @@ def test_a_header_flood_gets_a_clean_4xx(proxy: Proxy, headers: list[bytes]) -> 
 
 PATHS = [
     ("GET", "/v1/nothing", 404, "not_found"),
-    ("POST", "/v1/completions", 404, "not_found"),
+    ("POST", "/v1/responses", 404, "not_found"),
     ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
     ("PUT", "/v1/chat/completions", 405, "method_not_allowed"),
     ("DELETE", "/v1/chat/completions", 405, "method_not_allowed"),

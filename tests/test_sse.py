@@ -160,6 +160,14 @@ PAYLOADS: dict[str, tuple[dict[str, Any], Kind]] = {
     "usage-event": ({"id": "c1", "choices": [], "usage": USAGE}, "content"),
     "error-event": ({"error": {"message": "overloaded", "type": "server_error"}}, "error"),
     "no-choices": ({"id": "c1", "choices": []}, "other"),
+    "completions-text": (
+        {"object": "text_completion", "choices": [{"index": 0, "text": " the"}]},
+        "content",
+    ),
+    "completions-empty-text": (
+        {"object": "text_completion", "choices": [{"index": 0, "text": ""}]},
+        "other",
+    ),
 }
 
 
