@@ -88,6 +88,8 @@ def create_app(
         await asyncio.to_thread(tokenizer_available)
         gc.freeze()
         log.info("ready", config=state.config.summary())
+        if not state.config.keys:
+            log.warning("open_proxy", hint="no `keys:` in the routes file: any client is served")
         reloader.install_sighup()
         _drain_on_sigterm(runtime)
         watcher = asyncio.ensure_future(reloader.watch(watch_interval)) if watch_interval else None

@@ -23,6 +23,7 @@ from proxy.attempts import Answer, Attempts, Failure
 from proxy.chat_request import CHAT, Api, ChatRequest, parse_chat_request
 from proxy.errors import InternalError, ModelNotFound, ProxyError, UpstreamProtocolError
 from proxy.headers import client_response_headers, request_id, upstream_request_headers
+from proxy.keys import RateLimited, check_model, identify
 from proxy.metering import cost_usd
 from proxy.record import Observers, RequestRecord
 from proxy.relay import end_with_error, open_stream, relay, send_comment
@@ -85,17 +86,25 @@ class _Exchange:
 
     async def _admitted(self, state: AppState, observers: Observers) -> None:
         try:
-            server = state.config.server
+            config = state.config
+            key = identify(config, self.scope["headers"])  # before the body: 401 costs nothing
+            self.record.key_name = key.name if key is not None else None
+            server = config.server
             body = await read_body(
                 self.scope, self.receive, server.max_body_bytes, server.body_timeout
             )
             request = parse_chat_request(body, self.api)
-            route = state.config.route(request.model)
+            route = config.route(request.model)
             if route is None:
                 message = (
                     f"The model '{request.model}' does not exist or you do not have access to it."
                 )
                 raise ModelNotFound(message, param="model")
+            check_model(key, route.model)
+            state.runtime.limits.admit(key, time.monotonic())
+        except RateLimited as exc:
+            await self._fail(exc, exc.headers())
+            return
         except ProxyError as exc:
             await self._fail(exc)
             return
@@ -122,6 +131,9 @@ class _Exchange:
             self.record.client_disconnected = True
         finally:
             watch.close()
+            if key is not None and self.record.usage is not None:
+                used = self.record.usage.prompt + self.record.usage.completion
+                state.runtime.limits.charge(key, used, time.monotonic())
 
     async def _with_keepalives(
         self, run: Coroutine[Any, Any, Answer | Failure], every: float

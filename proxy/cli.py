@@ -1,4 +1,4 @@
-"""The `sluicegate` command: serve, check, mock-upstream."""
+"""The `sluicegate` command: serve, check, hash-key, mock-upstream."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import uvicorn
 from proxy import __version__
 from proxy.app import CONFIG_ENV, WATCH_ENV, create_app
 from proxy.config import ConfigError, load_config
+from proxy.keys import hash_key, new_key
 from proxy.logs import configure as configure_logs
 from proxy.metrics import prepare_multiprocess_dir
 from proxy.mock_upstream import Knobs, MockUpstream
@@ -65,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     check.set_defaults(run=_check)
 
+    hashing = sub.add_parser(
+        "hash-key",
+        help="print the SHA-256 of a client key for `keys:` (the key is read from stdin)",
+    )
+    hashing.add_argument(
+        "--new", action="store_true", help="make a new random key and print it with its hash"
+    )
+    hashing.set_defaults(run=_hash_key)
+
     mock = sub.add_parser("mock-upstream", help="run the OpenAI-compatible demo/test upstream")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8900)
@@ -89,6 +99,20 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{args.path}: {len(exc.issues)} error(s)", file=sys.stderr)
         return 1
     print(f"ok: {config.summary()}")
+    return 0
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    """Reads the key from stdin, so it stays out of shell history and `ps`."""
+    if args.new:
+        key = new_key()
+        print(f"key:    {key}\nsha256: {hash_key(key)}")
+        return 0
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("hash-key: give the key on stdin (or use --new)", file=sys.stderr)
+        return 1
+    print(hash_key(key))
     return 0
 
 

@@ -106,6 +106,17 @@ class Price:  # USD per million tokens
 
 
 @dataclass(frozen=True, slots=True)
+class ClientKey:
+    """A client's key, as stored: its SHA-256 only (`sluicegate hash-key` prints one)."""
+
+    name: str  # shows in metrics and the access log; the key itself never does
+    sha256: str  # lower-case hex
+    models: tuple[str, ...] | None = None  # route models it may use; None: every route
+    rpm: int | None = None  # requests per minute, per process
+    tpm: int | None = None  # tokens per minute, per process
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout: float = 30.0  # seconds a client may take to send its request body
@@ -123,7 +134,9 @@ class Config:
     routes: tuple[Route, ...]
     pricing: Mapping[str, Price]
     source: str
+    keys: tuple[ClientKey, ...] = ()  # none: the proxy is open to any client
     _by_model: Mapping[str, Route] = field(init=False, repr=False, compare=False)
+    _by_hash: Mapping[str, ClientKey] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Read-only even when built by hand (tests, tools), not only through parse_config.
@@ -134,9 +147,15 @@ class Config:
         for route in self.routes:
             index.setdefault(route.model, route)
         object.__setattr__(self, "_by_model", MappingProxyType(index))
+        object.__setattr__(self, "keys", tuple(self.keys))
+        hashes = {key.sha256: key for key in reversed(self.keys)}
+        object.__setattr__(self, "_by_hash", MappingProxyType(hashes))
 
     def route(self, model: str) -> Route | None:
         return self._by_model.get(model)
+
+    def key(self, sha256: str) -> ClientKey | None:
+        return self._by_hash.get(sha256)
 
     def summary(self) -> str:
         counts = zip((self.upstreams, self.routes, self.pricing), _NOUNS, strict=True)

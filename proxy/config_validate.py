@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from proxy.config_model import (
     STRATEGIES,
     STREAM_OPTIONS_MODES,
+    ClientKey,
     Config,
     ConfigIssue,
     Cooldown,
@@ -36,6 +37,8 @@ _Data = Mapping[str, object]
 _UP, _SERVER = Upstream("", ""), ServerSettings()  # where the validator finds defaults
 _Kind = Literal["positive", "non-negative", "count"]  # > 0, >= 0, an integer >= 1
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a metric label value
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class Validator:
@@ -155,6 +158,7 @@ class Validator:
         max_body = self.number(server, "max_body_bytes", "server", _SERVER.max_body_bytes, "count")
         budget = self.number(server, "retry_budget", "server", _SERVER.retry_budget, "non-negative")
         upstreams = self.upstreams(top.get("upstreams"))
+        routes = self.routes(top.get("routes"))
         return Config(
             server=ServerSettings(
                 max_body_bytes=int(max_body),
@@ -171,9 +175,10 @@ class Validator:
                 else _SERVER.keepalive_seconds,
             ),
             upstreams=upstreams,
-            routes=self.routes(top.get("routes")),
+            routes=routes,
             pricing=self.pricing(top.get("pricing")),
             source=self.source,
+            keys=self.keys(top.get("keys"), routes),
         )
 
     def upstreams(self, raw: object) -> dict[str, Upstream]:
@@ -309,6 +314,49 @@ class Validator:
                 cached_input=self.number(data, "cached_input", path, input_, "non-negative"),
             )
         return result
+
+    def keys(self, raw: object, routes: tuple[Route, ...]) -> tuple[ClientKey, ...]:
+        known = [route.model for route in routes]
+        keys, seen = [], set()
+        for name, path, value in self.entries(raw, "keys", dict, "client key"):
+            if not _KEY_NAME.fullmatch(name):
+                got = self.shown(path, name, bare=True)
+                self.issue(
+                    path, f"expected a key name of letters, digits, '.', '_', '-', got {got}"
+                )
+            data = self.section(value, path, ClientKey, "sha256")
+            # Never echoed: a raw key pasted here by mistake must not reach a log.
+            digest = self.string(data, "sha256", path, secret=True).lower()
+            hpath = child_path(path, "sha256")
+            if digest and not _SHA256.fullmatch(digest):
+                self.issue(
+                    hpath,
+                    "expected the key's SHA-256 as 64 hex digits "
+                    "(`sluicegate hash-key` prints it), got something else",
+                )
+            elif digest in seen:
+                self.issue(hpath, "the same key is listed twice")
+            seen.add(digest)
+            keys.append(ClientKey(
+                name=name,
+                sha256=digest,
+                models=self.key_models(data.get("models"), child_path(path, "models"), known),
+                rpm=self.optional_int(data, "rpm", path),
+                tpm=self.optional_int(data, "tpm", path),
+            ))  # fmt: skip
+        return tuple(keys)
+
+    def key_models(self, raw: object, path: str, known: list[str]) -> tuple[str, ...] | None:
+        if raw is None:
+            return None  # every route
+        models = []
+        for _, mpath, model in self.entries(raw, path, list, "route model"):
+            if not isinstance(model, str) or model not in known:
+                got = self.shown(mpath, model, bare=True)
+                self.issue(mpath, f"expected a route model ({', '.join(known)}), got {got}")
+            else:
+                models.append(model)
+        return tuple(models)
 
 
 def _optional(value: object) -> object:

@@ -3,6 +3,7 @@
 The only importer of prometheus_client. Metric names and labels are a public contract (the
 Grafana dashboard and the alert rules read them). Every label value is a config value or a
 fixed word: anything else collapses to `_other`, so client input cannot grow the series count.
+`key` is a client key's configured name, `_none` without keys or before a key was accepted.
 
 Several workers: `prepare_multiprocess_dir()` runs in the supervisor before the workers
 start; each worker then imports prometheus_client with PROMETHEUS_MULTIPROC_DIR set, writes
@@ -91,6 +92,7 @@ class Metrics:
         self._routes: set[str] = set()
         self._upstreams: set[str] = set()
         self._models: set[str] = set()
+        self._keys: set[str] = set()  # client key names
         self._fallback_reasons = _Words(seed=_OUTCOMES)
         self._stream_errors = _Words()
         self._warned_unpriced: set[str] = set()
@@ -103,16 +105,18 @@ class Metrics:
         self._requests = Counter(
             "sluicegate_requests_total",
             "Requests answered.",
-            (*ident, "stream", "status"),
+            (*ident, "stream", "status", "key"),
             registry=r,
         )
         self._tokens = Counter(
             "sluicegate_tokens_total",
             "Tokens used, by non-overlapping type.",
-            (*ident, "type", "usage_source"),
+            (*ident, "type", "usage_source", "key"),
             registry=r,
         )
-        self._cost = Counter("sluicegate_cost_usd_total", "Cost in USD.", ident, registry=r)
+        self._cost = Counter(
+            "sluicegate_cost_usd_total", "Cost in USD.", (*ident, "key"), registry=r
+        )
         self._unpriced = Counter(
             "sluicegate_unpriced_tokens_total",
             "Tokens of models without a price in the config.",
@@ -186,6 +190,7 @@ class Metrics:
         self._upstreams.update(config.upstreams)
         targets = [t for route in config.routes for t in (*route.targets, *route.fallbacks)]
         self._models.update(t.model for t in targets)
+        self._keys.update(key.name for key in config.keys)
         # Series that alerts compare over time start at 0, so their first increase is seen.
         for route in config.routes:
             self._inflight.labels(route.model)
@@ -252,11 +257,12 @@ class Metrics:
             self._inflight.labels(route).dec()
         stream = _STREAM.get(record.stream, OTHER)
         status = str(record.status) if 100 <= record.status <= 599 else OTHER
-        self._requests.labels(*ident, stream, status).inc()
+        key = _known(record.key_name, self._keys)
+        self._requests.labels(*ident, stream, status, key).inc()
         self._duration.labels(*ident, stream).observe(max(record.duration_s, 0.0))
         if record.ttft_s is not None:
             self._ttft.labels(*ident).observe(max(record.ttft_s, 0.0))
-        self._count_usage(record, ident)
+        self._count_usage(record, ident, key)
         for attempt in record.attempts:
             self._attempts.labels(
                 _known(attempt.upstream, self._upstreams), _known(attempt.outcome, _OUTCOMES)
@@ -273,16 +279,16 @@ class Metrics:
             reason = self._stream_errors(record.stream_error)
             self._stream_errors_total.labels(route, upstream, reason).inc()
 
-    def _count_usage(self, record: RequestRecord, ident: tuple[str, str, str]) -> None:
+    def _count_usage(self, record: RequestRecord, ident: tuple[str, str, str], key: str) -> None:
         usage = record.usage
         if usage is None:
             return
         source = _known(usage.source, _SOURCES)
         counts = (usage.input, usage.cached_input, usage.output, usage.reasoning)
         for kind, count in zip(TOKEN_TYPES, counts, strict=True):
-            self._tokens.labels(*ident, kind, source).inc(max(count, 0))
+            self._tokens.labels(*ident, kind, source, key).inc(max(count, 0))
         if record.cost_usd is not None:
-            self._cost.labels(*ident).inc(max(record.cost_usd, 0.0))
+            self._cost.labels(*ident, key).inc(max(record.cost_usd, 0.0))
         elif sum(counts) > 0:
             _, upstream, model = ident
             self._unpriced.labels(upstream, model).inc(sum(counts))

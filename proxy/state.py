@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.health import Health
+from proxy.keys import Limits
 from proxy.record import Observers
 from proxy.upstream import UpstreamClients
 
@@ -36,6 +37,7 @@ class Runtime:
     inflight: int = 0  # requests being served by this process
     draining: bool = False  # SIGTERM seen: readiness goes false, in-flight work finishes
     observers: Observers = field(default_factory=Observers)  # set up in the lifespan
+    limits: Limits = field(default_factory=Limits)  # client keys' rpm/tpm buckets
 
 
 @dataclass(frozen=True, slots=True)

@@ -339,7 +339,7 @@ def _expected_deltas(row: Row, fallback: bool) -> dict[Series, float]:
     if isinstance(then, Cuts):
         _count(out, "stream_errors", route=route, upstream=primary, reason=then.reason)
     _count(out, "requests", route=route, upstream=answered, model=model,
-           stream=str(row.stream).lower(), status=str(status))  # fmt: skip
+           stream=str(row.stream).lower(), status=str(status), key="_none")  # fmt: skip
     return out
 
 

@@ -43,7 +43,13 @@ def samples(body: bytes) -> Samples:
     }
 
 
+KEYED = ("sluicegate_requests_total", "sluicegate_tokens_total", "sluicegate_cost_usd_total")
+
+
 def value(got: Samples, name: str, **labels: str) -> float | None:
+    """The sample with exactly these labels; `key` is `_none` (no client keys) unless given."""
+    if name in KEYED:
+        labels.setdefault("key", NONE)
     return got.get((name, frozenset(labels.items())))
 
 

@@ -1,0 +1,148 @@
+"""Client keys (pure): who is calling, which routes they may use, and how fast.
+
+A key is known by its SHA-256 only, so routes.yaml holds nothing worth stealing. Limits are
+token buckets per key and per process (each worker, each pod keeps its own): `rpm` admits a
+request per token; `tpm` admits while the bucket is above zero and is charged the request's
+real usage when it ends, so one long answer can overdraw it and later requests wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from proxy.config_model import ClientKey, Config
+from proxy.errors import ProxyError
+
+KEY_PREFIX = "sk-sg-"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotAllowed(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, kind: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.type = kind  # OpenAI's word for what ran out: "requests" or "tokens"
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", b"%d" % max(1, math.ceil(self.retry_after)))]
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":  # ASGI servers lower-case header names
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            token = token.strip()
+            return token if scheme.lower() == "bearer" and token else None
+    return None
+
+
+def identify(config: Config, headers: Iterable[tuple[bytes, bytes]]) -> ClientKey | None:
+    """The caller's key; None when no keys are configured (the proxy is open)."""
+    if not config.keys:
+        return None
+    token = _bearer(headers)
+    if token is None:
+        raise Unauthorized(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+        )
+    key = config.key(hash_key(token))
+    if key is None:
+        raise Unauthorized("Incorrect API key provided.")  # never echoed, not even masked
+    return key
+
+
+def check_model(key: ClientKey | None, route: str) -> None:
+    if key is not None and key.models is not None and route not in key.models:
+        raise ModelNotAllowed(
+            f"The key '{key.name}' may not use the model '{route}'.", param="model"
+        )
+
+
+@dataclass(slots=True)
+class _Bucket:
+    level: float
+    at: float
+
+    def refill(self, per_minute: int, now: float) -> None:
+        elapsed = max(0.0, now - self.at)
+        self.level = min(float(per_minute), self.level + elapsed * per_minute / 60)
+        self.at = now
+
+
+class Limits:
+    """Per-process token buckets, by key name; kept across reloads (a changed limit applies
+    from the next request on)."""
+
+    def __init__(self) -> None:
+        self._requests: dict[str, _Bucket] = {}
+        self._tokens: dict[str, _Bucket] = {}
+
+    def admit(self, key: ClientKey | None, now: float) -> None:
+        """Raises RateLimited, with the seconds until a retry can pass, or takes a request."""
+        if key is None:
+            return
+        requests = self._bucket(self._requests, key.name, key.rpm, now)
+        tokens = self._bucket(self._tokens, key.name, key.tpm, now)
+        if requests is not None and key.rpm is not None and requests.level < 1:
+            wait = (1 - requests.level) * 60 / key.rpm
+            raise RateLimited(
+                f"Rate limit reached for key '{key.name}': {key.rpm} requests per minute.",
+                "requests",
+                wait,
+            )
+        if tokens is not None and key.tpm is not None and tokens.level <= 0:
+            wait = (1 - tokens.level) * 60 / key.tpm
+            raise RateLimited(
+                f"Rate limit reached for key '{key.name}': {key.tpm} tokens per minute.",
+                "tokens",
+                wait,
+            )
+        if requests is not None:
+            requests.level -= 1
+
+    def charge(self, key: ClientKey | None, tokens: int, now: float) -> None:
+        """A finished request's real usage, taken from the key's token bucket."""
+        if key is None or key.tpm is None:
+            return
+        bucket = self._bucket(self._tokens, key.name, key.tpm, now)
+        if bucket is not None:
+            bucket.level -= tokens
+
+    @staticmethod
+    def _bucket(
+        buckets: dict[str, _Bucket], name: str, per_minute: int | None, now: float
+    ) -> _Bucket | None:
+        if per_minute is None:
+            return None
+        bucket = buckets.get(name)
+        if bucket is None:
+            bucket = buckets[name] = _Bucket(float(per_minute), now)  # starts full
+        else:
+            bucket.refill(per_minute, now)
+        return bucket
