@@ -480,6 +480,19 @@ def test_a_fallback_is_priced_at_its_own_model_and_an_unpriced_one_says_so(
     assert tab.text("#cost") == "unpriced"
 
 
+def test_a_non_stream_answer_asked_for_in_the_extra_body_is_shown_whole(
+    priced: str, tab: Tab
+) -> None:
+    tab.open(priced)
+    tab.ask("hi", model="rescued", extra={"stream": False, "seed": 3})
+    assert tab.wait_finished() == "done"
+    assert tab.answer() == expected_content(3, 16)
+    assert tab.text("#answered-by") == "backup-model"
+    prompt = count_prompt_tokens([{"role": "user", "content": "hi"}])
+    assert tab.text("#tokens") == f"{prompt} prompt + 16 completion"
+    assert tab.value("#cost") == pytest.approx((prompt * 1.5 + 16 * 3) / 1e6, rel=1e-9)
+
+
 def test_an_api_key_is_sent_as_a_bearer_token_and_kept_in_the_tab_only(
     priced: str, browser: Browser, tab: Tab
 ) -> None:
