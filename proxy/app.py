@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from proxy.asgi import send_error
+from proxy.catalog import model_entries
 from proxy.chat import ChatCompletions
 from proxy.chat_request import APIS
 from proxy.config import ConfigError
@@ -31,6 +32,7 @@ from proxy.health import Health
 from proxy.logs import access_log, get_logger
 from proxy.metering import tokenizer_available
 from proxy.metrics import Metrics
+from proxy.playground import playground
 from proxy.record import Observer, Observers, RequestRecord
 from proxy.reload import POLL_SECONDS, Reloader
 from proxy.state import NotReady, Runtime, StateRef
@@ -103,12 +105,7 @@ def create_app(
             await reloader.aclose()
 
     async def models(_request: Request) -> Response:
-        state = ref.get()
-        data = [
-            {"id": r.model, "object": "model", "created": 0, "owned_by": "sluicegate"}
-            for r in state.config.routes
-        ]
-        return _json(200, {"object": "list", "data": data})
+        return _json(200, {"object": "list", "data": model_entries(ref.get().config)})
 
     async def healthz(_request: Request) -> Response:
         return _json(200, {"status": "ok"})
@@ -131,6 +128,7 @@ def create_app(
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/", playground, methods=["GET"]),  # and HEAD
     ]
     app = _Proxy(
         endpoints,

@@ -185,6 +185,8 @@ def _demo_banner(host: str, port: int, upstream_url: str) -> str:
     return f"""\
 sluicegate demo: proxy on {base}  (demo upstream on {upstream_url}/v1, offline, no keys)
 
+  playground: http://{host}:{port}/  (open it in a browser)
+
   curl -N {base}/chat/completions -H 'content-type: application/json' \\
     -d '{{"model": "support-bot", "stream": true,
          "messages": [{{"role": "user", "content": "hi"}}]}}'

@@ -1,0 +1,40 @@
+"""What `GET /v1/models` lists: one entry per route, in OpenAI's shape, plus the prices of the
+upstream models that route may answer with (a sluicegate extra that OpenAI's SDKs ignore).
+
+Only route names, upstream model names and prices: never upstream names, URLs or keys."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from proxy.config_model import Config, Price, Route
+
+ModelEntry = dict[str, object]
+
+
+def model_entries(config: Config) -> list[ModelEntry]:
+    return [
+        {
+            "id": route.model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "sluicegate",
+            "pricing": route_pricing(route, config.pricing),
+        }
+        for route in config.routes
+    ]
+
+
+def route_pricing(route: Route, pricing: Mapping[str, Price]) -> dict[str, dict[str, float]]:
+    """USD per million tokens for every target and fallback model that has a price, keyed by
+    the upstream model name that streamed chunks carry in their `model` field."""
+    prices: dict[str, dict[str, float]] = {}
+    for target in (*route.targets, *route.fallbacks):
+        price = pricing.get(target.model)
+        if price is not None:
+            prices[target.model] = {
+                "input": price.input,
+                "cached_input": price.cached_input,
+                "output": price.output,
+            }
+    return prices
