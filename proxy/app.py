@@ -29,6 +29,7 @@ from proxy.chat_request import APIS
 from proxy.config import ConfigError
 from proxy.errors import HeadersTooLarge, MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.health import Health
+from proxy.keys import identify
 from proxy.logs import access_log, get_logger
 from proxy.metering import tokenizer_available
 from proxy.metrics import Metrics
@@ -104,8 +105,10 @@ def create_app(
                     await watcher
             await reloader.aclose()
 
-    async def models(_request: Request) -> Response:
-        return _json(200, {"object": "list", "data": model_entries(ref.get().config)})
+    async def models(request: Request) -> Response:
+        config = ref.get().config
+        key = identify(config, request.scope["headers"])  # with keys, as OpenAI's: 401 without
+        return _json(200, {"object": "list", "data": model_entries(config, key)})
 
     async def healthz(_request: Request) -> Response:
         return _json(200, {"status": "ok"})

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from proxy.config_model import Config, Price, Route
+from proxy.config_model import ClientKey, Config, Price, Route
 
 ModelEntry = dict[str, object]
 
 
-def model_entries(config: Config) -> list[ModelEntry]:
+def model_entries(config: Config, key: ClientKey | None = None) -> list[ModelEntry]:
+    """Every route, or the ones `key` may use."""
+    allowed = None if key is None else key.models
     return [
         {
             "id": route.model,
@@ -22,6 +24,7 @@ def model_entries(config: Config) -> list[ModelEntry]:
             "pricing": route_pricing(route, config.pricing),
         }
         for route in config.routes
+        if allowed is None or route.model in allowed
     ]
 
 

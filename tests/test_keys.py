@@ -208,6 +208,15 @@ def _status(proxy: RunningServer, key: str) -> int:
     return r.status_code
 
 
+def test_models_need_a_key_and_list_what_it_may_use(keyed: Any) -> None:
+    proxy, _, _ = keyed
+    with pytest.raises(openai.AuthenticationError):
+        _client(proxy, STRANGER_KEY).models.list()
+    team = [m.id for m in _client(proxy, TEAM_KEY).models.list()]
+    bot = [m.id for m in _client(proxy, BOT_KEY).models.list()]
+    assert (team, bot) == (["support-bot", "premium"], ["support-bot"])
+
+
 # --- config ---------------------------------------------------------------------------------
 
 
