@@ -8,7 +8,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 from urllib.parse import urlsplit
 
 from proxy.config_model import (
@@ -36,14 +36,23 @@ _Data = Mapping[str, object]
 _UP, _SERVER = Upstream("", ""), ServerSettings()  # where the validator finds defaults
 _Kind = Literal["positive", "non-negative", "count"]  # > 0, >= 0, an integer >= 1
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+_HOST = re.compile(r"[0-9A-Za-z.:%_-]+")  # a name, an IPv4 or a bare IPv6 address
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # what survives in a header: no spaces, no line breaks
+
+
+class _MetricsSettings(TypedDict):
+    metrics_port: int | None
+    metrics_host: str | None
+    metrics_token: Secret | None
 
 
 class Validator:
     """Walks the data once. Every check records an issue and then returns a placeholder, so
     one mistake never hides the next; the placeholders are thrown away with the Config."""
 
-    def __init__(self, source: str, doc: YamlDocument) -> None:
+    def __init__(self, source: str, doc: YamlDocument, main_port: int | None = None) -> None:
         self.source = source
+        self.main_port = main_port  # `serve --port`, when known: metrics_port must differ
         self.lines = doc.lines
         self.templates = doc.templates  # expanded paths: show their "${...}", never the value
         self.issues = [ConfigIssue(source, p.line, p.path, p.message) for p in doc.problems]
@@ -169,12 +178,38 @@ class Validator:
                 keepalive_seconds=self.optional_seconds(server, "keepalive_seconds", "server")
                 if "keepalive_seconds" in server
                 else _SERVER.keepalive_seconds,
+                **self.metrics(server),
             ),
             upstreams=upstreams,
             routes=self.routes(top.get("routes")),
             pricing=self.pricing(top.get("pricing")),
             source=self.source,
         )
+
+    def metrics(self, server: _Data) -> _MetricsSettings:
+        port = self.optional_int(server, "metrics_port", "server")
+        ppath, hpath = "server.metrics_port", "server.metrics_host"
+        if port is not None and port > 65535:
+            self.issue(ppath, f"must be 65535 or less, got {self.shown(ppath, port)}")
+        elif port is not None and port == self.main_port:
+            self.issue(ppath, f"must differ from the main port (--port {port})")
+        host = self.string(server, "metrics_host", "server") or None
+        if host and not _HOST.fullmatch(host):
+            got = self.shown(hpath, host, bare=True)
+            self.issue(hpath, f"expected a host name or IP address to listen on, got {got}")
+        if host and port is None:
+            self.issue(hpath, "needs server.metrics_port (or drop it: the main --host is used)")
+        token = self.string(server, "metrics_token", "server", secret=True)
+        if token and not _TOKEN.fullmatch(token):  # never echoed: it is a secret
+            self.issue(
+                "server.metrics_token",
+                "expected printable ASCII without spaces or line breaks (a trailing newline?)",
+            )
+        return {
+            "metrics_port": port if port is not None and port <= 65535 else None,
+            "metrics_host": host,
+            "metrics_token": Secret(token) if token else None,
+        }
 
     def upstreams(self, raw: object) -> dict[str, Upstream]:
         entries = self.entries(raw, "upstreams", dict, "upstream")
