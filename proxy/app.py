@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -26,13 +27,14 @@ from proxy.asgi import send_error
 from proxy.catalog import model_entries
 from proxy.chat import ChatCompletions
 from proxy.chat_request import APIS
-from proxy.config import ConfigError
+from proxy.config import ConfigError, ServerSettings
 from proxy.errors import HeadersTooLarge, MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.health import Health
 from proxy.keys import identify
 from proxy.logs import access_log, get_logger
 from proxy.metering import tokenizer_available
 from proxy.metrics import Metrics
+from proxy.metrics_server import MetricsEndpoint, restart_needed
 from proxy.playground import playground
 from proxy.record import Observer, Observers, RequestRecord
 from proxy.reload import POLL_SECONDS, Reloader
@@ -43,6 +45,7 @@ CONFIG_ENV = "SLUICEGATE_CONFIG"
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 32 * 1024
 WATCH_ENV = "SLUICEGATE_WATCH"
+METRICS_ROUTE_ENV = "SLUICEGATE_METRICS_ROUTE"  # "0": /metrics is on the metrics listener
 log = get_logger()
 
 
@@ -53,14 +56,18 @@ def create_app(
     watch_interval: float | None = POLL_SECONDS,
     runtime: Runtime | None = None,
     observers: Sequence[Observer] = (),
+    metrics_route: bool = True,
 ) -> Starlette:
     """The proxy for one config file; the file is read at start-up and watched for edits.
 
     `observers` hear about every finished request, after the built-in ones (a test seam,
-    and a hook for embedding)."""
+    and a hook for embedding). `metrics_route=False`: /metrics is served elsewhere (see
+    proxy.metrics_server; `app.state.render_metrics` renders it), and is 404 here."""
     ref = StateRef()
     runtime = runtime or Runtime(health=Health())
     metrics: list[Metrics] = []  # the one per process, made when the config is first read
+    started: list[ServerSettings] = []  # as read at start-up; the metrics settings stay so
+    scrape = MetricsEndpoint(functools.partial(_render, metrics))  # token: set at start-up
 
     def reloaded(ok: bool, error: ConfigError | None) -> None:
         config = ref.get().config
@@ -68,6 +75,7 @@ def create_app(
             meter.config_reloaded(ok, config if ok else None)
         if ok:
             log.info("config_reloaded", config=config.summary())
+            _warn_restart_needed(started, config.server)
         else:
             log.error(
                 "config_reload_refused", errors=[str(i) for i in error.issues] if error else []
@@ -79,6 +87,8 @@ def create_app(
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         state = reloader.start()
         meter = Metrics(state.config)
+        started.append(state.config.server)
+        scrape.token = state.config.server.metrics_token  # before /metrics can answer
         metrics.append(meter)
         runtime.health.on_cooldown = meter.set_cooldown
         runtime.observers = Observers(
@@ -105,33 +115,11 @@ def create_app(
                     await watcher
             await reloader.aclose()
 
-    async def models(request: Request) -> Response:
-        config = ref.get().config
-        key = identify(config, request.scope["headers"])  # with keys, as OpenAI's: 401 without
-        return _json(200, {"object": "list", "data": model_entries(config, key)})
-
-    async def healthz(_request: Request) -> Response:
-        return _json(200, {"status": "ok"})
-
-    async def metrics_endpoint(_request: Request) -> Response:
-        if not metrics:
-            raise NotReady("sluicegate is starting")
-        body, content_type = metrics[0].render()
-        return Response(body, 200, media_type=content_type)
-
-    async def readyz(_request: Request) -> Response:
-        if ref.current is None or runtime.draining:
-            return _json(503, {"status": "draining" if runtime.draining else "not ready"})
-        return _json(200, {"status": "ready"})
-
     endpoints = {path: ChatCompletions(ref, runtime, api) for path, api in APIS.items()}
     routes = [
         *(Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/", playground, methods=["GET"]),  # and HEAD
+        *([Route("/metrics", scrape, methods=["GET"])] if metrics_route else []),
+        *_small_routes(ref, runtime),
     ]
     app = _Proxy(
         endpoints,
@@ -145,7 +133,43 @@ def create_app(
     )
     app.state.runtime = runtime
     app.state.reloader = reloader
+    app.state.render_metrics = scrape.render
     return app
+
+
+def _small_routes(ref: StateRef, runtime: Runtime) -> list[Route]:
+    """The endpoints off the hot path: model list, probes, the playground."""
+
+    async def models(request: Request) -> Response:
+        config = ref.get().config
+        key = identify(config, request.scope["headers"])  # with keys, as OpenAI's: 401 without
+        return _json(200, {"object": "list", "data": model_entries(config, key)})
+
+    async def healthz(_request: Request) -> Response:
+        return _json(200, {"status": "ok"})
+
+    async def readyz(_request: Request) -> Response:
+        if ref.current is None or runtime.draining:
+            return _json(503, {"status": "draining" if runtime.draining else "not ready"})
+        return _json(200, {"status": "ready"})
+
+    return [
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/", playground, methods=["GET"]),  # and HEAD
+    ]
+
+
+def _render(metrics: list[Metrics]) -> tuple[bytes, str]:
+    if not metrics:
+        raise NotReady("sluicegate is starting")
+    return metrics[0].render()
+
+
+def _warn_restart_needed(started: list[ServerSettings], now: ServerSettings) -> None:
+    if started and (stale := restart_needed(started[0], now)):
+        log.warning("restart_needed", settings=stale, hint="they apply at the next start")
 
 
 def _counted(observer: Observer, meter: Metrics) -> Observer:
@@ -205,7 +229,9 @@ def create_app_from_env() -> Starlette:
     """Factory for `uvicorn --factory` in multi-worker mode: the CLI passes the path."""
     watch = os.environ.get(WATCH_ENV, "1") == "1"
     return create_app(
-        os.environ.get(CONFIG_ENV, "routes.yaml"), watch_interval=POLL_SECONDS if watch else None
+        os.environ.get(CONFIG_ENV, "routes.yaml"),
+        watch_interval=POLL_SECONDS if watch else None,
+        metrics_route=os.environ.get(METRICS_ROUTE_ENV, "1") == "1",
     )
 
 

@@ -9,16 +9,17 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import uvicorn
 
-from proxy import __version__
-from proxy.app import CONFIG_ENV, WATCH_ENV, create_app
+from proxy import __version__, metrics_server
+from proxy.app import CONFIG_ENV, METRICS_ROUTE_ENV, WATCH_ENV, create_app
 from proxy.config import ConfigError, load_config
 from proxy.keys import hash_key, new_key
 from proxy.logs import configure as configure_logs
-from proxy.metrics import prepare_multiprocess_dir
+from proxy.metrics import prepare_multiprocess_dir, render_workers
 from proxy.mock_upstream import Knobs, MockUpstream
 from proxy.mock_upstream import serve as serve_mock
 from proxy.reload import POLL_SECONDS
@@ -54,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=_workers, default=1, help="a number, or 'auto' (CPUs)")
     serve.add_argument("--demo", action="store_true", help="serve a built-in demo upstream too")
+    serve.add_argument(
+        "--metrics-port",
+        type=_port,
+        help="serve /metrics (and /healthz) on this port, and not on --port; "
+        "wins over server.metrics_port",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        help="the metrics listener's address (default: server.metrics_host, else --host); "
+        "needs --metrics-port",
+    )
     serve.add_argument(
         "--no-watch",
         dest="watch",
@@ -91,6 +103,13 @@ def _workers(value: str) -> int:
     return count
 
 
+def _port(value: str) -> int:
+    port = int(value)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError("a port is 1-65535")
+    return port
+
+
 def _check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.path)
@@ -118,31 +137,69 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     configure_logs()
+    problem = _metrics_flags_problem(args)
+    if problem:
+        print(f"sluicegate serve: error: {problem}", file=sys.stderr)
+        return 2
     if args.demo:
         return _serve_demo(args)
-    return _serve_config(args.config, args.host, args.port, args.workers, watch=args.watch)
+    metrics = (args.metrics_host, args.metrics_port)
+    return _serve_config(
+        args.config, args.host, args.port, args.workers, watch=args.watch, metrics=metrics
+    )
+
+
+def _metrics_flags_problem(args: argparse.Namespace) -> str | None:
+    if args.metrics_host is not None and args.metrics_port is None:
+        return "--metrics-host needs --metrics-port"
+    if args.metrics_port is not None and args.metrics_port == args.port:
+        return f"--metrics-port must differ from --port ({args.port})"
+    return None
 
 
 def _serve_config(
-    config_path: str, host: str, port: int, workers: int, *, watch: bool = True
+    config_path: str,
+    host: str,
+    port: int,
+    workers: int,
+    *,
+    watch: bool = True,
+    metrics: tuple[str | None, int | None] = (None, None),
 ) -> int:
+    metrics_host, metrics_port = metrics  # the flags; they win over the file's server.metrics_*
     try:
-        config = load_config(config_path)  # fail here, readably, rather than inside a worker
+        # Fail here, readably, rather than inside a worker.
+        config = load_config(config_path, main_port=port if metrics_port is None else None)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    app: object = create_app(config_path, watch_interval=POLL_SECONDS if watch else None)
+    listener = metrics_server.listener(config.server, host, metrics_port, metrics_host)
+    proxy = create_app(
+        config_path, watch_interval=POLL_SECONDS if watch else None, metrics_route=not listener
+    )
+    app: object = proxy
+    render: metrics_server.Render = proxy.state.render_metrics
     metrics_dir = None
-    if workers > 1:
-        # Each worker process builds its own app from the path in the environment, and
-        # writes its metrics where every worker's /metrics can add them all up.
-        os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
-        os.environ[WATCH_ENV] = "1" if watch else "0"
-        app = "proxy.app:create_app_from_env"
-        metrics_dir = prepare_multiprocess_dir()
+    listening = None
     try:
+        if workers > 1:
+            # Each worker process builds its own app from the path in the environment, and
+            # writes its metrics where every worker's /metrics (and the metrics listener, in
+            # this supervisor process) can add them all up.
+            os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
+            os.environ[WATCH_ENV] = "1" if watch else "0"
+            os.environ[METRICS_ROUTE_ENV] = "0" if listener else "1"
+            app = "proxy.app:create_app_from_env"
+            metrics_dir = prepare_multiprocess_dir()
+            render = partial(render_workers, os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        listening = metrics_server.start(listener, render, config.server.metrics_token)
         _run_uvicorn(app, host, port, workers, config.server.drain_seconds)
+    except metrics_server.ListenError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     finally:
+        if listening is not None:
+            listening.stop()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
@@ -175,7 +232,11 @@ def _serve_demo(args: argparse.Namespace) -> int:
         config_path.write_text(DEMO_CONFIG.format(upstream_url=mock.url))
         print(_demo_banner(args.host, args.port, mock.url), flush=True)
         try:
-            return _serve_config(str(config_path), args.host, args.port, args.workers, watch=False)
+            metrics = (args.metrics_host, args.metrics_port)
+            path = str(config_path)
+            return _serve_config(
+                path, args.host, args.port, args.workers, watch=False, metrics=metrics
+            )
         finally:
             mock.stop()
 

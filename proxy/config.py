@@ -46,7 +46,13 @@ __all__ = [
 ]
 
 
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    main_port: int | None = None,
+) -> Config:
+    """`main_port`: the port `serve` listens on, which `server.metrics_port` must not be."""
     source = os.fspath(path)
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: editors that write a BOM
@@ -57,15 +63,17 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except UnicodeDecodeError as exc:
         message = f"not UTF-8 text: {exc.reason} at byte {exc.start}"
         raise ConfigError([ConfigIssue(source, None, "", message)]) from None
-    return parse_config(text, source, os.environ if env is None else env)
+    return parse_config(text, source, os.environ if env is None else env, main_port=main_port)
 
 
-def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
+def parse_config(
+    text: str, source: str, env: Mapping[str, str], *, main_port: int | None = None
+) -> Config:
     try:
         doc = compose(text, env)
     except YamlSyntaxError as exc:
         raise ConfigError([ConfigIssue(source, exc.line, "", exc.message)]) from None
-    v = Validator(source, doc)
+    v = Validator(source, doc, main_port)
     config = v.config(doc.data)
     if v.issues:
         # Unlocated issues (none are expected) go last; otherwise file order.

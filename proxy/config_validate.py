@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import math
 import re
-from collections.abc import Mapping
-from dataclasses import fields
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, TypedDict
 from urllib.parse import urlsplit
 
+from proxy.config_checks import Checks, Data
 from proxy.config_model import (
     STRATEGIES,
     STREAM_OPTIONS_MODES,
     ClientKey,
     Config,
-    ConfigIssue,
     Cooldown,
     Price,
     Route,
@@ -27,128 +22,28 @@ from proxy.config_model import (
     Upstream,
     UsageHeaders,
 )
-from proxy.config_yaml import YamlDocument, child_path, describe
+from proxy.config_yaml import child_path
 
 if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
+    pass
 
 
-_Data = Mapping[str, object]
 _UP, _SERVER = Upstream("", ""), ServerSettings()  # where the validator finds defaults
-_Kind = Literal["positive", "non-negative", "count"]  # > 0, >= 0, an integer >= 1
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a metric label value
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_HOST = re.compile(r"[0-9A-Za-z.:%_-]+")  # a name, an IPv4 or a bare IPv6 address
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # what survives in a header: no spaces, no line breaks
 
 
-class Validator:
-    """Walks the data once. Every check records an issue and then returns a placeholder, so
-    one mistake never hides the next; the placeholders are thrown away with the Config."""
+class _MetricsSettings(TypedDict):
+    metrics_port: int | None
+    metrics_host: str | None
+    metrics_token: Secret | None
 
-    def __init__(self, source: str, doc: YamlDocument) -> None:
-        self.source = source
-        self.lines = doc.lines
-        self.templates = doc.templates  # expanded paths: show their "${...}", never the value
-        self.issues = [ConfigIssue(source, p.line, p.path, p.message) for p in doc.problems]
-        # A value YAML could not read or expand is reported once, not again as the wrong type.
-        self.flagged = {p.path for p in doc.problems}
-        self.declared: tuple[str, ...] | None = None  # upstream names, once known
 
-    def issue(self, path: str, message: str) -> None:
-        if path not in self.flagged:
-            self.issues.append(ConfigIssue(self.source, self.lines.get(path), path, message))
-
-    def shown(self, path: str, value: object, *, bare: bool = False) -> str:
-        template = self.templates.get(path)
-        if template is not None:
-            return f"from {template!r}" if bare else f"the expansion of {template!r}"
-        return repr(value) if bare else describe(value)
-
-    def section(
-        self, raw: object, path: str, cls: type[DataclassInstance], *required: str
-    ) -> _Data:
-        """A mapping with a fixed key set; anything unusable reads as empty so checks go on."""
-        if not isinstance(raw, dict):
-            self.issue(path, f"expected a mapping, got {describe(raw)}")
-            return {}
-        # The keys are the dataclass's fields, so the schema cannot drift from the types.
-        allowed = [f.name for f in fields(cls) if f.init and f.name not in ("name", "source")]
-        for key in raw:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
-                self.issue(child_path(path, key), f"unknown key {key!r} ({hint})")
-        for key in required:
-            if key not in raw:
-                self.issue(path, f"missing required key {key!r}")
-            elif raw[key] is None:
-                self.issue(child_path(path, key), "expected a value, got null")
-        return raw
-
-    def entries(
-        self,
-        raw: object,
-        path: str,
-        kind: type[dict[str, object] | list[object]],
-        what: str,
-        *,
-        empty: bool = False,
-    ) -> list[tuple[str, str, object]]:
-        """(key, path, value) of each entry of a list or mapping; none if absent or invalid."""
-        if raw is None:
-            return []
-        if not isinstance(raw, kind) or not (raw or empty):
-            noun = "mapping" if kind is dict else "list"
-            got = f"an empty {noun}" if isinstance(raw, kind) else describe(raw)
-            need = f"a {noun} of {what}s" if empty else f"a {noun} of at least one {what}"
-            self.issue(path, f"expected {need}, got {got}")
-            return []
-        if isinstance(raw, dict):
-            return [(key, child_path(path, key), value) for key, value in raw.items()]
-        return [(str(i), f"{path}[{i}]", value) for i, value in enumerate(raw)]
-
-    def string(
-        self, data: _Data, key: str, path: str, *, empty: bool = False, secret: bool = False
-    ) -> str:
-        """ "" when absent or invalid."""
-        path = child_path(path, key)
-        raw = data.get(key)
-        if raw is None:
-            return ""
-        if not isinstance(raw, str):
-            # A secret pasted in unquoted may read as a number: do not echo it.
-            got = "another type" if secret else describe(raw)
-            self.issue(path, f"expected a string, got {got}")
-            return ""
-        if not raw and not empty:
-            self.issue(path, "expected a non-empty string")
-        return raw
-
-    def number(self, data: _Data, key: str, path: str, default: float, kind: _Kind) -> float:
-        """data[key], or `default` when absent or invalid (then with an issue)."""
-        path, value = child_path(path, key), data.get(key)
-        integer = kind == "count"
-        least, inclusive = (1, True) if integer else (0, kind == "non-negative")
-        if isinstance(value, str) and path in self.templates:
-            # "${VAR}" expands to text; a number field reads it as a number if it is one.
-            with contextlib.suppress(ValueError):
-                value = int(value) if integer else float(value)
-        if value is None:
-            return default
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or (integer and isinstance(value, float))
-            or not math.isfinite(value)
-        ):
-            expected = "an integer" if integer else "a number"
-            self.issue(path, f"expected {expected}, got {self.shown(path, value)}")
-        elif value < least or (value == least and not inclusive):
-            bound = f"{least} or more" if inclusive else f"greater than {least}"
-            self.issue(path, f"must be {bound}, got {self.shown(path, value)}")
-        else:
-            return value if integer else float(value)
-        return default
+class Validator(Checks):
+    """The schema of routes.yaml, section by section, on top of the generic checks."""
 
     def config(self, raw: object) -> Config:
         if raw is None:
@@ -173,6 +68,7 @@ class Validator:
                 keepalive_seconds=self.optional_seconds(server, "keepalive_seconds", "server")
                 if "keepalive_seconds" in server
                 else _SERVER.keepalive_seconds,
+                **self.metrics(server),
             ),
             upstreams=upstreams,
             routes=routes,
@@ -180,6 +76,31 @@ class Validator:
             source=self.source,
             keys=self.keys(top.get("keys"), routes),
         )
+
+    def metrics(self, server: Data) -> _MetricsSettings:
+        port = self.optional_int(server, "metrics_port", "server")
+        ppath, hpath = "server.metrics_port", "server.metrics_host"
+        if port is not None and port > 65535:
+            self.issue(ppath, f"must be 65535 or less, got {self.shown(ppath, port)}")
+        elif port is not None and port == self.main_port:
+            self.issue(ppath, f"must differ from the main port (--port {port})")
+        host = self.string(server, "metrics_host", "server") or None
+        if host and not _HOST.fullmatch(host):
+            got = self.shown(hpath, host, bare=True)
+            self.issue(hpath, f"expected a host name or IP address to listen on, got {got}")
+        if host and port is None:
+            self.issue(hpath, "needs server.metrics_port (or drop it: the main --host is used)")
+        token = self.string(server, "metrics_token", "server", secret=True)
+        if token and not _TOKEN.fullmatch(token):  # never echoed: it is a secret
+            self.issue(
+                "server.metrics_token",
+                "expected printable ASCII without spaces or line breaks (a trailing newline?)",
+            )
+        return {
+            "metrics_port": port if port is not None and port <= 65535 else None,
+            "metrics_host": host,
+            "metrics_token": Secret(token) if token else None,
+        }
 
     def upstreams(self, raw: object) -> dict[str, Upstream]:
         entries = self.entries(raw, "upstreams", dict, "upstream")
@@ -228,16 +149,6 @@ class Validator:
             seconds=self.number(data, "seconds", path, _UP.cooldown.seconds, "non-negative"),
         )
 
-    def optional_seconds(self, data: _Data, key: str, path: str) -> float | None:
-        if data.get(key) is None:
-            return None
-        return self.number(data, key, path, 1.0, "positive")
-
-    def optional_int(self, data: _Data, key: str, path: str) -> int | None:
-        if data.get(key) is None:
-            return None
-        return int(self.number(data, key, path, 1, "count"))
-
     def usage_headers(self, raw: object, path: str) -> UsageHeaders:
         path = child_path(path, "usage_headers")
         data = self.section(raw, path, UsageHeaders)
@@ -284,7 +195,7 @@ class Validator:
             hedge_after=self.optional_seconds(data, "hedge_after", path),
         )
 
-    def targets(self, data: _Data, key: str, path: str) -> tuple[Target, ...]:
+    def targets(self, data: Data, key: str, path: str) -> tuple[Target, ...]:
         path = child_path(path, key)
         entries = self.entries(data.get(key), path, list, "target", empty=key == "fallbacks")
         return tuple(self.target(value, path) for _, path, value in entries)

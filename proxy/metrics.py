@@ -7,7 +7,8 @@ fixed word: anything else collapses to `_other`, so client input cannot grow the
 
 Several workers: `prepare_multiprocess_dir()` runs in the supervisor before the workers
 start; each worker then imports prometheus_client with PROMETHEUS_MULTIPROC_DIR set, writes
-its values to files there, and any worker's `render()` adds up every worker's files.
+its values to files there, and any worker's `render()` adds up every worker's files (as does
+`render_workers()` in the supervisor, for the metrics listener of `serve --metrics-port`).
 """
 
 from __future__ import annotations
@@ -233,12 +234,9 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition for GET /metrics: its body and content type."""
-        registry = self.registry
         if self._multiproc_dir:
-            registry = CollectorRegistry()
-            # prometheus_client leaves this constructor unannotated.
-            multiprocess.MultiProcessCollector(registry, path=self._multiproc_dir)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE
+            return render_workers(self._multiproc_dir)
+        return generate_latest(self.registry), CONTENT_TYPE
 
     # --- one record ----------------------------------------------------------------------
 
@@ -300,6 +298,15 @@ class Metrics:
                     model=model,
                     hint="add it under `pricing:` in the routes file",
                 )
+
+
+def render_workers(path: str) -> tuple[bytes, str]:
+    """The exposition of every worker's values in multiprocess directory `path`: what any
+    worker's `render()` answers, and what the supervisor serves on `--metrics-port`."""
+    registry = CollectorRegistry()
+    # prometheus_client leaves this constructor unannotated.
+    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE
 
 
 def prepare_multiprocess_dir() -> str | None:

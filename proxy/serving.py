@@ -1,7 +1,8 @@
 """Serve an ASGI app with uvicorn in a background thread on a loopback port.
 
 For tests, benchmarks and the offline demo: the app runs for real (sockets, HTTP parser,
-lifespan) while the calling thread stays free to act as the client.
+lifespan) while the calling thread stays free to act as the client. `serve --metrics-port`
+runs its metrics listener this way too (on any host).
 """
 
 from __future__ import annotations

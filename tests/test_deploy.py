@@ -31,7 +31,9 @@ import pytest
 import yaml
 
 from proxy.app import create_app
+from proxy.cli import _parser
 from proxy.config import Config, ConfigError, load_config, parse_config
+from proxy.metrics_server import PATHS as METRICS_PATHS
 from proxy.serving import RunningServer
 from tests.helpers import free_port
 
@@ -146,12 +148,18 @@ def served_port() -> int:
     return int(flag([*serve_args(), *container().get("args", [])], "--port"))
 
 
+def metrics_port(extra_args: list[str]) -> int:
+    """The `--metrics-port` the image's command line plus `extra_args` ends up with."""
+    return int(flag([*serve_args(), *extra_args], "--metrics-port"))
+
+
 def config_path() -> str:
     return flag([*serve_args(), *container().get("args", [])], "--config")
 
 
-def app_paths() -> set[str]:
-    app = create_app(ROOT / "routes.yaml", watch_interval=None)  # the file is read on start
+def app_paths(*, metrics_route: bool = True) -> set[str]:
+    # The file is read on start, so nothing here needs its keys.
+    app = create_app(ROOT / "routes.yaml", watch_interval=None, metrics_route=metrics_route)
     return {route.path for route in app.routes}
 
 
@@ -214,7 +222,8 @@ def test_crd_objects_have_their_required_shape() -> None:
     monitor = the("ServiceMonitor")["spec"]
     assert set(monitor) == {"selector", "endpoints"}
     for endpoint in monitor["endpoints"]:
-        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
+        allowed = {"port", "path", "interval", "scrapeTimeout", "scheme", "authorization"}
+        assert set(endpoint) <= allowed
         assert re.fullmatch(r"\d+[smh]", endpoint["interval"])
     for group in the("PrometheusRule")["spec"]["groups"]:
         assert group["name"]
@@ -232,9 +241,23 @@ def test_prometheus_rule_embeds_alerts_yml_unchanged() -> None:
     )
 
 
+def test_the_container_args_are_what_sluicegate_serve_accepts() -> None:
+    args = [*serve_args()[:-1], *container()["args"]]  # less the image's "$@"
+    defaults = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", arg) for arg in args]  # as sh would
+    parsed = _parser().parse_args(["serve", *defaults])
+    assert parsed.metrics_port == metrics_port(container()["args"]) != parsed.port
+
+
+def test_ports_are_the_served_ones_and_metrics_has_its_own() -> None:
+    ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
+    assert ports == {"http": served_port(), "metrics": metrics_port(container()["args"])}
+    service = {p["name"]: p["targetPort"] for p in the("Service")["spec"]["ports"]}
+    assert service == {"http": "http", "metrics": "metrics"}
+
+
 def test_probes_ask_the_apps_health_endpoints_on_the_served_port() -> None:
     c = container()
-    (port,) = c["ports"]
+    port = next(p for p in c["ports"] if p["name"] == "http")
     assert port["containerPort"] == served_port()
     paths = app_paths()
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -307,8 +330,10 @@ def test_objects_select_the_deployments_pods() -> None:
     assert monitor["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
     for endpoint in monitor["endpoints"]:
-        assert endpoint["path"] in app_paths()
-        assert ports[endpoint["port"]]["targetPort"] == container()["ports"][0]["name"]
+        # /metrics is on the metrics listener, and the main port no longer serves it.
+        assert endpoint["path"] in METRICS_PATHS
+        assert endpoint["path"] not in app_paths(metrics_route=False)
+        assert ports[endpoint["port"]]["targetPort"] == "metrics"
 
 
 # --- the Dockerfile ---------------------------------------------------------------------------
@@ -501,8 +526,10 @@ def test_prometheus_scrapes_the_proxy_and_loads_the_rules() -> None:
     config_file = flag(service("prometheus")["command"], "--config.file")
     prometheus = yaml.safe_load(mounts[config_file].read_text())
     (job,) = prometheus["scrape_configs"]
-    assert job["static_configs"][0]["targets"] == [f"sluicegate:{served_port()}"]
-    assert job["metrics_path"] in app_paths()
+    port = metrics_port(service("sluicegate")["command"])
+    assert job["static_configs"][0]["targets"] == [f"sluicegate:{port}"]
+    assert job["metrics_path"] in METRICS_PATHS
+    assert port != served_port()  # and not published: the ports test lists 8080 alone
     for rule_file in prometheus["rule_files"]:
         assert str(Path(config_file).parent / rule_file) in mounts
 

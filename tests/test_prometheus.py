@@ -25,9 +25,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.app import create_app
-from proxy.config import parse_config
+from proxy.config import Secret, parse_config
 from proxy.metering import cost_usd
 from proxy.metrics import Metrics
+from proxy.metrics_server import MetricsApp
 from proxy.mock_upstream import MockUpstream
 from proxy.record import Attempt, RequestRecord, Usage
 from proxy.serving import RunningServer
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "grafana" / "dashboards" / "sluicegate.json"
 START_TIMEOUT = 20.0
+METRICS_TOKEN = "prometheus-reads-me-from-a-file-0123"
 
 
 def require_binary(name: str) -> str:
@@ -317,19 +319,38 @@ def live_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScrapeTarge
 
 
 @pytest.fixture(scope="module")
+def guarded_listener() -> Iterator[str]:
+    """A metrics listener behind `server.metrics_token`, serving one round of traffic."""
+    metrics = Metrics(CONFIG)
+    for record in traffic():
+        metrics.request_finished(record)
+    with RunningServer(MetricsApp(metrics.render, Secret(METRICS_TOKEN))) as server:
+        yield f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="module")
 def prometheus(
-    scrape_target: ScrapeTarget, live_proxy: ScrapeTarget, tmp_path_factory: pytest.TempPathFactory
+    scrape_target: ScrapeTarget,
+    live_proxy: ScrapeTarget,
+    guarded_listener: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Prometheus]:
     """A real Prometheus on a loopback port, scraping the target every second."""
     binary = require_binary("prometheus")
     tmp_path = tmp_path_factory.mktemp("prometheus")
     config = tmp_path / "prometheus.yml"
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text(METRICS_TOKEN + "\n")  # as `echo` or a mounted Secret leaves it
+    guarded = {"static_configs": [{"targets": [guarded_listener]}]}
     settings = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES / "alerts.yml")],
         "scrape_configs": [
             {"job_name": "sluicegate", "static_configs": [{"targets": [scrape_target.address]}]},
             {"job_name": "proxy", "static_configs": [{"targets": [live_proxy.address]}]},
+            {"job_name": "guarded", "authorization": {"credentials_file": str(token_file)}}
+            | guarded,
+            {"job_name": "no_token"} | guarded,
         ],
     }
     config.write_text(json.dumps(settings))  # JSON is YAML
@@ -424,3 +445,22 @@ def test_prometheus_scrapes_the_real_proxy_under_traffic(
         answer = prometheus.query(expr)
         assert answer["status"] == "success", answer
         assert answer["data"]["result"], expr
+
+
+def test_prometheus_sends_the_metrics_token_from_a_credentials_file(
+    prometheus: Prometheus,
+) -> None:
+    def scraped() -> bool:
+        result = prometheus.query('up{job=~"guarded|no_token"}')["data"]["result"]
+        return {r["metric"]["job"]: r["value"][1] for r in result} == {
+            "guarded": "1",  # `authorization: {credentials_file: ...}`, trailing newline and all
+            "no_token": "0",  # 401: the scrape fails, and no series come in
+        }
+
+    prometheus.wait("a scrape of the guarded listener, with and without the token", scraped)
+    answer = prometheus.query('sum(sluicegate_requests_total{job="guarded"})')
+    assert float(answer["data"]["result"][0]["value"][1]) == len(list(traffic()))
+    assert (
+        prometheus.query('count({job="no_token", __name__=~"sluicegate_.*"})')["data"]["result"]
+        == []
+    )
