@@ -64,15 +64,18 @@ class ClientWatch:
     """Cancels the handling task when the client disconnects before the response ends.
 
     uvicorn's `send` silently drops writes after a disconnect, so a relay waiting on a
-    silent upstream would never notice; this watcher makes the upstream close promptly.
+    silent upstream would never notice; this watcher makes the upstream close promptly, or,
+    with a `grace` in seconds, lets the answer run on (unsent) for that long at most.
     """
 
-    __slots__ = ("_task", "_watcher", "client_gone", "done")
+    __slots__ = ("_grace", "_task", "_timer", "_watcher", "client_gone", "done")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, grace: float | None = None) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
+        self._grace = grace
+        self._timer: asyncio.TimerHandle | None = None
         self.client_gone = False
         self.done = False  # set just before the final send: from then on, leaving is normal
         self._watcher = asyncio.ensure_future(self._watch(receive))
@@ -87,8 +90,17 @@ class ClientWatch:
             return
         if not self.done:
             self.client_gone = True
+            if self._grace is None:
+                self._task.cancel()
+            else:
+                self._timer = asyncio.get_running_loop().call_later(self._grace, self._expire)
+
+    def _expire(self) -> None:
+        if not self.done:
             self._task.cancel()
 
     def close(self) -> None:
         self.done = True
         self._watcher.cancel()
+        if self._timer is not None:
+            self._timer.cancel()

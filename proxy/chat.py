@@ -114,7 +114,7 @@ class _Exchange:
             return
         self.record.route, self.record.stream = route.model, request.stream
         observers.started(route.model)
-        watch = ClientWatch(self.receive)
+        watch = ClientWatch(self.receive, state.config.server.finish_after_abort)
         try:
             headers = upstream_request_headers(self.scope["headers"], self.rid)
             run = Attempts(state, route, request, headers, self.record).run()
@@ -131,6 +131,7 @@ class _Exchange:
             self.record.client_disconnected = True
         finally:
             watch.close()
+            self.record.client_disconnected |= watch.client_gone
             if key is not None and self.record.usage is not None:
                 used = self.record.usage.prompt + self.record.usage.completion
                 state.runtime.limits.charge(key, used, time.monotonic())

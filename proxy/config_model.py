@@ -125,6 +125,8 @@ class ServerSettings:
     retry_budget: float = 0.2  # re-attempts on an upstream, as a share of its recent requests
     keepalive_seconds: float | None = 15.0  # a stream waiting this long for its first token
     # gets response headers and then an SSE comment every as long; None: never
+    finish_after_abort: float | None = None  # a client that leaves: None closes the upstream
+    # at once (usage estimated); seconds: read the answer to its end, so usage is reported
     # /metrics on a listener of its own (`serve --metrics-port/--metrics-host` win over these);
     # None: on the main port. Read at start-up: a reload that changes them logs restart_needed.
     metrics_port: int | None = None

@@ -68,6 +68,7 @@ class Validator(Checks):
                 keepalive_seconds=self.optional_seconds(server, "keepalive_seconds", "server")
                 if "keepalive_seconds" in server
                 else _SERVER.keepalive_seconds,
+                finish_after_abort=self.optional_seconds(server, "finish_after_abort", "server"),
                 **self.metrics(server),
             ),
             upstreams=upstreams,

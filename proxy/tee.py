@@ -24,7 +24,16 @@ TeeMode = Literal["watch", "drop", "collect"]
 
 
 class Tee:
-    __slots__ = ("_collector", "_dropper", "_finder", "_held", "_synth", "_template", "mode")
+    __slots__ = (
+        "_collector",
+        "_dropper",
+        "_finder",
+        "_held",
+        "_synth",
+        "_template",
+        "events",
+        "mode",
+    )
 
     def __init__(
         self,
@@ -40,12 +49,15 @@ class Tee:
         self._held = b""
         self._template = template or {}
         self._synth = synthesize  # completion text → usage dict, for the added chunk
+        self.events = 0  # `data:` lines seen in watch/drop mode: a cut stream's only measure
 
     def feed(self, chunk: bytes) -> bytes:
         if self._finder is not None:
+            self.events += chunk.count(b"data:")
             self._finder.feed(chunk)
             return chunk
         if self._dropper is not None:
+            self.events += chunk.count(b"data:")
             return self._dropper.feed(chunk)
         return self._collect(chunk)
 

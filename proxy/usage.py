@@ -3,6 +3,7 @@ upstream's usage headers, or an offline estimate, tried in that order."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -38,12 +39,18 @@ def tee_for(request: ChatRequest, answer: Answer, upstream: Upstream) -> Tee:
 
 
 def usage_of_stream(request: ChatRequest, answer: Answer, upstream: Upstream, tee: Tee) -> Usage:
-    return (
+    reported = (
         tee.usage()
         or (usage_from_json(answer.reported) if answer.reported is not None else None)
         or _header_usage(answer, upstream)
-        or estimate_usage(request.prompt, tee.text, chat=request.api is CHAT)
     )
+    if reported is not None:
+        return reported
+    estimate = estimate_usage(request.prompt, tee.text, chat=request.api is CHAT)
+    if tee.mode != "collect":  # a stream cut before its usage event, text not kept:
+        # upstreams stream about one token per event, after one role-only event
+        estimate = replace(estimate, output=max(tee.events - 1, 0))
+    return estimate
 
 
 def usage_of_body(request: ChatRequest, answer: Answer, upstream: Upstream) -> Usage | None:
