@@ -37,6 +37,7 @@ class UpstreamResponse:
     upstream: str
     _response: httpx.Response
     _sent_at: float = 0.0  # monotonic time the request went out
+    _idle: float | None = None  # a body silence limit tighter than the transport's read timeout
 
     def elapsed(self) -> float:
         """Seconds since the request went out."""
@@ -52,7 +53,20 @@ class UpstreamResponse:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as the network delivers it: no re-chunking, no decoding."""
         try:
-            async for chunk in self._response.aiter_raw():
+            if self._idle is None:  # the usual case: the transport times the silences
+                async for chunk in self._response.aiter_raw():
+                    yield chunk
+                return
+            body = aiter(self._response.aiter_raw())
+            while True:
+                try:
+                    async with asyncio.timeout(self._idle):
+                        chunk = await anext(body)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    message = f"upstream '{self.upstream}' timed out while streaming the response"
+                    raise UpstreamTimeout(message) from None
                 yield chunk
         except (httpx.HTTPError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise to_proxy_error(exc, self.upstream, reading=True) from None
@@ -106,8 +120,14 @@ class UpstreamClients:
             response = await client.send(request, stream=True)
         except (httpx.HTTPError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise to_proxy_error(exc, upstream.name, reading=False) from None
+        idle = upstream.timeouts.idle
         return UpstreamResponse(
-            response.status_code, response.headers.raw, upstream.name, response, sent_at
+            response.status_code,
+            response.headers.raw,
+            upstream.name,
+            response,
+            sent_at,
+            idle if idle is not None and idle < upstream.timeouts.read else None,
         )
 
     async def aclose(self) -> None:
@@ -136,9 +156,12 @@ def _build_client(upstream: Upstream) -> httpx.AsyncClient:
 
     return httpx.AsyncClient(
         transport=AiohttpTransport(limits=limits, client=session),
-        # `read` is the longest silence between bytes (aiohttp resets it per read); the wait
-        # for response headers is bounded separately by the caller.
-        timeout=httpx.Timeout(connect=t.connect, read=t.body_idle, write=t.read, pool=t.connect),
+        # aiohttp's read timeout (reset by every read) also runs while the headers are awaited,
+        # so it may not be shorter than `read`; the caller bounds the header wait, and a
+        # tighter `idle` is timed per chunk by UpstreamResponse.chunks.
+        timeout=httpx.Timeout(
+            connect=t.connect, read=max(t.read, t.body_idle), write=t.read, pool=t.connect
+        ),
         headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
         cookies=httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))),
         follow_redirects=False,
