@@ -65,9 +65,10 @@ def _assert_openai_error(r: httpx.Response, status: int, code: str | None) -> di
     return dict(error)
 
 
-def _assert_still_serving(proxy: Proxy) -> None:
+def _assert_still_serving(proxy: Proxy, rid: str = "still-serving") -> None:
     assert httpx.get(proxy.url + "/healthz", timeout=5).json() == {"status": "ok"}
-    r = httpx.post(proxy.url + "/v1/chat/completions", content=OK, timeout=5)
+    headers = {"x-request-id": rid}
+    r = httpx.post(proxy.url + "/v1/chat/completions", content=OK, headers=headers, timeout=5)
     assert r.status_code == 200
     assert r.json()["choices"][0]["message"]["content"] == expected_content(0, 16)
 
@@ -270,13 +271,15 @@ PATHS = [
 def test_unknown_paths_and_methods_get_404_or_405_in_openai_shape(
     proxy: Proxy, method: str, path: str, status: int, code: str
 ) -> None:
-    before = len(proxy.records)
-    r = httpx.request(method, proxy.url + path, content=OK, timeout=5)
+    probe, check = f"probe-{method}-{path}", f"check-{method}-{path}"
+    r = httpx.request(method, proxy.url + path, content=OK, headers={"x-request-id": probe})
     _assert_openai_error(r, status, code)
-    _assert_still_serving(proxy)
-    # Only the check request reached the chat endpoint (its record comes after its answer).
-    assert wait_for(lambda: len(proxy.records) == before + 1)
-    assert proxy.records[-1].status == 200
+    _assert_still_serving(proxy, check)
+    # Only the check request reached the chat endpoint (its record comes after its answer);
+    # ids, not counts: an earlier test's slow client may be recorded in the meantime.
+    assert wait_for(lambda: any(rec.request_id == check for rec in proxy.records))
+    assert [rec.status for rec in proxy.records if rec.request_id == check] == [200]
+    assert not [rec for rec in proxy.records if rec.request_id == probe]
 
 
 # --- properties of the pure parsers -----------------------------------------------------------
