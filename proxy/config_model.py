@@ -166,9 +166,11 @@ class Config:
 
     def summary(self) -> str:
         counts = zip((self.upstreams, self.routes, self.pricing), _NOUNS, strict=True)
-        return f"{self.source}: " + ", ".join(
+        text = f"{self.source}: " + ", ".join(
             f"{len(items)} {noun}{'' if len(items) == 1 else 's'}" for items, noun in counts
         )
+        keys = len(self.keys)
+        return text + (f", {keys} client key{'' if keys == 1 else 's'}" if keys else ", open")
 
 
 _NOUNS = ("upstream", "route", "priced model")

@@ -584,13 +584,13 @@ def test_route_lookup_and_summary() -> None:
     assert route is not None
     assert route.targets[0].upstream == "deepseek"
     assert config.route("deepseek-chat") is None
-    assert config.summary() == "routes.yaml: 2 upstreams, 1 route, 1 priced model"
+    assert config.summary() == "routes.yaml: 2 upstreams, 1 route, 1 priced model, open"
 
     two = parse_config(
         BASE + "  - model: b\n    targets: [{upstream: gemini, model: g}]\n", "r", {}
     )
     assert two.route("b") is two.routes[1]
-    assert two.summary() == "r: 2 upstreams, 2 routes, 0 priced models"
+    assert two.summary() == "r: 2 upstreams, 2 routes, 0 priced models, open"
 
 
 def test_a_hand_built_config_is_indexed_and_read_only_too() -> None:

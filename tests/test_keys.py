@@ -227,6 +227,7 @@ def test_keys_parse_into_hashes_models_and_limits() -> None:
         ClientKey("support.bot", hash_key(BOT_KEY), ("support-bot",), rpm=3),
     )
     assert config.key(hash_key(BOT_KEY)) == config.keys[1]
+    assert config.summary() == "r.yaml: 1 upstream, 2 routes, 1 priced model, 2 client keys"
 
 
 @pytest.mark.parametrize(
