@@ -206,3 +206,40 @@ def start_nginx(binary: str, upstream_port: int, port: int, cpu: int | None, tmp
     conf.write_text(NGINX_CONF.format(tmp=tmp, upstream=upstream_port, port=port))
     argv = [binary, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx-error.log")]
     return start("nginx", argv, cpu, tmp)
+
+
+def open_fds(pid: int) -> int:
+    """File descriptors the process holds open (entries of /proc/<pid>/fd)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+TCP_STATES = {"01": "established", "08": "close_wait", "0A": "listen"}
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSocket:
+    local_port: int
+    remote_port: int
+    state: str  # a TCP_STATES word, or the kernel's hex code
+
+
+def tcp_sockets(pid: int) -> list[TcpSocket]:
+    """The process's own TCP sockets: the socket inodes among its fds, looked up in
+    /proc/<pid>/net/tcp and tcp6 (which list the whole network namespace)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    inodes = set()
+    for entry in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd_dir / entry)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[9] in inodes:
+                    local, remote = fields[1].rsplit(":", 1)[1], fields[2].rsplit(":", 1)[1]
+                    state = TCP_STATES.get(fields[3], fields[3])
+                    found.append(TcpSocket(int(local, 16), int(remote, 16), state))
+    return found

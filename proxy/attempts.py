@@ -317,8 +317,11 @@ class Attempts:
                     running, timeout=timeout, return_when="FIRST_COMPLETED"
                 )
                 results = [task.result() for task in done]
-                winner = next((r for r in results if isinstance(r, Answer)), None)
-                if winner is not None:
+                answers = [r for r in results if isinstance(r, Answer)]
+                if answers:
+                    winner = answers[0]
+                    for loser in answers[1:]:  # committed in the same instant: loses
+                        await self._discard(loser)
                     return winner
                 for result in results:
                     if isinstance(result, Failure):
@@ -336,8 +339,15 @@ class Attempts:
         for task in running:
             task.cancel()
         for late in await asyncio.gather(*running, return_exceptions=True):
-            if isinstance(late, Answer) and late.response is not None:
-                await late.response.aclose()  # committed at the same moment: loses
+            if isinstance(late, Answer):
+                await self._discard(late)  # committed at the same moment: loses
+
+    async def _discard(self, answer: Answer) -> None:
+        """A committed answer that will never be relayed: close it, and give back the
+        in-flight slot a committed answer holds until its relay ends."""
+        self._state.health[answer.target.upstream].inflight -= 1
+        if answer.response is not None:
+            await answer.response.aclose()
 
 
 def _outcome_of(error: ProxyError) -> AttemptOutcome:

@@ -14,12 +14,15 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from proxy.app import create_app
+from proxy.health import Health
 from proxy.mock_upstream import Knobs, MockUpstream, expected_content
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
+from proxy.state import Runtime
 from tests.helpers import wait_for
 
 MESSAGES = [{"role": "user", "content": "还有优惠吗?"}]
@@ -142,6 +145,51 @@ def test_hedging_starts_the_next_candidate_and_cancels_the_loser(
     assert wait_for(lambda: slow.disconnected is not None)
     assert wait_for(lambda: len(records) == 1)
     assert sorted(a.outcome for a in records[-1].attempts) == ["hedge_lost", "ok"]
+
+
+def test_hedged_attempts_that_commit_together_leave_no_upstream_counted_in_flight(
+    tmp_path: Path,
+) -> None:
+    """With two instant upstreams and a hedge after 0.1 ms, both attempts often commit in
+    the same instant. The one that loses must be closed and give back its in-flight slot:
+    `least_inflight` orders upstreams by that count, so a leaked slot would steer traffic
+    away from an idle upstream for good."""
+    fast = Knobs(ttft=0.0, delay=0.0, tokens=4)
+    servers = [RunningServer(MockUpstream(fast)).start() for _ in range(2)]
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        f"upstreams:\n  a: {{base_url: '{servers[0].url}/v1'}}\n"
+        f"  b: {{base_url: '{servers[1].url}/v1'}}\n"
+        "routes:\n  - {model: bot, targets: [{upstream: a, model: m}],\n"
+        "     fallbacks: [{upstream: b, model: m}], hedge_after: 0.0001}\n"
+    )
+    health = Health()
+    app = create_app(path, env={}, watch_interval=None, runtime=Runtime(health=health))
+    body = {"model": "bot", "messages": MESSAGES, "stream": True, "seed": 5}
+    try:
+        with RunningServer(app) as proxy, httpx.Client(timeout=10) as client:
+
+            def one(_: int) -> bytes:
+                url = proxy.url + "/v1/chat/completions"
+                with client.stream("POST", url, json=body) as response:
+                    return b"".join(response.iter_raw())
+
+            with ThreadPoolExecutor(20) as pool:
+                answers = list(pool.map(one, range(200)))
+            assert all(expected_content(5, 4).encode() in _text_bytes(a) for a in answers)
+            assert wait_for(lambda: (health["a"].inflight, health["b"].inflight) == (0, 0), 5), (
+                health["a"].inflight,
+                health["b"].inflight,
+            )
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _text_bytes(stream: bytes) -> bytes:
+    """The content of an SSE answer's deltas, joined."""
+    parts = [orjson.loads(line[6:]) for line in stream.split(b"\n") if line.startswith(b"data: {")]
+    return "".join(c["delta"].get("content") or "" for p in parts for c in p["choices"]).encode()
 
 
 def test_5xx_moves_on_to_the_next_candidate(serve: Any) -> None:
