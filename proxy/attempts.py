@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -24,7 +24,7 @@ import orjson
 from proxy.chat_request import ChatRequest, StreamOptionsAction
 from proxy.config_model import Route, Target, Upstream
 from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
-from proxy.headers import Headers
+from proxy.headers import Headers, retry_after, without_content_type
 from proxy.record import Attempt, AttemptOutcome, RequestRecord
 from proxy.routing import backoff, classify, outcome_for_status, plan
 from proxy.sse import EventSplitter, completion_to_sse, parse
@@ -240,7 +240,10 @@ class Attempts:
         if self._request.stream:  # JSON for a stream request: give the client a stream
             converted = completion_to_sse(payload, with_usage=self._request.wants_usage)
             if converted is not None:
-                sse_headers = [(b"content-type", b"text/event-stream"), *_without_type(headers)]
+                sse_headers = [
+                    (b"content-type", b"text/event-stream"),
+                    *without_content_type(headers),
+                ]
                 return Answer(
                     target, response.status, sse_headers, converted,
                     action=action, reported=reported,
@@ -259,10 +262,8 @@ class Attempts:
         if _rejects_stream_options(response.status, payload, upstream, action):
             return Failure(target, "stream_options_rejected")
         outcome = outcome_for_status(response.status)
-        retry_after = _retry_after(response.headers)
-        return Failure(
-            target, outcome, None, response.status, response.headers, payload, retry_after
-        )
+        wait = retry_after(response.headers)
+        return Failure(target, outcome, None, response.status, response.headers, payload, wait)
 
     async def _commit(
         self,
@@ -343,9 +344,15 @@ class Attempts:
                 await self._discard(late)  # committed at the same moment: loses
 
     async def _discard(self, answer: Answer) -> None:
-        """A committed answer that will never be relayed: close it, and give back the
-        in-flight slot a committed answer holds until its relay ends."""
+        """A committed answer that will never be relayed: close it, give back the in-flight
+        slot a committed answer holds until its relay ends, and record it as lost."""
         self._state.health[answer.target.upstream].inflight -= 1
+        attempts, lost = self._record.attempts, (answer.target.upstream, answer.target.model)
+        oks = [
+            i for i, a in enumerate(attempts) if (a.outcome, a.upstream, a.model) == ("ok", *lost)
+        ]
+        if oks:
+            attempts[oks[-1]] = replace(attempts[oks[-1]], outcome="hedge_lost")
         if answer.response is not None:
             await answer.response.aclose()
 
@@ -369,16 +376,6 @@ def _rejects_stream_options(
     )
 
 
-def _retry_after(headers: Headers) -> float | None:
-    for name, value in headers:
-        if name.lower() == b"retry-after":
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return None  # an HTTP date: rare from APIs, and the backoff still applies
-    return None
-
-
 def _completion(body: bytes) -> dict[str, Any] | None:
     """The body as an answer (an object with `choices`, or embeddings' `data`), or None."""
     try:
@@ -390,7 +387,3 @@ def _completion(body: bytes) -> dict[str, Any] | None:
     ):
         return parsed
     return None
-
-
-def _without_type(headers: Headers) -> Headers:
-    return [(k, v) for k, v in headers if k.lower() != b"content-type"]

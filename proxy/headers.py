@@ -73,3 +73,18 @@ def client_response_headers(upstream_headers: Iterable[tuple[bytes, bytes]], rid
         out.extend(SSE_HEADERS)
     out.append((b"x-request-id", rid))
     return out
+
+
+def retry_after(headers: Headers) -> float | None:
+    """Seconds from a `Retry-After` header (HTTP dates are not used by APIs: None)."""
+    for name, value in headers:
+        if name.lower() == b"retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None  # an HTTP date: rare from APIs, and the backoff still applies
+    return None
+
+
+def without_content_type(headers: Headers) -> Headers:
+    return [(k, v) for k, v in headers if k.lower() != b"content-type"]

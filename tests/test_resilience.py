@@ -164,7 +164,14 @@ def test_hedged_attempts_that_commit_together_leave_no_upstream_counted_in_fligh
         "     fallbacks: [{upstream: b, model: m}], hedge_after: 0.0001}\n"
     )
     health = Health()
-    app = create_app(path, env={}, watch_interval=None, runtime=Runtime(health=health))
+    finished: list[RequestRecord] = []
+    app = create_app(
+        path,
+        env={},
+        watch_interval=None,
+        runtime=Runtime(health=health),
+        observers=(finished.append,),
+    )
     body = {"model": "bot", "messages": MESSAGES, "stream": True, "seed": 5}
     try:
         with RunningServer(app) as proxy, httpx.Client(timeout=10) as client:
@@ -181,6 +188,10 @@ def test_hedged_attempts_that_commit_together_leave_no_upstream_counted_in_fligh
                 health["a"].inflight,
                 health["b"].inflight,
             )
+            # One answer per request, so exactly one attempt counts as `ok`.
+            assert wait_for(lambda: len(finished) == 200)
+            oks = [sum(a.outcome == "ok" for a in r.attempts) for r in finished]
+            assert set(oks) == {1}
     finally:
         for server in servers:
             server.stop()
