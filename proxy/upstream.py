@@ -1,24 +1,24 @@
-"""The upstream call: the only module that speaks httpx (and, under it, aiohttp).
+"""The upstream call: the only module that speaks aiohttp.
 
-One pooled client per configured upstream, built at start-up and closed at shutdown.
-httpx is the interface; its aiohttp transport carries the bytes, because httpcore's
-per-read machinery costs ~5x more CPU per streamed token (bench/ and the peer numbers).
-Every transport exception becomes one of ours here, so nothing above this module knows
-which library failed.
+One aiohttp session (and connection pool) per configured upstream, opened lazily inside
+the running loop and closed at shutdown. The client is aiohttp itself: httpx over its
+aiohttp transport cost ~15% more proxy CPU per streamed request for the same bytes, and
+httpx over httpcore ~5x more (bench/PROFILE.md). Every transport exception becomes one of ours
+here, so nothing above this module knows which library failed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import aiohttp
-import httpx
-from httpx_aiohttp import AiohttpTransport
+import certifi
+from yarl import URL
 
 from proxy import __version__
 from proxy.config import Upstream
@@ -26,6 +26,17 @@ from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, Ups
 from proxy.headers import Headers
 
 USER_AGENT = f"sluicegate/{__version__}"
+
+# Sent unless the request carries its own header of that name, in this order, before the
+# request's headers (as httpx merged its client defaults). With all of aiohttp's automatic
+# headers present it adds only Host (first) and Content-Length (last).
+_DEFAULT_HEADERS = (
+    (b"accept", "accept", "*/*"),
+    (b"connection", "connection", "keep-alive"),
+    (b"user-agent", "user-agent", USER_AGENT),
+    (b"accept-encoding", "accept-encoding", "identity"),
+)
+_TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
 @dataclass(slots=True)
@@ -35,7 +46,7 @@ class UpstreamResponse:
     status: int
     headers: Headers
     upstream: str
-    _response: httpx.Response
+    _response: aiohttp.ClientResponse
     _sent_at: float = 0.0  # monotonic time the request went out
     _idle: float | None = None  # a body silence limit tighter than the transport's read timeout
 
@@ -46,39 +57,96 @@ class UpstreamResponse:
     @property
     def content_type(self) -> str:
         for name, value in self.headers:
-            if name == b"content-type":
+            if name.lower() == b"content-type":
                 return value.decode("latin-1")
         return ""
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as the network delivers it: no re-chunking, no decoding."""
+        content = self._response.content
         try:
             if self._idle is None:  # the usual case: the transport times the silences
-                async for chunk in self._response.aiter_raw():
+                while chunk := await content.readany():
                     yield chunk
                 return
-            body = aiter(self._response.aiter_raw())
             while True:
                 try:
                     async with asyncio.timeout(self._idle):
-                        chunk = await anext(body)
-                except StopAsyncIteration:
-                    return
+                        chunk = await content.readany()
                 except TimeoutError:
                     message = f"upstream '{self.upstream}' timed out while streaming the response"
                     raise UpstreamTimeout(message) from None
+                if not chunk:
+                    return
                 yield chunk
-        except (httpx.HTTPError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except _TRANSPORT_ERRORS as exc:
             raise to_proxy_error(exc, self.upstream, reading=True) from None
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+        if self._idle is not None:
+            return b"".join([chunk async for chunk in self.chunks()])
+        try:
+            return await self._response.read()
+        except _TRANSPORT_ERRORS as exc:
+            raise to_proxy_error(exc, self.upstream, reading=True) from None
 
     async def aclose(self) -> None:
-        # Closing an unfinished aiohttp response drops its connection, which is what
-        # tells the upstream to stop generating.
-        with contextlib.suppress(httpx.HTTPError, aiohttp.ClientError, OSError):
-            await self._response.aclose()
+        # A finished response has already given its connection back to the pool; closing
+        # an unfinished one drops its connection, which tells the upstream to stop generating.
+        self._response.close()
+
+
+class _Pool:
+    """One upstream definition's session: created on first use, inside the running loop."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self._upstream = upstream
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+        self._urls: dict[str, URL] = {}
+        t = upstream.timeouts
+        # aiohttp's read timeout (reset by every read) also runs while the headers are awaited,
+        # so it may not be shorter than `read`; the caller bounds the header wait, and a
+        # tighter `idle` is timed per chunk by UpstreamResponse.chunks.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=t.connect,
+            sock_connect=t.connect,
+            sock_read=max(t.read, t.body_idle),
+        )
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is not None:
+            return self._session
+        if self._closed:
+            raise RuntimeError(f"the client of upstream '{self._upstream.name}' is closed")
+        connector = aiohttp.TCPConnector(
+            limit=self._upstream.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=30.0,
+            ssl=_ssl_context() if self._upstream.base_url.startswith("https:") else True,
+        )
+        # No cookie jar: upstream cookies must never leak from one client's request into
+        # another's. Bodies pass through as they come: no decompression, no redirects.
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=self._timeout,
+            auto_decompress=False,
+            trust_env=False,
+        )
+        return self._session
+
+    def url(self, path: str) -> URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self._upstream.base_url + path)
+        return url
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
 
 
 class UpstreamClients:
@@ -90,12 +158,12 @@ class UpstreamClients:
         """With `reuse` (the clients of the config being replaced), an upstream whose
         definition did not change keeps its client and warm connections."""
         old = reuse._by_definition if reuse is not None else {}
-        self._by_definition: dict[Upstream, httpx.AsyncClient] = {
-            up: old.get(up) or _build_client(up) for up in upstreams.values()
+        self._by_definition: dict[Upstream, _Pool] = {
+            up: old.get(up) or _Pool(up) for up in upstreams.values()
         }
-        self._clients = {up.name: client for up, client in self._by_definition.items()}
+        self._clients = {up.name: pool for up, pool in self._by_definition.items()}
 
-    def not_in(self, other: UpstreamClients) -> list[httpx.AsyncClient]:
+    def not_in(self, other: UpstreamClients) -> list[_Pool]:
         """Clients of ours that `other` does not use: to close once our requests are done."""
         kept = {id(c) for c in other._clients.values()}
         return [c for c in self._clients.values() if id(c) not in kept]
@@ -106,24 +174,30 @@ class UpstreamClients:
     async def send(
         self, upstream: Upstream, path: str, body: bytes, headers: Headers
     ) -> UpstreamResponse:
-        client = self._clients[upstream.name]
-        request_headers = list(headers)  # httpx takes the raw byte pairs as they are
+        pool = self._clients[upstream.name]
+        names = {name.lower() for name, _ in headers}
+        request_headers = [
+            (text, value) for raw, text, value in _DEFAULT_HEADERS if raw not in names
+        ]
+        request_headers.extend((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
         if upstream.api_key is not None:
-            request_headers.append(
-                (b"authorization", f"Bearer {upstream.api_key.reveal()}".encode())
-            )
-        request = client.build_request(
-            "POST", upstream.base_url + path, content=body, headers=request_headers
-        )
+            request_headers.append(("authorization", f"Bearer {upstream.api_key.reveal()}"))
         sent_at = time.monotonic()
         try:
-            response = await client.send(request, stream=True)
-        except (httpx.HTTPError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            response = await pool.session().request(
+                "POST",
+                pool.url(path),
+                data=body,
+                headers=request_headers,
+                allow_redirects=False,
+                compress=False,
+            )
+        except _TRANSPORT_ERRORS as exc:
             raise to_proxy_error(exc, upstream.name, reading=False) from None
         idle = upstream.timeouts.idle
         return UpstreamResponse(
-            response.status_code,
-            response.headers.raw,
+            response.status,
+            list(response.raw_headers),
             upstream.name,
             response,
             sent_at,
@@ -134,55 +208,24 @@ class UpstreamClients:
         await close_all(list(self._clients.values()))
 
 
-async def close_all(clients: list[httpx.AsyncClient]) -> None:
+async def close_all(clients: list[_Pool]) -> None:
     await asyncio.gather(*(c.aclose() for c in clients))
 
 
-def _build_client(upstream: Upstream) -> httpx.AsyncClient:
-    t = upstream.timeouts
-    limits = httpx.Limits(
-        max_connections=upstream.max_connections,
-        max_keepalive_connections=upstream.max_connections,
-        keepalive_expiry=30.0,
-    )
-
-    def session() -> aiohttp.ClientSession:
-        # Created lazily inside the running loop. No cookie jar: upstream cookies must
-        # never leak from one client's request into another's.
-        connector = aiohttp.TCPConnector(
-            limit=upstream.max_connections, limit_per_host=0, keepalive_timeout=30.0
-        )
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
-
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(limits=limits, client=session),
-        # aiohttp's read timeout (reset by every read) also runs while the headers are awaited,
-        # so it may not be shorter than `read`; the caller bounds the header wait, and a
-        # tighter `idle` is timed per chunk by UpstreamResponse.chunks.
-        timeout=httpx.Timeout(
-            connect=t.connect, read=max(t.read, t.body_idle), write=t.read, pool=t.connect
-        ),
-        headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
-        cookies=httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))),
-        follow_redirects=False,
-        trust_env=False,
-    )
+def _ssl_context() -> ssl.SSLContext:
+    """The trust store httpx used: $SSL_CERT_FILE or $SSL_CERT_DIR if set, else certifi's."""
+    if cafile := os.environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=cafile)
+    if capath := os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=capath)
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 def to_proxy_error(exc: BaseException, upstream: str, *, reading: bool) -> ProxyError:
-    """Map a transport failure to the proxy's error tree.
-
-    httpx-aiohttp maps every aiohttp connection error to httpx.ConnectTimeout, so the
-    original aiohttp exception (its __cause__) is the more precise witness.
-    """
-    cause = exc.__cause__ if isinstance(exc.__cause__, BaseException) else exc
+    """Map a transport failure to the proxy's error tree."""
     where = "while streaming the response" if reading else "before its response headers"
-    if isinstance(cause, TimeoutError | httpx.TimeoutException) and not isinstance(
-        cause, aiohttp.ServerDisconnectedError
-    ):
+    if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ServerDisconnectedError):
         return UpstreamTimeout(f"upstream '{upstream}' timed out {where}")
-    if isinstance(
-        cause, aiohttp.ClientConnectorError | httpx.ConnectError | ConnectionRefusedError
-    ):
+    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
         return UpstreamUnreachable(f"upstream '{upstream}' is unreachable")
     return UpstreamProtocolError(f"upstream '{upstream}' closed the connection {where}")
