@@ -53,11 +53,12 @@ def mock_server(mock_app: MockUpstream) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="session")
-def dead_port() -> int:
-    """A loopback port with nothing listening (bound then released)."""
+def dead_port() -> Iterator[int]:
+    """A loopback port with nothing listening: bound for the whole session but never
+    listening, so connections are refused and no server started later can take it."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        yield int(sock.getsockname()[1])
 
 
 @pytest.fixture
