@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import logging
 import os
 import signal
 import threading
@@ -31,7 +32,8 @@ from proxy.config import ConfigError, ServerSettings
 from proxy.errors import HeadersTooLarge, MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.health import Health
 from proxy.keys import identify
-from proxy.logs import access_log, get_logger
+from proxy.logs import LEVELS, access_log, get_logger
+from proxy.logs import configure as configure_logs
 from proxy.metering import tokenizer_available
 from proxy.metrics import Metrics
 from proxy.metrics_server import MetricsEndpoint, restart_needed
@@ -46,6 +48,7 @@ MAX_HEADERS = 100
 MAX_HEADER_BYTES = 32 * 1024
 WATCH_ENV = "SLUICEGATE_WATCH"
 METRICS_ROUTE_ENV = "SLUICEGATE_METRICS_ROUTE"  # "0": /metrics is on the metrics listener
+LOG_LEVEL_ENV = "SLUICEGATE_LOG_LEVEL"  # a name in proxy.logs.LEVELS
 log = get_logger()
 
 
@@ -226,7 +229,10 @@ class _Proxy(Starlette):
 
 
 def create_app_from_env() -> Starlette:
-    """Factory for `uvicorn --factory` in multi-worker mode: the CLI passes the path."""
+    """Factory for `uvicorn --factory` in multi-worker mode: the CLI passes the path. A worker
+    is a fresh interpreter (uvicorn spawns it), so it sets up its own logs: JSON lines through
+    the redaction step, at the level `serve --log-level` was given."""
+    configure_logs(level=LEVELS.get(os.environ.get(LOG_LEVEL_ENV, "info"), logging.INFO))
     watch = os.environ.get(WATCH_ENV, "1") == "1"
     return create_app(
         os.environ.get(CONFIG_ENV, "routes.yaml"),

@@ -14,6 +14,12 @@ from structlog.types import FilteringBoundLogger
 
 from proxy.record import RequestRecord
 
+LEVELS = {  # `serve --log-level`: the proxy's log lines at this level and above
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 _SECRET_KEYS = frozenset({"authorization", "api_key", "apikey", "key", "token", "password"})
 _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
 
