@@ -213,18 +213,28 @@ class _Proxy(Starlette):
         self._endpoints = endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            headers = scope["headers"]
-            if (
-                len(headers) > MAX_HEADERS
-                or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES
-            ):
-                await send_error(send, HeadersTooLarge("request headers are too large"))
-                return
-            endpoint = self._endpoints.get(scope["path"])
-            if endpoint is not None and scope["method"] == "POST":
-                await endpoint(scope, receive, send)
-                return
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            await self._http(scope, receive, send)
+        except Exception as exc:
+            # Answered already (a 500 in OpenAI's shape, or a cut stream). Logged here, once,
+            # as a JSON line through the redaction step, not as the server's plain traceback.
+            log.error("unhandled_error", exc_info=exc)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = scope["headers"]
+        if (
+            len(headers) > MAX_HEADERS
+            or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES
+        ):
+            await send_error(send, HeadersTooLarge("request headers are too large"))
+            return
+        endpoint = self._endpoints.get(scope["path"])
+        if endpoint is not None and scope["method"] == "POST":
+            await endpoint(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
 
 
@@ -263,7 +273,7 @@ async def _proxy_error(_request: Request, exc: Exception) -> Response:
     return Response(exc.body(), exc.status, media_type="application/json")
 
 
-async def _crash(_request: Request, exc: Exception) -> Response:
-    log.error("unhandled_error", exc_info=exc)
+async def _crash(_request: Request, _exc: Exception) -> Response:
+    """Starlette raises the exception on after this answer; `_Proxy` logs it."""
     body = error_body("internal proxy error", "server_error", code="internal_error")
-    return Response(body, 500, media_type="application/json")
+    return Response(body, 500, {"connection": "close"}, media_type="application/json")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 
+from proxy.logs import PROCESSORS, redact
 from proxy.mock_upstream import MockUpstream
 from proxy.serving import RunningServer
 from tests.helpers import sluicegate
@@ -120,3 +122,35 @@ def test_workers_log_at_the_level_given(tmp_path: Path, mock_server: RunningServ
     assert events.count("open_proxy") == 2  # a warning, from each worker
     assert "ready" not in events
     assert "request" not in events
+
+
+def test_a_traceback_is_redacted_once_it_is_text() -> None:
+    """The redaction step runs after `exc_info` has become the traceback's text."""
+    try:
+        raise RuntimeError(f"the upstream said: Authorization: Bearer {UPSTREAM_KEY}")
+    except RuntimeError as exc:
+        event: Any = {"event": "unhandled_error", "exc_info": exc}
+    for processor in PROCESSORS:
+        event = processor(None, "error", event)
+    assert "Traceback (most recent call last)" in event["exception"]
+    assert "Authorization: Bearer ***" in event["exception"]
+    assert UPSTREAM_KEY not in str(event)
+
+
+def test_redaction_reaches_into_mappings_and_lists() -> None:
+    headers = {"Authorization": f"Bearer {UPSTREAM_KEY}", "x-api-key": UPSTREAM_KEY, "a": "b"}
+    event: Any = {
+        "event": "e",
+        "headers": headers,
+        "seen": [{"cookie": "session=1"}, f"bearer {CLIENT_KEY}", 3],
+        "token": CLIENT_KEY,
+        "note": "nothing to hide",
+    }
+    assert redact(None, "info", event) == {
+        "event": "e",
+        "headers": {"Authorization": "***", "x-api-key": "***", "a": "b"},
+        "seen": [{"cookie": "***"}, "bearer ***", 3],
+        "token": "***",
+        "note": "nothing to hide",
+    }
+    assert headers["x-api-key"] == UPSTREAM_KEY  # the caller's mapping is left as it was

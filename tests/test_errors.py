@@ -8,12 +8,15 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from structlog.testing import capture_logs
 
+from proxy import app as app_module
 from proxy.config import Secret, Upstream
 from proxy.mock_upstream import MockUpstream
 from proxy.serving import RunningServer
 from proxy.upstream import scrub_key
 from tests.conftest import UPSTREAM_KEY
+from tests.helpers import wait_for
 
 OK_BODY = {"model": "support-bot", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -206,6 +209,25 @@ def test_scrub_key_takes_the_key_out_of_bodies_and_header_values() -> None:
     for placeholder in (None, Secret("EMPTY")):
         up = Upstream("u", "http://127.0.0.1:9/v1", api_key=placeholder)
         assert scrub_key(up, b"EMPTY", headers) == (b"EMPTY", headers)
+
+
+def test_a_bug_behind_a_small_endpoint_is_a_500_and_one_log_line(
+    proxy: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app_module, "model_entries", broken)
+    with capture_logs() as events:
+        r = httpx.get(proxy.url + "/v1/models", timeout=10)
+        # Logged once the answer has gone out: possibly after the client has it.
+        assert wait_for(lambda: any(e["event"] == "unhandled_error" for e in events))
+    _assert_openai_error(r, 500, "internal_error")
+    assert r.headers["connection"] == "close"
+    errors = [event for event in events if event["log_level"] == "error"]
+    assert [event["event"] for event in errors] == ["unhandled_error"]
+    assert isinstance(errors[0]["exc_info"], RuntimeError)
+    _assert_still_serving(proxy)
 
 
 def test_unknown_path_and_wrong_method(proxy: RunningServer) -> None:
