@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import logging
 import os
 import signal
 import threading
@@ -31,7 +32,8 @@ from proxy.config import ConfigError, ServerSettings
 from proxy.errors import HeadersTooLarge, MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.health import Health
 from proxy.keys import identify
-from proxy.logs import access_log, get_logger
+from proxy.logs import LEVELS, access_log, get_logger
+from proxy.logs import configure as configure_logs
 from proxy.metering import tokenizer_available
 from proxy.metrics import Metrics
 from proxy.metrics_server import MetricsEndpoint, restart_needed
@@ -46,6 +48,7 @@ MAX_HEADERS = 100
 MAX_HEADER_BYTES = 32 * 1024
 WATCH_ENV = "SLUICEGATE_WATCH"
 METRICS_ROUTE_ENV = "SLUICEGATE_METRICS_ROUTE"  # "0": /metrics is on the metrics listener
+LOG_LEVEL_ENV = "SLUICEGATE_LOG_LEVEL"  # a name in proxy.logs.LEVELS
 log = get_logger()
 
 
@@ -210,23 +213,36 @@ class _Proxy(Starlette):
         self._endpoints = endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            headers = scope["headers"]
-            if (
-                len(headers) > MAX_HEADERS
-                or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES
-            ):
-                await send_error(send, HeadersTooLarge("request headers are too large"))
-                return
-            endpoint = self._endpoints.get(scope["path"])
-            if endpoint is not None and scope["method"] == "POST":
-                await endpoint(scope, receive, send)
-                return
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            await self._http(scope, receive, send)
+        except Exception as exc:
+            # Answered already (a 500 in OpenAI's shape, or a cut stream). Logged here, once,
+            # as a JSON line through the redaction step, not as the server's plain traceback.
+            log.error("unhandled_error", exc_info=exc)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = scope["headers"]
+        if (
+            len(headers) > MAX_HEADERS
+            or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES
+        ):
+            await send_error(send, HeadersTooLarge("request headers are too large"))
+            return
+        endpoint = self._endpoints.get(scope["path"])
+        if endpoint is not None and scope["method"] == "POST":
+            await endpoint(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
 
 
 def create_app_from_env() -> Starlette:
-    """Factory for `uvicorn --factory` in multi-worker mode: the CLI passes the path."""
+    """Factory for `uvicorn --factory` in multi-worker mode: the CLI passes the path. A worker
+    is a fresh interpreter (uvicorn spawns it), so it sets up its own logs: JSON lines through
+    the redaction step, at the level `serve --log-level` was given."""
+    configure_logs(level=LEVELS.get(os.environ.get(LOG_LEVEL_ENV, "info"), logging.INFO))
     watch = os.environ.get(WATCH_ENV, "1") == "1"
     return create_app(
         os.environ.get(CONFIG_ENV, "routes.yaml"),
@@ -257,7 +273,7 @@ async def _proxy_error(_request: Request, exc: Exception) -> Response:
     return Response(exc.body(), exc.status, media_type="application/json")
 
 
-async def _crash(_request: Request, exc: Exception) -> Response:
-    log.error("unhandled_error", exc_info=exc)
+async def _crash(_request: Request, _exc: Exception) -> Response:
+    """Starlette raises the exception on after this answer; `_Proxy` logs it."""
     body = error_body("internal proxy error", "server_error", code="internal_error")
-    return Response(body, 500, media_type="application/json")
+    return Response(body, 500, {"connection": "close"}, media_type="application/json")

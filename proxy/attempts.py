@@ -29,7 +29,7 @@ from proxy.record import Attempt, AttemptOutcome, RequestRecord
 from proxy.routing import backoff, classify, outcome_for_status, plan
 from proxy.sse import EventSplitter, completion_to_sse, parse
 from proxy.state import AppState
-from proxy.upstream import UpstreamResponse
+from proxy.upstream import UpstreamResponse, scrub_key
 
 MAX_RETRY_AFTER = 10.0  # seconds; a longer Retry-After takes the upstream out of this request
 
@@ -257,13 +257,14 @@ class Attempts:
         action: StreamOptionsAction,
         response: UpstreamResponse,
     ) -> Failure:
-        """An error answer: kept whole, to relay if no other candidate does better."""
-        payload = await response.read()
+        """An error answer: kept whole, to relay if no other candidate does better; never
+        with the upstream's own key in it (see `scrub_key`)."""
+        payload, headers = scrub_key(upstream, await response.read(), response.headers)
         if _rejects_stream_options(response.status, payload, upstream, action):
             return Failure(target, "stream_options_rejected")
         outcome = outcome_for_status(response.status)
-        wait = retry_after(response.headers)
-        return Failure(target, outcome, None, response.status, response.headers, payload, wait)
+        wait = retry_after(headers)
+        return Failure(target, outcome, None, response.status, headers, payload, wait)
 
     async def _commit(
         self,

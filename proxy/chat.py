@@ -48,9 +48,14 @@ class ChatCompletions:
             await exchange.run(self._ref, observers)
         except Exception:
             # A bug, not an upstream's failure: answer in OpenAI's shape if the response has
-            # not started, and let the server log the traceback.
+            # not started, closing the connection (what is left on it is unknown), and raise
+            # on for the app to log the traceback.
+            error = InternalError("internal proxy error")
+            if not exchange.record.status:
+                exchange.record.fail(error.status, error.code, error.message)
+            closing = [(b"x-request-id", exchange.rid), (b"connection", b"close")]
             with contextlib.suppress(Exception):
-                await send_error(send, InternalError("internal proxy error"))
+                await send_error(send, error, closing)
             raise
         finally:
             exchange.record.duration_s = time.perf_counter() - exchange.arrived

@@ -15,9 +15,10 @@ from pathlib import Path
 import uvicorn
 
 from proxy import __version__, metrics_server
-from proxy.app import CONFIG_ENV, METRICS_ROUTE_ENV, WATCH_ENV, create_app
+from proxy.app import CONFIG_ENV, LOG_LEVEL_ENV, METRICS_ROUTE_ENV, WATCH_ENV, create_app
 from proxy.config import ConfigError, load_config
 from proxy.keys import hash_key, new_key
+from proxy.logs import LEVELS
 from proxy.logs import configure as configure_logs
 from proxy.metrics import prepare_multiprocess_dir, render_workers
 from proxy.mock_upstream import Knobs, MockUpstream
@@ -65,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         "--metrics-host",
         help="the metrics listener's address (default: server.metrics_host, else --host); "
         "needs --metrics-port",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=tuple(LEVELS),
+        default="info",
+        help="log lines at this level and above, in every worker (default: info)",
     )
     serve.add_argument(
         "--no-watch",
@@ -136,7 +143,7 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    configure_logs()
+    configure_logs(level=LEVELS[args.log_level])
     problem = _metrics_flags_problem(args)
     if problem:
         print(f"sluicegate serve: error: {problem}", file=sys.stderr)
@@ -145,7 +152,13 @@ def _serve(args: argparse.Namespace) -> int:
         return _serve_demo(args)
     metrics = (args.metrics_host, args.metrics_port)
     return _serve_config(
-        args.config, args.host, args.port, args.workers, watch=args.watch, metrics=metrics
+        args.config,
+        args.host,
+        args.port,
+        args.workers,
+        watch=args.watch,
+        metrics=metrics,
+        log_level=args.log_level,
     )
 
 
@@ -165,6 +178,7 @@ def _serve_config(
     *,
     watch: bool = True,
     metrics: tuple[str | None, int | None] = (None, None),
+    log_level: str = "info",
 ) -> int:
     metrics_host, metrics_port = metrics  # the flags; they win over the file's server.metrics_*
     try:
@@ -189,11 +203,12 @@ def _serve_config(
             os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
             os.environ[WATCH_ENV] = "1" if watch else "0"
             os.environ[METRICS_ROUTE_ENV] = "0" if listener else "1"
+            os.environ[LOG_LEVEL_ENV] = log_level  # workers set up their own logs
             app = "proxy.app:create_app_from_env"
             metrics_dir = prepare_multiprocess_dir()
             render = partial(render_workers, os.environ["PROMETHEUS_MULTIPROC_DIR"])
         listening = metrics_server.start(listener, render, config.server.metrics_token)
-        _run_uvicorn(app, host, port, workers, config.server.drain_seconds)
+        _run_uvicorn(app, host, port, workers, config.server.drain_seconds, log_level=log_level)
     except metrics_server.ListenError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -205,7 +220,9 @@ def _serve_config(
     return 0
 
 
-def _run_uvicorn(app: object, host: str, port: int, workers: int, drain: float) -> None:
+def _run_uvicorn(
+    app: object, host: str, port: int, workers: int, drain: float, *, log_level: str
+) -> None:
     uvicorn.run(
         app,  # type: ignore[arg-type]  # an ASGI app or its import string
         factory=workers > 1,
@@ -214,7 +231,9 @@ def _run_uvicorn(app: object, host: str, port: int, workers: int, drain: float) 
         port=port,
         loop=fastest_loop(),
         http=fastest_http(),
-        log_level="warning",
+        # uvicorn's own lines are plain text, not JSON: only its warnings and errors, or only
+        # its errors at --log-level error.
+        log_level="error" if log_level == "error" else "warning",
         access_log=False,
         server_header=False,
         proxy_headers=False,  # client addresses are not used; skip the per-request middleware
@@ -235,7 +254,13 @@ def _serve_demo(args: argparse.Namespace) -> int:
             metrics = (args.metrics_host, args.metrics_port)
             path = str(config_path)
             return _serve_config(
-                path, args.host, args.port, args.workers, watch=False, metrics=metrics
+                path,
+                args.host,
+                args.port,
+                args.workers,
+                watch=False,
+                metrics=metrics,
+                log_level=args.log_level,
             )
         finally:
             mock.stop()

@@ -1,4 +1,5 @@
-"""Structured logs: one processor chain, with a redaction step before any renderer."""
+"""Structured logs: one processor chain, with a redaction step before any renderer (and after
+a traceback becomes text, so that text is redacted too)."""
 
 from __future__ import annotations
 
@@ -14,20 +15,59 @@ from structlog.types import FilteringBoundLogger
 
 from proxy.record import RequestRecord
 
-_SECRET_KEYS = frozenset({"authorization", "api_key", "apikey", "key", "token", "password"})
+LEVELS = {  # `serve --log-level`: the proxy's log lines at this level and above
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+# Names of fields (and of headers in a logged mapping) whose values are masked outright.
+_SECRET_KEYS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "api_key",
+        "apikey",
+        "x-api-key",  # Anthropic's key header
+        "x-goog-api-key",  # Google's
+        "key",
+        "token",
+        "password",
+    }
+)
 _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
 
 
 def redact(
     _logger: object, _name: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """Masks values under secret-looking keys and bearer tokens inside strings."""
+    """Masks values under secret-looking keys and bearer tokens inside strings, also inside
+    mappings and lists (a logged mapping of headers, say)."""
     for key, value in event.items():
-        if key.lower() in _SECRET_KEYS:
-            event[key] = "***"
-        elif isinstance(value, str) and "earer" in value:
-            event[key] = _BEARER.sub(r"\1***", value)
+        event[key] = _masked(key, value)
     return event
+
+
+def _masked(key: object, value: Any) -> Any:
+    if isinstance(key, str) and key.lower() in _SECRET_KEYS:
+        return "***"
+    if isinstance(value, str):
+        return _BEARER.sub(r"\1***", value) if "earer" in value else value
+    if isinstance(value, dict):
+        return {k: _masked(k, v) for k, v in value.items()}  # a copy: never the caller's
+    if isinstance(value, list | tuple):
+        return [_masked(None, v) for v in value]
+    return value
+
+
+PROCESSORS: tuple[Any, ...] = (
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    structlog.processors.format_exc_info,  # exc_info → the traceback as text, then redacted
+    redact,
+)
 
 
 def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
@@ -39,13 +79,7 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*PROCESSORS, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=(
             structlog.BytesLoggerFactory(sys.stderr.buffer)

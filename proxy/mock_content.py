@@ -298,7 +298,27 @@ _ERROR_KINDS = {
 }
 
 
-def injected_error_body(status: int) -> bytes:
+def injected_error_body(status: int, echo: str | None = None) -> bytes:
+    """`echo` (knob `echo_auth`): the Authorization header received, quoted back in the
+    message as some upstreams' 401s do."""
     default = ("invalid_request_error" if status < 500 else "server_error", None)
     type_, code = _ERROR_KINDS.get(status, default)
-    return error_body(f"Mock upstream error (status {status})", type_, code=code)
+    message = f"Mock upstream error (status {status})"
+    if echo is not None:
+        message += f": credentials not accepted: '{echo}'"
+    return error_body(message, type_, code=code)
+
+
+def echo_headers(echo: str | None) -> list[tuple[bytes, bytes]]:
+    """The Authorization header received, quoted back in WWW-Authenticate (`echo_auth`)."""
+    if echo is None:
+        return []
+    described = f'Bearer error="invalid_token", error_description="not accepted: {echo}"'
+    return [(b"www-authenticate", described.encode("latin-1"))]
+
+
+# Knob `set_cookie`: what a CDN in front of an upstream adds to every answer.
+COOKIE_HEADERS = (
+    (b"set-cookie", b"__cf_bm=mock-session-7f3a; path=/; HttpOnly; Secure"),
+    (b"keep-alive", b"timeout=5, max=100"),  # hop-by-hop: ends at the proxy
+)

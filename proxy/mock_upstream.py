@@ -24,12 +24,14 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.errors import error_body
 from proxy.mock_content import (
+    COOKIE_HEADERS,
     CREATED,
     MODELS,
     Invalid,
     Plan,
     completion_body,
     count_prompt_tokens,
+    echo_headers,
     embeddings_body,
     expected_content,
     injected_error_body,
@@ -71,6 +73,8 @@ class Knobs:
     status: int | None = None
     retry_after: float | None = None
     stall: float = 0.0
+    echo_auth: bool = False  # an injected error quotes the Authorization header it got
+    set_cookie: bool = False  # every answer carries set-cookie and a hop-by-hop header
 
 
 @dataclass
@@ -225,8 +229,11 @@ class MockUpstream:
                 # Injected errors answer at once, as an overloaded or rate-limiting upstream does.
                 retry = knobs.retry_after
                 extra = [] if retry is None else [(b"retry-after", f"{retry:g}".encode())]
+                echo = headers.get("authorization", "") if knobs.echo_auth else None
+                extra += [*echo_headers(echo), *(COOKIE_HEADERS if knobs.set_cookie else ())]
                 record.finished = time.monotonic()
-                await _respond(send, knobs.status, injected_error_body(knobs.status), extra)
+                error = injected_error_body(knobs.status, echo)
+                await _respond(send, knobs.status, error, extra)
                 return
             if knobs.reject_stream_options and "stream_options" in body:
                 raise Invalid("Unknown parameter: stream_options", "stream_options")
@@ -271,6 +278,8 @@ async def _answer(send: Send, knobs: Knobs, plan: Plan, record: RequestRecord) -
             (b"x-prompt-tokens", b"%d" % plan.prompt_tokens),
             (b"x-completion-tokens", b"%d" % plan.tokens),
         ]
+    if knobs.set_cookie:
+        extra += COOKIE_HEADERS
     if plan.stream and not knobs.json_for_stream:
         await _stream(send, knobs, plan, record, extra)
         return

@@ -26,6 +26,9 @@ from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, Ups
 from proxy.headers import Headers
 
 USER_AGENT = f"sluicegate/{__version__}"
+SCRUBBED = b"***"
+# Shorter "keys" are placeholders (vLLM's "EMPTY"): replacing them would only mangle a body.
+MIN_SCRUBBED_KEY = 8
 
 # Sent unless the request carries its own header of that name, in this order, before the
 # request's headers (as httpx merged its client defaults). With all of aiohttp's automatic
@@ -206,6 +209,17 @@ class UpstreamClients:
 
     async def aclose(self) -> None:
         await close_all(list(self._clients.values()))
+
+
+def scrub_key(upstream: Upstream, body: bytes, headers: Headers) -> tuple[bytes, Headers]:
+    """An error answer without the upstream's own key: some upstreams quote the Authorization
+    header they got in a 401, and the proxy relays error answers to its clients. For answers
+    read whole (error answers); a committed answer's bytes are never touched."""
+    key = upstream.api_key.reveal().encode() if upstream.api_key is not None else b""
+    if len(key) < MIN_SCRUBBED_KEY:
+        return body, headers
+    scrubbed = [(name, value.replace(key, SCRUBBED)) for name, value in headers]
+    return body.replace(key, SCRUBBED), scrubbed
 
 
 async def close_all(clients: list[_Pool]) -> None:

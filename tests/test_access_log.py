@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 
+from proxy.logs import PROCESSORS, redact
 from proxy.mock_upstream import MockUpstream
 from proxy.serving import RunningServer
 from tests.helpers import sluicegate
@@ -70,3 +72,85 @@ def test_log_lines_carry_the_request_and_no_secret(
     assert {"request_id", "timestamp", "level"} <= streamed.keys()
     unknown = next(r for r in requests if r["status"] == 404)
     assert unknown["error"] == "model_not_found"
+
+
+def _routes(tmp_path: Path, mock_url: str, keys: str = "") -> Path:
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        f"upstreams:\n  mock: {{base_url: '{mock_url}/v1'}}\n"
+        "routes:\n  - {model: bot, targets: [{upstream: mock, model: mock-chat}]}\n" + keys
+    )
+    return path
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_workers_log_json_lines_through_the_redaction_step(
+    tmp_path: Path, mock_server: RunningServer
+) -> None:
+    """Each worker is a fresh interpreter: it must set up the renderer and `redact` itself."""
+    keys = f"keys:\n  app: {{sha256: '{'0' * 64}'}}\n"
+    path = _routes(tmp_path, mock_server.url, keys)
+    log = tmp_path / "proxy.log"
+    with (
+        log.open("wb") as sink,
+        sluicegate("serve", "--config", str(path), "--workers", "2", output=sink) as (_, url),
+    ):
+        refused = httpx.post(url + "/v1/chat/completions", json={"model": "bot"})
+    assert refused.status_code == 401
+    # The 401's own message reads "... 'Authorization: Bearer YOUR_KEY'.": in the log line
+    # the redaction step has masked what follows "Bearer", placeholder or not.
+    assert "Bearer YOUR_KEY" in refused.json()["error"]["message"]
+    text = log.read_text()
+    requests = [line for line in _json_lines(text) if line["event"] == "request"]
+    assert len(requests) == 1, f"no JSON request line in:\n{text}"
+    assert (requests[0]["level"], requests[0]["status"]) == ("info", 401)
+    assert "Bearer ***" in str(requests[0]["message"])
+    assert "YOUR_KEY" not in text
+
+
+def test_workers_log_at_the_level_given(tmp_path: Path, mock_server: RunningServer) -> None:
+    path = _routes(tmp_path, mock_server.url)
+    log = tmp_path / "proxy.log"
+    args = ("serve", "--config", str(path), "--workers", "2", "--log-level", "warning")
+    with log.open("wb") as sink, sluicegate(*args, output=sink) as (_, url):
+        body = {"model": "bot", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 200
+    events = [line["event"] for line in _json_lines(log.read_text())]
+    assert events.count("open_proxy") == 2  # a warning, from each worker
+    assert "ready" not in events
+    assert "request" not in events
+
+
+def test_a_traceback_is_redacted_once_it_is_text() -> None:
+    """The redaction step runs after `exc_info` has become the traceback's text."""
+    try:
+        raise RuntimeError(f"the upstream said: Authorization: Bearer {UPSTREAM_KEY}")
+    except RuntimeError as exc:
+        event: Any = {"event": "unhandled_error", "exc_info": exc}
+    for processor in PROCESSORS:
+        event = processor(None, "error", event)
+    assert "Traceback (most recent call last)" in event["exception"]
+    assert "Authorization: Bearer ***" in event["exception"]
+    assert UPSTREAM_KEY not in str(event)
+
+
+def test_redaction_reaches_into_mappings_and_lists() -> None:
+    headers = {"Authorization": f"Bearer {UPSTREAM_KEY}", "x-api-key": UPSTREAM_KEY, "a": "b"}
+    event: Any = {
+        "event": "e",
+        "headers": headers,
+        "seen": [{"cookie": "session=1"}, f"bearer {CLIENT_KEY}", 3],
+        "token": CLIENT_KEY,
+        "note": "nothing to hide",
+    }
+    assert redact(None, "info", event) == {
+        "event": "e",
+        "headers": {"Authorization": "***", "x-api-key": "***", "a": "b"},
+        "seen": [{"cookie": "***"}, "bearer ***", 3],
+        "token": "***",
+        "note": "nothing to hide",
+    }
+    assert headers["x-api-key"] == UPSTREAM_KEY  # the caller's mapping is left as it was

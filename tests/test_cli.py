@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -12,7 +13,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import uvicorn
 
+from proxy import cli
 from tests.helpers import ROOT, free_port, sluicegate
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -111,3 +114,37 @@ def test_serve_refuses_a_broken_config_readably(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"{bad}:3: bogus: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "level", "server_level"),
+    [
+        ([], logging.INFO, "warning"),
+        (["--log-level", "debug"], logging.DEBUG, "warning"),
+        (["--log-level", "error"], logging.ERROR, "error"),
+    ],
+)
+def test_serve_log_level_sets_the_proxy_logs_and_uvicorn_s(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    flag: list[str],
+    level: int,
+    server_level: str,
+) -> None:
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(cli, "configure_logs", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(uvicorn, "run", lambda _app, **kw: seen.update(kw))
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "upstreams: {m: {base_url: 'http://127.0.0.1:9/v1'}}\n"
+        "routes: [{model: m, targets: [{upstream: m, model: m}]}]\n"
+    )
+    assert cli.main(["serve", "--config", str(path), *flag]) == 0
+    assert (seen["level"], seen["log_level"]) == (level, server_level)
+
+
+def test_serve_refuses_an_unknown_log_level(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve", "--log-level", "verbose"])
+    assert exited.value.code == 2
+    assert "--log-level: invalid choice: 'verbose'" in capsys.readouterr().err

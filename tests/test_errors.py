@@ -8,8 +8,15 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from structlog.testing import capture_logs
 
+from proxy import app as app_module
+from proxy.config import Secret, Upstream
+from proxy.mock_upstream import MockUpstream
 from proxy.serving import RunningServer
+from proxy.upstream import scrub_key
+from tests.conftest import UPSTREAM_KEY
+from tests.helpers import wait_for
 
 OK_BODY = {"model": "support-bot", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -164,6 +171,62 @@ def test_upstream_error_status_and_body_are_relayed(
     assert via.status_code == status
     assert via.content == direct.content
     assert via.headers["retry-after"] == direct.headers["retry-after"]
+    _assert_still_serving(proxy)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_error_that_echoes_the_key_is_relayed_without_it(
+    proxy: RunningServer, mock_server: RunningServer, mock_app: MockUpstream, stream: bool
+) -> None:
+    body = {**OK_BODY, "stream": stream, "mock": {"status": 401, "echo_auth": True}}
+    via = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=10)
+    assert mock_app.records[-1].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    direct = httpx.post(
+        mock_server.url + "/v1/chat/completions",
+        json={**body, "model": "mock-chat"},
+        headers={"authorization": f"Bearer {UPSTREAM_KEY}"},
+        timeout=10,
+    )
+    assert UPSTREAM_KEY in direct.text
+    assert UPSTREAM_KEY in direct.headers["www-authenticate"]
+    assert via.status_code == 401
+    assert via.content == direct.content.replace(UPSTREAM_KEY.encode(), b"***")
+    challenge = direct.headers["www-authenticate"].replace(UPSTREAM_KEY, "***")
+    assert via.headers["www-authenticate"] == challenge
+    assert "Bearer ***" in via.json()["error"]["message"]
+
+
+def test_scrub_key_takes_the_key_out_of_bodies_and_header_values() -> None:
+    key = "sk-0123456789abcdef"
+    up = Upstream("u", "http://127.0.0.1:9/v1", api_key=Secret(key))
+    body = f'{{"message": "Bearer {key} and again {key}"}}'.encode()
+    headers = [(b"www-authenticate", f"Bearer x={key}".encode()), (b"x-other", b"1")]
+    assert scrub_key(up, body, headers) == (
+        b'{"message": "Bearer *** and again ***"}',
+        [(b"www-authenticate", b"Bearer x=***"), (b"x-other", b"1")],
+    )
+    # No key, or a placeholder such as vLLM's "EMPTY": the answer is relayed as it came.
+    for placeholder in (None, Secret("EMPTY")):
+        up = Upstream("u", "http://127.0.0.1:9/v1", api_key=placeholder)
+        assert scrub_key(up, b"EMPTY", headers) == (b"EMPTY", headers)
+
+
+def test_a_bug_behind_a_small_endpoint_is_a_500_and_one_log_line(
+    proxy: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app_module, "model_entries", broken)
+    with capture_logs() as events:
+        r = httpx.get(proxy.url + "/v1/models", timeout=10)
+        # Logged once the answer has gone out: possibly after the client has it.
+        assert wait_for(lambda: any(e["event"] == "unhandled_error" for e in events))
+    _assert_openai_error(r, 500, "internal_error")
+    assert r.headers["connection"] == "close"
+    errors = [event for event in events if event["log_level"] == "error"]
+    assert [event["event"] for event in errors] == ["unhandled_error"]
+    assert isinstance(errors[0]["exc_info"], RuntimeError)
     _assert_still_serving(proxy)
 
 

@@ -267,6 +267,28 @@ def test_injected_error_status(url: str, stream: bool) -> None:
     assert "retry-after" not in limited.headers
 
 
+def test_echo_auth_quotes_the_authorization_header_in_an_injected_error(url: str) -> None:
+    sent = "Bearer sk-proj-echoed-0123456789"
+    r = _post(url, _body(mock={"status": 401, "echo_auth": True}), authorization=sent)
+    assert r.status_code == 401
+    assert r.json()["error"]["message"].endswith(f"credentials not accepted: '{sent}'")
+    assert sent in r.headers["www-authenticate"]
+    plain = _post(url, _body(mock={"status": 401}), authorization=sent)
+    assert sent not in plain.text
+    assert "www-authenticate" not in plain.headers
+
+
+@pytest.mark.parametrize(("stream", "status"), [(False, None), (True, None), (False, 500)])
+def test_set_cookie_adds_a_cookie_and_a_hop_by_hop_header(
+    url: str, stream: bool, status: int | None
+) -> None:
+    r = _post(url, _body(stream=stream, mock={"set_cookie": True, "status": status}))
+    assert r.status_code == (status or 200)
+    assert r.headers["set-cookie"].startswith("__cf_bm=")
+    assert r.headers["keep-alive"] == "timeout=5, max=100"
+    assert "set-cookie" not in _post(url, _body()).headers
+
+
 def test_openai_sdk_sees_injected_rate_limit(url: str) -> None:
     client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
     with pytest.raises(openai.RateLimitError):
