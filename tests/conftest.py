@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.app import create_app
-from proxy.mock_upstream import MockUpstream
+from proxy.mock_upstream import Knobs, MockUpstream
 from proxy.serving import RunningServer
 
 UPSTREAM_KEY = "sk-upstream-test-0123456789abcdef"
@@ -50,6 +50,14 @@ def mock_app() -> MockUpstream:
 def mock_server(mock_app: MockUpstream) -> Iterator[RunningServer]:
     with RunningServer(mock_app) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def picky() -> Iterator[tuple[MockUpstream, RunningServer]]:
+    """An upstream that rejects stream_options and reports usage in response headers only."""
+    app = MockUpstream(Knobs(reject_stream_options=True, usage_headers=True))
+    with RunningServer(app) as server:
+        yield app, server
 
 
 @pytest.fixture(scope="session")

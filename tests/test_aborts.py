@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from proxy.app import create_app
-from proxy.mock_upstream import Knobs, MockUpstream
+from proxy.mock_upstream import MockUpstream
 from proxy.mock_upstream import RequestRecord as MockRecord
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
@@ -21,13 +21,6 @@ from tests.helpers import sluicegate, wait_for
 from tests.test_metering_e2e import MESSAGES, PRICE_IN, PRICE_OUT, scrape, total
 
 SLOW = {"mock": {"tokens": 40, "delay": 0.02, "ttft": 0.05}}  # ~0.85 s per answer
-
-
-@pytest.fixture(scope="module")
-def picky() -> Iterator[tuple[MockUpstream, RunningServer]]:
-    app = MockUpstream(Knobs(reject_stream_options=True, usage_headers=True))
-    with RunningServer(app) as server:
-        yield app, server
 
 
 def _routes(mock_url: str, picky_url: str, finish: str) -> str:

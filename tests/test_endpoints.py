@@ -13,21 +13,13 @@ import pytest
 
 from proxy.app import create_app
 from proxy.mock_content import EMBEDDING_DIMENSIONS, count_input_tokens, expected_content
-from proxy.mock_upstream import Knobs, MockUpstream
+from proxy.mock_upstream import MockUpstream
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
 from tests.helpers import wait_for
 from tests.test_metering_e2e import scrape, total
 
 PRICE = {"input": 0.5, "output": 1.5}  # USD per million tokens
-
-
-@pytest.fixture(scope="module")
-def picky() -> Iterator[tuple[MockUpstream, RunningServer]]:
-    """An upstream that rejects stream_options and reports usage in headers only."""
-    app = MockUpstream(Knobs(reject_stream_options=True, usage_headers=True))
-    with RunningServer(app) as server:
-        yield app, server
 
 
 @pytest.fixture

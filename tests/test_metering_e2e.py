@@ -3,7 +3,6 @@ token for token and cent for cent, in one process and across four workers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -12,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
-from proxy.mock_upstream import Knobs, MockUpstream, RequestRecord
+from proxy.mock_upstream import MockUpstream, RequestRecord
 from proxy.serving import RunningServer
 from tests.helpers import sluicegate, wait_for
 
@@ -41,13 +40,6 @@ def truth(records: list[RequestRecord]) -> tuple[int, int]:
     """Prompt and completion tokens the mock actually billed (answered requests)."""
     answered = [r for r in records if r.completion_tokens]
     return sum(r.prompt_tokens for r in answered), sum(r.completion_tokens for r in answered)
-
-
-@pytest.fixture(scope="module")
-def picky() -> Iterator[tuple[MockUpstream, RunningServer]]:
-    app = MockUpstream(Knobs(reject_stream_options=True, usage_headers=True))
-    with RunningServer(app) as server:
-        yield app, server
 
 
 def _routes(mock_url: str, picky_url: str, dead_port: int) -> str:
