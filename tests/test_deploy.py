@@ -401,7 +401,10 @@ def test_the_build_stage_inputs_make_a_wheel_with_the_command(tmp_path: Path) ->
         names = set(archive.namelist())
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         assert "sluicegate = proxy.cli:main" in archive.read(entry_points).decode()
+        # The playground page is package data: a non-editable install serves it too.
+        page = archive.read("proxy/static/playground.html")
     assert {"proxy/cli.py", "proxy/app.py", "proxy/py.typed"} <= names
+    assert page == (ROOT / "proxy" / "static" / "playground.html").read_bytes()
 
 
 def _run_entrypoint(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:

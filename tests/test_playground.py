@@ -15,9 +15,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,30 +256,6 @@ def test_openai_sdk_lists_models_and_keeps_the_extra_field(priced: str) -> None:
     models = list(client.models.list())
     assert [m.id for m in models] == ["rescued", "free"]
     assert {m.id: (m.model_extra or {})["pricing"] for m in models} == PRICED
-
-
-def test_the_wheel_ships_the_page(tmp_path: Path) -> None:
-    """A non-editable install serves the page: it is package data in the wheel."""
-    source = tmp_path / "src"
-    shutil.copytree(ROOT / "proxy", source / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), "."],
-        cwd=source,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    (wheel,) = tmp_path.glob("sluicegate-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        shipped = archive.read("proxy/static/playground.html")
-    assert shipped == (ROOT / "proxy" / "static" / "playground.html").read_bytes()
-
-
-# --- the page in Chromium, on the demo ----------------------------------------------------------
 
 
 def test_the_demo_prints_the_playground_address(demo_run: tuple[str, Path]) -> None:
