@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,7 +42,7 @@ class Answer:
     status: int
     headers: Headers
     head: bytes
-    rest: AsyncIterator[bytes] | None = None  # None: head is the whole body
+    rest: Callable[[], Awaitable[bytes]] | None = None  # the next bytes; None: head is all
     response: UpstreamResponse | None = None  # open until the relay is done
     first: dict[str, Any] | None = None  # the first content event, a template for usage
     action: StreamOptionsAction = "pass"
@@ -274,15 +274,14 @@ class Attempts:
         first_token: float | None,
     ) -> Answer | Failure:
         """Reads (and holds back) the stream up to its first content event."""
-        chunks = response.chunks().__aiter__()
+        next_chunk = response.next_chunk
         splitter, held = EventSplitter(), bytearray()
         remaining = None if first_token is None else max(0.0, first_token - response.elapsed())
         try:
             async with asyncio.timeout(remaining):
                 while True:
-                    try:
-                        chunk = await anext(chunks)
-                    except StopAsyncIteration:  # ended with no content and no [DONE]
+                    chunk = await next_chunk()
+                    if not chunk:  # ended with no content and no [DONE]
                         ended = f"upstream '{target.upstream}' ended its stream without an answer"
                         return Failure(target, "reset", UpstreamProtocolError(ended))
                     held += chunk
@@ -294,7 +293,7 @@ class Attempts:
                         if kind in ("content", "done"):
                             return Answer(
                                 target, response.status, response.headers, bytes(held),
-                                chunks, response, payload, action,
+                                next_chunk, response, payload, action,
                             )  # fmt: skip
         except TimeoutError:
             error = UpstreamTimeout(f"upstream '{target.upstream}' sent no first token in time")

@@ -40,12 +40,14 @@ async def relay(
         watch.done = True
     await send({"type": "http.response.body", "body": head, "more_body": more})
     result = Relayed(time.perf_counter())
-    if answer.rest is None:
+    read = answer.rest
+    if read is None:
         return result
     last = head or b"\n\n"
+    feed = tee.feed
     try:
-        async for chunk in answer.rest:
-            out = tee.feed(chunk)
+        while chunk := await read():
+            out = feed(chunk)
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 last = out

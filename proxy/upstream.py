@@ -13,8 +13,7 @@ import asyncio
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import aiohttp
 import certifi
@@ -42,16 +41,54 @@ _DEFAULT_HEADERS = (
 _TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
-@dataclass(slots=True)
+class _Silent(Exception):
+    """Set on a body reader by `_Silence` when its upstream stayed silent too long."""
+
+
+class _Silence:
+    """Bounds how long a body read may wait for bytes, with one timer per response that is
+    re-armed only when it fires: aiohttp's `sock_read` instead cancels and re-creates a timer
+    for every chunk. Only time spent waiting in a read counts, so a relay that is busy
+    writing to a slow client never blames the upstream for the pause."""
+
+    __slots__ = ("_content", "_handle", "_limit", "_loop", "since")
+
+    def __init__(self, content: aiohttp.StreamReader, limit: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._content, self._limit = content, limit
+        self.since: float | None = None  # loop time the current read began waiting
+        self._handle = self._loop.call_later(limit, self._check)
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def _check(self) -> None:
+        since, now = self.since, self._loop.time()
+        if since is not None and now - since >= self._limit:
+            self._content.set_exception(_Silent())
+            return
+        due = (now if since is None else since) + self._limit
+        self._handle = self._loop.call_at(due, self._check)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
 class UpstreamResponse:
     """An upstream answer whose body has not been read yet."""
 
-    status: int
-    headers: Headers
-    upstream: str
-    _response: aiohttp.ClientResponse
-    _sent_at: float = 0.0  # monotonic time the request went out
-    _idle: float | None = None  # a body silence limit tighter than the transport's read timeout
+    __slots__ = ("_content", "_response", "_sent_at", "_silence", "headers", "status", "upstream")
+
+    def __init__(
+        self, response: aiohttp.ClientResponse, upstream: str, sent_at: float, idle: float
+    ) -> None:
+        self.status: int = response.status
+        self.headers: Headers = list(response.raw_headers)
+        self.upstream = upstream
+        self._response = response
+        self._content = response.content
+        self._sent_at = sent_at  # monotonic time the request went out
+        self._silence = _Silence(response.content, idle)
 
     def elapsed(self) -> float:
         """Seconds since the request went out."""
@@ -64,38 +101,33 @@ class UpstreamResponse:
                 return value.decode("latin-1")
         return ""
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as the network delivers it: no re-chunking, no decoding."""
-        content = self._response.content
+    async def next_chunk(self) -> bytes:
+        """The body's next bytes as the network delivered them (no re-chunking, no decoding);
+        b"" at its end. A plain coroutine, not an async generator: the relay's hot loop."""
+        silence = self._silence
+        silence.since = silence.now()
         try:
-            if self._idle is None:  # the usual case: the transport times the silences
-                while chunk := await content.readany():
-                    yield chunk
-                return
-            while True:
-                try:
-                    async with asyncio.timeout(self._idle):
-                        chunk = await content.readany()
-                except TimeoutError:
-                    message = f"upstream '{self.upstream}' timed out while streaming the response"
-                    raise UpstreamTimeout(message) from None
-                if not chunk:
-                    return
-                yield chunk
+            chunk = await self._content.readany()
+        except _Silent:
+            message = f"upstream '{self.upstream}' timed out while streaming the response"
+            raise UpstreamTimeout(message) from None
         except _TRANSPORT_ERRORS as exc:
             raise to_proxy_error(exc, self.upstream, reading=True) from None
+        silence.since = None
+        if not chunk:
+            silence.stop()
+        return chunk
 
     async def read(self) -> bytes:
-        if self._idle is not None:
-            return b"".join([chunk async for chunk in self.chunks()])
-        try:
-            return await self._response.read()
-        except _TRANSPORT_ERRORS as exc:
-            raise to_proxy_error(exc, self.upstream, reading=True) from None
+        parts = []
+        while chunk := await self.next_chunk():
+            parts.append(chunk)
+        return b"".join(parts)
 
     async def aclose(self) -> None:
         # A finished response has already given its connection back to the pool; closing
         # an unfinished one drops its connection, which tells the upstream to stop generating.
+        self._silence.stop()
         self._response.close()
 
 
@@ -108,14 +140,10 @@ class _Pool:
         self._closed = False
         self._urls: dict[str, URL] = {}
         t = upstream.timeouts
-        # aiohttp's read timeout (reset by every read) also runs while the headers are awaited,
-        # so it may not be shorter than `read`; the caller bounds the header wait, and a
-        # tighter `idle` is timed per chunk by UpstreamResponse.chunks.
+        # No read timeout here: the caller bounds the wait for headers, and `_Silence` the
+        # silences inside a body.
         self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=t.connect,
-            sock_connect=t.connect,
-            sock_read=max(t.read, t.body_idle),
+            total=None, connect=t.connect, sock_connect=t.connect, sock_read=None
         )
 
     def session(self) -> aiohttp.ClientSession:
@@ -197,15 +225,7 @@ class UpstreamClients:
             )
         except _TRANSPORT_ERRORS as exc:
             raise to_proxy_error(exc, upstream.name, reading=False) from None
-        idle = upstream.timeouts.idle
-        return UpstreamResponse(
-            response.status,
-            list(response.raw_headers),
-            upstream.name,
-            response,
-            sent_at,
-            idle if idle is not None and idle < upstream.timeouts.read else None,
-        )
+        return UpstreamResponse(response, upstream.name, sent_at, upstream.timeouts.body_idle)
 
     async def aclose(self) -> None:
         await close_all(list(self._clients.values()))

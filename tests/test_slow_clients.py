@@ -32,12 +32,12 @@ def _started(server: RunningServer) -> RunningServer:
 
 
 class Stack:
-    def __init__(self, tmp: Path, knobs: Knobs) -> None:
+    def __init__(self, tmp: Path, knobs: Knobs, timeouts: str = "{}") -> None:
         self.mock = MockUpstream(knobs)
         self.upstream = _started(RunningServer(self.mock))
         path = tmp / "routes.yaml"
         path.write_text(
-            f"upstreams:\n  mock: {{base_url: '{self.upstream.url}/v1'}}\n"
+            f"upstreams:\n  mock: {{base_url: '{self.upstream.url}/v1', timeouts: {timeouts}}}\n"
             "routes:\n  - {model: bot, targets: [{upstream: mock, model: m}]}\n"
         )
         self.records: list[RequestRecord] = []
@@ -153,3 +153,29 @@ def test_abandoned_streams_close_every_upstream_request_and_the_proxy_serves_on(
     assert all(r.client_disconnected for r in stack.records)
     assert wait_for(lambda: stack.inflight() == 0)
     stack.assert_still_serving()
+
+
+def test_a_client_pausing_longer_than_idle_is_not_an_upstream_silence(tmp_path: Path) -> None:
+    """`timeouts.idle` bounds the upstream's silences; while the proxy waits for a client that
+    stopped reading, the upstream is not being listened to and must not be cut for it."""
+    tokens = 20_000  # ~3.7 MB: far more than the buffers hold, so the relay blocks on the client
+    stack = Stack(tmp_path, Knobs(ttft=0.0, delay=0.0, tokens=tokens), "{idle: 0.3}")
+    try:
+        client = stack.open_stream(rcvbuf=4096)
+        received = client.recv(4096)
+        for _ in range(3):  # three pauses, each over three times the idle limit
+            time.sleep(1.0)
+            received += client.recv(4096)
+        client.settimeout(30)
+        while not received.endswith(b"0\r\n\r\n"):
+            more = client.recv(1 << 20)
+            assert more, "the proxy cut the stream"
+            received += more
+        client.close()
+        events = stream_events(0, "m", tokens, "stop", True)
+        expected = events.role + b"".join(events.content) + events.final + events.done
+        assert _dechunk(received.split(b"\r\n\r\n", 1)[1]) == expected
+        assert wait_for(lambda: len(stack.records) == 1)
+        assert stack.records[0].stream_error is None
+    finally:
+        stack.stop()
