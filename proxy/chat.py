@@ -215,10 +215,7 @@ class _Exchange:
         else:
             tee = tee_for(request, answer, upstream)
             try:
-                # In a task of its own: each chunk then resumes the relay's few frames, not
-                # the whole ASGI call chain above it. Cancelling this task cancels that one.
-                relaying = relay(self.send, answer, headers, watch, tee, opened=self.opened)
-                relayed = await asyncio.ensure_future(relaying)
+                relayed = await relay(self.send, answer, headers, watch, tee, opened=self.opened)
                 record.ttft_s = relayed.first_byte_at - self.arrived
                 if relayed.failure is not None:
                     record.stream_error = relayed.reason

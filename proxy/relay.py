@@ -8,7 +8,9 @@ error event rather than a clean-looking truncated stream.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from proxy.asgi import ClientWatch, Send
@@ -31,19 +33,40 @@ async def relay(
     """Send a committed answer: its held head at once, then the rest as it arrives.
 
     `opened`: the proxy already sent SSE headers (and keep-alive comments) while waiting."""
-    if not opened:
-        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-    head = tee.feed(answer.head)
-    more = answer.rest is not None
-    if not more:
-        head += tee.end()
-        watch.done = True
-    await send({"type": "http.response.body", "body": head, "more_body": more})
-    result = Relayed(time.perf_counter())
-    read = answer.rest
-    if read is None:
-        return result
-    last = head or b"\n\n"
+    result = Relayed(0.0)
+    last = b"\n\n"  # the last bytes sent: does a cut fall between events?
+    try:
+        if not opened:
+            await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        head = tee.feed(answer.head)
+        more = answer.rest is not None
+        if not more:
+            head += tee.end()
+            watch.done = True
+        await send({"type": "http.response.body", "body": head, "more_body": more})
+        result.first_byte_at = time.perf_counter()
+        if answer.rest is None:
+            return result
+        # The rest in a task of its own, started only now so the first bytes did not wait
+        # for it: each chunk then resumes the few frames of `_pump`, not the whole ASGI call
+        # chain above. Cancelling this task (the client left) cancels that one.
+        last = await asyncio.ensure_future(_pump(send, answer.rest, tee, result, head or last))
+    finally:
+        if answer.response is not None:
+            await answer.response.aclose()
+    tail = tee.end()
+    if result.failure is not None:
+        tail += sse_error_event(result.failure, at_boundary=(tail or last).endswith(b"\n\n"))
+    watch.done = True
+    await send({"type": "http.response.body", "body": tail, "more_body": False})
+    return result
+
+
+async def _pump(
+    send: Send, read: Callable[[], Awaitable[bytes]], tee: Tee, result: Relayed, last: bytes
+) -> bytes:
+    """The hot loop: each chunk as the network delivers it, through the tee, to the client.
+    Returns the last bytes sent; a failure of the upstream is noted in `result`."""
     feed = tee.feed
     try:
         while chunk := await read():
@@ -54,15 +77,7 @@ async def relay(
     except ProxyError as exc:
         result.failure = exc
         result.reason = "idle_timeout" if isinstance(exc, UpstreamTimeout) else "reset"
-    finally:
-        if answer.response is not None:
-            await answer.response.aclose()
-    tail = tee.end()
-    if result.failure is not None:
-        tail += sse_error_event(result.failure, at_boundary=(tail or last).endswith(b"\n\n"))
-    watch.done = True
-    await send({"type": "http.response.body", "body": tail, "more_body": False})
-    return result
+    return last
 
 
 KEEPALIVE = b": keep-alive\n\n"
