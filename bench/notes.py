@@ -74,6 +74,11 @@ METHOD = """\
   one worker, its JSON access log to a file; one process per `stream_options` mode. nginx
   runs from a temporary config: one worker, `proxy_buffering off`, HTTP/1.1 keep-alive to
   the mock.
+- The *uvicorn+aiohttp floor* is `bench/floor_relay.py`: the thinnest streaming relay on
+  sluicegate's own server and client (uvicorn with httptools and uvloop, one aiohttp
+  session), with no routing, hold-back until the first token, metering, logs or timeouts.
+  What it adds over direct is what those two libraries cost; it runs in the stream rounds
+  only, as a reference, and is not a product.
 - Streams: 50 ms to the first token, 64 tokens 5 ms apart. TTFT runs from just before the
   request is written (connection taken from the pool or opened) to the read that completes
   the first SSE event whose `choices[0].delta.content` is non-empty (role chunks carry

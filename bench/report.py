@@ -14,14 +14,15 @@ from typing import Any
 
 from procs import CLK_TCK, REPO, nginx_binary, nginx_version
 
-COLUMNS = ("direct", "sluicegate-pass", "sluicegate-auto", "nginx")
+COLUMNS = ("direct", "sluicegate-pass", "sluicegate-auto", "floor", "nginx")
 HEADINGS = {
-    "direct": "direct (floor)",
+    "direct": "direct",
     "sluicegate-pass": "sluicegate `pass`",
     "sluicegate-auto": "sluicegate `auto`",
+    "floor": "uvicorn+aiohttp floor",
     "nginx": "nginx",
 }
-PACKAGES = ("uvicorn", "httpx", "aiohttp", "uvloop", "httptools", "starlette", "httpx-aiohttp")
+PACKAGES = ("uvicorn", "httpx", "aiohttp", "uvloop", "httptools", "starlette")
 
 
 def versions() -> dict[str, str]:
@@ -264,7 +265,7 @@ def _ratio_rows(sc: dict[str, Any], cols: list[str]) -> list[list[str]]:
             cols,
             lambda c: (
                 "-"
-                if c == "direct"
+                if c in ("direct", "floor")
                 else ("≤ " if c != "nginx" and ns.get("nginx", {}).get("bounded_by_cap") else "")
                 + _ratio(rate(c), rate("nginx"))
             ),

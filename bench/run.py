@@ -156,6 +156,13 @@ class Bench:
         argv = python("-m", "proxy", "serve", "--config", str(config), "--port", str(port))
         return self.start(name, argv, PROXY_CORE), port
 
+    def start_floor(self, mock_port: int) -> tuple[Proc, int]:
+        """The thinnest relay on sluicegate's own stack (bench/floor_relay.py)."""
+        port = free_port()
+        upstream = f"http://127.0.0.1:{mock_port}"
+        argv = python(str(HERE / "floor_relay.py"), "--upstream", upstream, "--port", str(port))
+        return self.start("floor", argv, PROXY_CORE), port
+
     async def run(self) -> dict[str, Any]:
         mock, mock_port = await self.choose_mock()
         targets = await self.start_targets(mock, mock_port)
@@ -198,6 +205,9 @@ class Bench:
             proc, port = self.start_proxy(mode, mock_port)
             await wait_ready(port, "/readyz", proc)
             targets.append(Target(f"sluicegate-{mode}", port, "bench", proc))
+        floor, floor_port = self.start_floor(mock_port)
+        await wait_ready(floor_port, "/healthz", floor)
+        targets.append(Target("floor", floor_port, "bench", floor))
         binary = None if self.args.no_nginx else nginx_binary()
         if binary is not None:
             port = free_port()
@@ -209,7 +219,8 @@ class Bench:
 
     async def scenarios(self, targets: list[Target], mock: Proc) -> None:
         s, out, machine = self.settings, self.result["scenarios"], self.machine
-        proxies = [t for t in targets if t.proc is not None]
+        # The floor relay is a reference for the stream rounds only: no memory, rate or profile.
+        proxies = [t for t in targets if t.proc is not None and t.name != "floor"]
         for target in targets:  # a few requests each, so lazy set-up is in the baseline
             await streams([target], mock, Shape("burst", 10), 1, machine)
         idle = {"ttft": 0.05, "tokens": s.idle_tokens, "delay": 0.5}
@@ -218,7 +229,7 @@ class Bench:
         for key, (shape, rounds) in s.shapes().items():
             out[key] = await streams(targets, mock, shape, rounds, machine)
             self.progress(key, out[key])
-        rate_targets = [t for t in targets if t.name != "sluicegate-auto"]
+        rate_targets = [t for t in targets if t.name not in ("sluicegate-auto", "floor")]
         out["nonstream"] = {
             t.name: await max_rate(t, s.rate_seconds, s.rate_steps, machine) for t in rate_targets
         }

@@ -27,11 +27,12 @@ class Tee:
     __slots__ = (
         "_collector",
         "_dropper",
+        "_events",
         "_finder",
         "_held",
         "_synth",
         "_template",
-        "events",
+        "feed",
         "mode",
     )
 
@@ -49,17 +50,26 @@ class Tee:
         self._held = b""
         self._template = template or {}
         self._synth = synthesize  # completion text → usage dict, for the added chunk
-        self.events = 0  # `data:` lines seen in watch/drop mode: a cut stream's only measure
+        self._events = 0
+        # The bytes to relay for each chunk: bound once, so the hot loop calls one function.
+        self.feed: Callable[[bytes], bytes] = (
+            self._watch
+            if self._finder is not None
+            else self._dropper.feed
+            if self._dropper is not None
+            else self._collect
+        )
 
-    def feed(self, chunk: bytes) -> bytes:
-        if self._finder is not None:
-            self.events += chunk.count(b"data:")
-            self._finder.feed(chunk)
-            return chunk
-        if self._dropper is not None:
-            self.events += chunk.count(b"data:")
-            return self._dropper.feed(chunk)
-        return self._collect(chunk)
+    @property
+    def events(self) -> int:
+        """`data:` lines seen in watch/drop mode: a cut stream's only measure."""
+        return self._dropper.events if self._dropper is not None else self._events
+
+    def _watch(self, chunk: bytes) -> bytes:
+        assert self._finder is not None
+        self._events += chunk.count(b"data:")
+        self._finder.feed(chunk)
+        return chunk
 
     def _collect(self, chunk: bytes) -> bytes:
         collector = self._collector

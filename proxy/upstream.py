@@ -51,16 +51,14 @@ class _Silence:
     for every chunk. Only time spent waiting in a read counts, so a relay that is busy
     writing to a slow client never blames the upstream for the pause."""
 
-    __slots__ = ("_content", "_handle", "_limit", "_loop", "since")
+    __slots__ = ("_content", "_handle", "_limit", "_loop", "now", "since")
 
     def __init__(self, content: aiohttp.StreamReader, limit: float) -> None:
         self._loop = asyncio.get_running_loop()
+        self.now = self._loop.time
         self._content, self._limit = content, limit
         self.since: float | None = None  # loop time the current read began waiting
         self._handle = self._loop.call_later(limit, self._check)
-
-    def now(self) -> float:
-        return self._loop.time()
 
     def _check(self) -> None:
         since, now = self.since, self._loop.time()
