@@ -61,6 +61,8 @@ class _Silence:
         self._handle = self._loop.call_later(limit, self._check)
 
     def _check(self) -> None:
+        if self._content.is_eof():  # read to its end, or the connection is gone: nothing to bound
+            return
         since, now = self.since, self._loop.time()
         if since is not None and now - since >= self._limit:
             self._content.set_exception(_Silent())
