@@ -160,21 +160,43 @@ class ContentCollector:
     """Collects the answer's text and usage, parsing every event: the slow path, used only
     when the upstream will not report usage and a token estimate is needed."""
 
-    __slots__ = ("done", "parts", "usage")
+    __slots__ = ("_pending", "done", "parts", "usage")
 
     def __init__(self) -> None:
+        self._pending = b""  # an incomplete event's bytes, until it completes
         self.parts: list[str] = []
         self.usage: dict[str, Any] | None = None
         self.done = False
 
-    def observe(self, event: bytes) -> None:
-        kind, payload = parse(event)
-        if kind == "done":
-            self.done = True
-        if payload is None:
+    def feed(self, chunk: bytes) -> None:
+        """Observes the complete events in relayed bytes (the caller forwards them as is)."""
+        end = len(chunk) - 2  # the usual chunk is exactly one whole event:
+        if end >= 0 and not self._pending and chunk.find(b"\n\n") == end and b"\r" not in chunk:
+            self.observe(chunk[:end])  # read without a split
             return
-        if isinstance(payload.get("usage"), dict):
-            self.usage = payload["usage"]
+        data = self._pending + chunk if self._pending else chunk
+        events, end = split_complete(data)
+        self._pending = data[end:]
+        for event, _ in events:
+            self.observe(event)
+
+    def observe(self, event: bytes) -> None:
+        # One `data:` line is the usual shape: its payload without `event_data`'s line split.
+        if event.startswith(b"data: ") and b"\n" not in event:
+            data: bytes | None = event[6:]
+        else:
+            data = event_data(event)
+        if data is None:
+            return
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.done = self.done or data.strip() == b"[DONE]"
+            return
+        if not isinstance(payload, dict):
+            return
+        if isinstance(usage := payload.get("usage"), dict):
+            self.usage = usage
         for choice in payload.get("choices") or ():
             if not isinstance(choice, dict):
                 continue

@@ -74,6 +74,9 @@ class Tee:
     def _collect(self, chunk: bytes) -> bytes:
         collector = self._collector
         assert collector is not None
+        if self._synth is None:  # nothing to add to this stream: relay it as it comes
+            collector.feed(chunk)
+            return chunk
         data = self._held + chunk if self._held else chunk
         events, end = split_complete(data)
         self._held = data[end:]
@@ -93,7 +96,7 @@ class Tee:
             return b""
         if self._dropper is not None:
             return self._dropper.flush()
-        held, self._held = self._held, b""
+        held, self._held = self._held, b""  # (empty once the usage chunk has been added)
         return held
 
     def usage(self) -> Usage | None:

