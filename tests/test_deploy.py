@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import zipfile
 from functools import cache
 from pathlib import Path
@@ -343,7 +344,12 @@ def test_dockerfile_builds_a_wheel_and_runs_it_unprivileged() -> None:
     build, runtime = stages()
     args = dict(c.value[0].split("=", 1) for c in docker_commands() if c.cmd == "ARG")
     base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], runtime[0].value[0])
-    assert re.fullmatch(r"python:3\.11-slim(-\w+)?", base)
+    image = re.fullmatch(r"python:3\.(\d+)-slim(-\w+)?", base)
+    assert image is not None, base
+    # A Python the project supports: at least requires-python's minimum.
+    supported = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert re.fullmatch(r">=3\.(\d+)", supported) is not None, supported
+    assert int(image.group(1)) >= int(supported.removeprefix(">=3."))
     assert any("pip wheel" in c.value[0] for c in build if c.cmd == "RUN")
     install = " ".join(c.original for c in runtime if c.cmd == "RUN")
     for step in ("from=build", "--no-index", "venv"):  # the build stage's wheels, in a venv
