@@ -74,8 +74,10 @@ METHOD = """\
   one worker, its JSON access log to a file; one process per `stream_options` mode. nginx
   runs from a temporary config: one worker, `proxy_buffering off`, HTTP/1.1 keep-alive to
   the mock.
-- Every Python process (sluicegate, the floor, the mock, this load generator) runs on the
-  interpreter that runs this script, named under *Versions*; the container image
+- The mock and this load generator run on the interpreter that runs this script;
+  sluicegate and the floor on `--proxy-python PATH` if given, so that changing the proxy's
+  interpreter leaves the harness as it was. *Versions* names the proxy's Python and
+  packages (and the harness's Python when it differs); the container image
   (`deploy/Dockerfile`) ships Python 3.13.
 - The *uvicorn+aiohttp floor* is `bench/floor_relay.py`: the thinnest streaming relay on
   sluicegate's own server and client (uvicorn with httptools and uvloop, one aiohttp

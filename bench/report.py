@@ -7,8 +7,8 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,29 @@ HEADINGS = {
 PACKAGES = ("uvicorn", "httpx", "aiohttp", "uvloop", "httptools", "starlette")
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
+_VERSIONS = """
+import json, platform, sys
+from importlib import metadata
+out = {"python": platform.python_version()}
+for name in sys.argv[1:]:
+    try:
+        out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        out[name] = "not installed"
+print(json.dumps(out))
+"""
+
+
+def versions(proxy_python: str = "") -> dict[str, str]:
+    """The proxy's interpreter and packages (`--proxy-python`, else this one's), nginx, the
+    commit; the harness's Python too when the proxy runs on another."""
+    python = proxy_python or sys.executable
+    found = subprocess.run(
+        [python, "-c", _VERSIONS, *PACKAGES], capture_output=True, text=True, timeout=60, check=True
+    )
+    out: dict[str, str] = json.loads(found.stdout)
+    if os.path.realpath(python) != os.path.realpath(sys.executable):
+        out["harness python"] = platform.python_version()
     binary = nginx_binary()
     out["nginx"] = nginx_version(binary) if binary else "not installed"
     out["sluicegate"] = _git("rev-parse", "--short", "HEAD") + (
@@ -48,13 +64,17 @@ def _git(*args: str) -> str:
 
 
 def meta(
-    command: str, started: float, settings: dict[str, Any], stream: dict[str, Any]
+    command: str,
+    started: float,
+    settings: dict[str, Any],
+    stream: dict[str, Any],
+    proxy_python: str = "",
 ) -> dict[str, Any]:
     return {
         "command": command,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
-        "versions": versions(),
+        "versions": versions(proxy_python),
         "machine": {
             "cores": os.cpu_count(),
             "kernel": platform.release(),

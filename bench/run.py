@@ -126,6 +126,11 @@ class Bench:
             self.settings.quiet_budget,
         )
 
+    def proxy_python(self, *args: str) -> list[str]:
+        """sluicegate and the floor run on `--proxy-python`; the mock and the load generator
+        always on this interpreter, so changing the proxy's leaves the harness as it was."""
+        return [self.args.proxy_python, *args] if self.args.proxy_python else python(*args)
+
     def start(self, name: str, argv: list[str], core: int) -> Proc:
         proc = start(name, argv, core, self.tmp)
         self.procs.append(proc)
@@ -153,14 +158,18 @@ class Bench:
         config = self.tmp / f"routes-{name}.yaml"
         config.write_text(routes_yaml(f"http://127.0.0.1:{mock_port}", mode))
         port = free_port()
-        argv = python("-m", "proxy", "serve", "--config", str(config), "--port", str(port))
+        argv = self.proxy_python(
+            "-m", "proxy", "serve", "--config", str(config), "--port", str(port)
+        )
         return self.start(name, argv, PROXY_CORE), port
 
     def start_floor(self, mock_port: int) -> tuple[Proc, int]:
         """The thinnest relay on sluicegate's own stack (bench/floor_relay.py)."""
         port = free_port()
         upstream = f"http://127.0.0.1:{mock_port}"
-        argv = python(str(HERE / "floor_relay.py"), "--upstream", upstream, "--port", str(port))
+        argv = self.proxy_python(
+            str(HERE / "floor_relay.py"), "--upstream", upstream, "--port", str(port)
+        )
         return self.start("floor", argv, PROXY_CORE), port
 
     async def run(self) -> dict[str, Any]:
@@ -253,6 +262,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--write-results", action="store_true", help="rewrite bench/RESULTS.md")
     parser.add_argument("--mock", choices=["lean", "sluicegate"], default="lean", help="upstream")
+    parser.add_argument(
+        "--proxy-python", metavar="PATH", default="", help="run the proxy on this interpreter"
+    )
     parser.add_argument("--no-nginx", action="store_true", help="skip nginx even if installed")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
     parser.add_argument("--profile-seconds", type=float, default=0.0)
@@ -289,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
         stack.callback(bench.close)
         os.sched_setaffinity(0, {LOAD_CORE})  # children are pinned one by one as they start
         result = uvloop.run(bench.run())
-    result["meta"] = report.meta(command.strip(), started, asdict(bench.settings), STREAM)
+    result["meta"] = report.meta(
+        command.strip(), started, asdict(bench.settings), STREAM, args.proxy_python
+    )
     if args.json:
         args.json.write_text(report.to_json(result))
     if "profile" in result and (args.write_results or args.profile_only):
