@@ -68,6 +68,7 @@ class Knobs:
     reject_stream_options: bool = False
     usage_headers: bool = False
     split_utf8: bool = False
+    split_pause: float = SPLIT_GAP  # seconds between a split event's pieces
     reset_after: int | None = None
     json_for_stream: bool = False
     status: int | None = None
@@ -315,7 +316,7 @@ async def _stream(
             *head, event = split_event(event)
             for piece in head:
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
-                await asyncio.sleep(SPLIT_GAP)
+                await asyncio.sleep(knobs.split_pause)
         await send({"type": "http.response.body", "body": event, "more_body": more})
 
     start = {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + extra}

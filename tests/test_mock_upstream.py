@@ -313,6 +313,18 @@ def test_split_utf8_cuts_inside_characters_without_changing_bytes(url: str) -> N
     assert torn > 0, "no chunk boundary fell inside a multibyte character"
 
 
+def test_split_pause_spaces_the_pieces_of_an_event(url: str, app: MockUpstream) -> None:
+    """With a long pause the client reads each piece alone: the first is one byte, and the
+    stream is still unfinished when it arrives."""
+    body = _body(stream=True, mock={"tokens": 1, "split_utf8": True, "split_pause": 0.2})
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=10) as r:
+        pieces = r.iter_raw()
+        assert next(pieces) == b"d"  # `data: ...` cut after its first byte
+        assert app.records[-1].finished is None
+        rest = b"".join(pieces)
+    assert rest.endswith(b"data: [DONE]\n\n")
+
+
 def test_reset_after_drops_the_connection(url: str, app: MockUpstream) -> None:
     received: list[bytes] = []
 

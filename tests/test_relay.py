@@ -86,6 +86,22 @@ def test_first_chunk_reaches_client_while_upstream_is_still_paused(
     assert record.finished is not None
 
 
+def test_a_stream_the_proxy_only_reads_is_relayed_piece_by_piece(proxy: RunningServer) -> None:
+    """`verbatim` passes stream_options as sent, so without usage asked for the proxy must
+    estimate it from every event's text. It adds nothing to the stream, so it holds nothing
+    back: once the answer commits, each piece of a split event goes out as it comes."""
+    knobs = {"tokens": 2, "split_utf8": True, "split_pause": 0.05}
+    with httpx.stream(
+        "POST", proxy.url + "/v1/chat/completions", json=_body("verbatim", mock=knobs), timeout=10
+    ) as r:
+        pieces = list(r.iter_raw())
+    assert b"".join(pieces).endswith(b"data: [DONE]\n\n")
+    # The first piece is the held head (whole events up to the first content); after it, a
+    # piece that ends mid-event arrived on its own.
+    assert pieces[0].endswith(b"\n\n")
+    assert any(not piece.endswith(b"\n\n") for piece in pieces[1:])
+
+
 def test_client_abort_closes_the_upstream_request(
     proxy: RunningServer, mock_app: MockUpstream
 ) -> None:
