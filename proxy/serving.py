@@ -57,6 +57,7 @@ class RunningServer:
             access_log=False,
             lifespan="auto",
             timeout_graceful_shutdown=1,
+            server_header=False,  # no `server: uvicorn`, as on the main listener
         )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(

@@ -98,6 +98,7 @@ def test_the_metrics_listener_answers(guarded: RunningServer, case: Case) -> Non
     headers = {"authorization": auth} if auth else {}
     answer = httpx.request(method, guarded.url + path, headers=headers, timeout=5)
     assert answer.status_code == status, what
+    assert "server" not in answer.headers  # as on the main port
     if code is None:
         assert answer.content == (EXPOSITION if path == "/metrics" else b'{"status":"ok"}')
         return
