@@ -27,6 +27,9 @@ class EventSplitter:
         self._pending = b""
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        end = len(chunk) - 2  # the usual chunk is exactly one whole event: no scan needed
+        if end >= 0 and not self._pending and chunk.find(b"\n\n") == end and b"\r" not in chunk:
+            return [chunk[:end]]
         data = self._pending + chunk if self._pending else chunk
         events, end = split_complete(data)
         self._pending = data[end:]
@@ -56,6 +59,8 @@ def split_complete(data: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
 
 def event_data(event: bytes) -> bytes | None:
     """The event's `data:` lines joined by newlines; None for comments and empty events."""
+    if event.startswith(b"data: ") and b"\n" not in event and b"\r" not in event:
+        return event[6:]  # the usual shape: one line
     lines = [line for line in event.splitlines() if line.startswith(b"data:")]
     if not lines:
         return None
@@ -160,32 +165,21 @@ class ContentCollector:
     """Collects the answer's text and usage, parsing every event: the slow path, used only
     when the upstream will not report usage and a token estimate is needed."""
 
-    __slots__ = ("_pending", "done", "parts", "usage")
+    __slots__ = ("_splitter", "done", "parts", "usage")
 
     def __init__(self) -> None:
-        self._pending = b""  # an incomplete event's bytes, until it completes
+        self._splitter = EventSplitter()  # relayed bytes, cut into events
         self.parts: list[str] = []
         self.usage: dict[str, Any] | None = None
         self.done = False
 
     def feed(self, chunk: bytes) -> None:
         """Observes the complete events in relayed bytes (the caller forwards them as is)."""
-        end = len(chunk) - 2  # the usual chunk is exactly one whole event:
-        if end >= 0 and not self._pending and chunk.find(b"\n\n") == end and b"\r" not in chunk:
-            self.observe(chunk[:end])  # read without a split
-            return
-        data = self._pending + chunk if self._pending else chunk
-        events, end = split_complete(data)
-        self._pending = data[end:]
-        for event, _ in events:
+        for event in self._splitter.feed(chunk):
             self.observe(event)
 
     def observe(self, event: bytes) -> None:
-        # One `data:` line is the usual shape: its payload without `event_data`'s line split.
-        if event.startswith(b"data: ") and b"\n" not in event:
-            data: bytes | None = event[6:]
-        else:
-            data = event_data(event)
+        data = event_data(event)
         if data is None:
             return
         try:
