@@ -20,7 +20,7 @@ from typing import Any, cast
 import orjson
 import uvloop
 
-from proxy.mock_content import Plan, completion_body, plan_request, stream_events
+from proxy.mock.content import Plan, completion_body, plan_request, stream_events
 
 DEFAULTS = {"ttft": 0.05, "tokens": 16, "delay": 0.005}  # those of proxy.mock_upstream.Knobs
 SSE_HEAD = (

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.mock_content import (
+from proxy.mock.content import (
     completion_body,
     count_prompt_tokens,
     expected_content,

@@ -26,7 +26,7 @@ import uvicorn
 import uvloop
 from starlette.types import Message, Receive, Scope, Send
 
-from proxy.mock_upstream import MockUpstream
+from proxy.mock.upstream import MockUpstream
 from proxy.serving import fastest_http
 
 KEEP_RECORDS = 256

@@ -24,19 +24,19 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from proxy.admission import identify
+from proxy.api_request import APIS
 from proxy.asgi import send_error
 from proxy.catalog import model_entries
-from proxy.chat import ChatCompletions
-from proxy.chat_request import APIS
 from proxy.config import ConfigError, ServerSettings
+from proxy.endpoint import ApiEndpoint
 from proxy.errors import HeadersTooLarge, MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.health import Health
-from proxy.keys import identify
-from proxy.logs import LEVELS, access_log, get_logger
-from proxy.logs import configure as configure_logs
-from proxy.metering import tokenizer_available
-from proxy.metrics import Metrics
-from proxy.metrics_server import MetricsEndpoint, restart_needed
+from proxy.metering.estimate import tokenizer_available
+from proxy.observe.logs import LEVELS, access_log, get_logger
+from proxy.observe.logs import configure as configure_logs
+from proxy.observe.metrics import Metrics
+from proxy.observe.metrics_server import MetricsEndpoint, restart_needed
 from proxy.playground import playground
 from proxy.record import Observer, Observers, RequestRecord
 from proxy.reload import POLL_SECONDS, Reloader
@@ -118,7 +118,7 @@ def create_app(
                     await watcher
             await reloader.aclose()
 
-    endpoints = {path: ChatCompletions(ref, runtime, api) for path, api in APIS.items()}
+    endpoints = {path: ApiEndpoint(ref, runtime, api) for path, api in APIS.items()}
     routes = [
         *(Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()),
         *([Route("/metrics", scrape, methods=["GET"])] if metrics_route else []),
@@ -208,7 +208,7 @@ class _Proxy(Starlette):
     """Starlette for everything but the hot path: POST to the generation APIs goes straight
     to their raw ASGI endpoints, so no middleware wraps `send` for every streamed chunk."""
 
-    def __init__(self, endpoints: Mapping[str, ChatCompletions], **kwargs: Any) -> None:
+    def __init__(self, endpoints: Mapping[str, ApiEndpoint], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._endpoints = endpoints
 

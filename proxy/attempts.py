@@ -21,8 +21,8 @@ from typing import Any
 
 import orjson
 
-from proxy.chat_request import ChatRequest, StreamOptionsAction
-from proxy.config_model import Route, Target, Upstream
+from proxy.api_request import ApiRequest, StreamOptionsAction
+from proxy.config import Route, Target, Upstream
 from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import Headers, retry_after, without_content_type
 from proxy.record import Attempt, AttemptOutcome, RequestRecord
@@ -65,7 +65,7 @@ class Attempts:
         self,
         state: AppState,
         route: Route,
-        request: ChatRequest,
+        request: ApiRequest,
         headers: Headers,
         record: RequestRecord,
     ) -> None:

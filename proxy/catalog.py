@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from proxy.config_model import ClientKey, Config, Price, Route
+from proxy.config import ClientKey, Config, Price, Route
 
 ModelEntry = dict[str, object]
 

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import uvicorn
 
-from proxy import __version__, metrics_server
+from proxy import __version__
+from proxy.admission import hash_key, new_key
 from proxy.app import CONFIG_ENV, LOG_LEVEL_ENV, METRICS_ROUTE_ENV, WATCH_ENV, create_app
 from proxy.config import ConfigError, load_config
-from proxy.keys import hash_key, new_key
-from proxy.logs import LEVELS
-from proxy.logs import configure as configure_logs
-from proxy.metrics import prepare_multiprocess_dir, render_workers
-from proxy.mock_upstream import Knobs, MockUpstream
-from proxy.mock_upstream import serve as serve_mock
+from proxy.mock.upstream import Knobs, MockUpstream
+from proxy.mock.upstream import serve as serve_mock
+from proxy.observe import metrics_server
+from proxy.observe.logs import LEVELS
+from proxy.observe.logs import configure as configure_logs
+from proxy.observe.metrics import prepare_multiprocess_dir, render_workers
 from proxy.reload import POLL_SECONDS
 from proxy.serving import RunningServer, fastest_http, fastest_loop
 

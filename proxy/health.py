@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from proxy.config_model import Cooldown
+from proxy.config import Cooldown
 
 CooldownObserver = Callable[[str, bool], None]
 

@@ -17,7 +17,7 @@ from proxy.asgi import ClientWatch, Send
 from proxy.attempts import Answer
 from proxy.errors import ProxyError, UpstreamTimeout
 from proxy.headers import Headers
-from proxy.tee import Tee
+from proxy.metering.tee import Tee
 
 
 @dataclass(slots=True)

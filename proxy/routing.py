@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.config_model import Route, Target
+from proxy.config import Route, Target
 from proxy.record import AttemptOutcome
 
 

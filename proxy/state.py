@@ -10,10 +10,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from proxy.admission import Limits
 from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.health import Health
-from proxy.keys import Limits
 from proxy.record import Observers
 from proxy.upstream import UpstreamClients
 

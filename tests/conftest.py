@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.app import create_app
-from proxy.mock_upstream import Knobs, MockUpstream
+from proxy.mock.upstream import Knobs, MockUpstream
 from proxy.serving import RunningServer
 
 UPSTREAM_KEY = "sk-upstream-test-0123456789abcdef"

@@ -13,8 +13,8 @@ import openai
 import pytest
 
 from proxy.app import create_app
-from proxy.mock_upstream import MockUpstream
-from proxy.mock_upstream import RequestRecord as MockRecord
+from proxy.mock.upstream import MockUpstream
+from proxy.mock.upstream import RequestRecord as MockRecord
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
 from tests.helpers import sluicegate, wait_for

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import openai
 
-from proxy.logs import PROCESSORS, redact
-from proxy.mock_upstream import MockUpstream
+from proxy.mock.upstream import MockUpstream
+from proxy.observe.logs import PROCESSORS, redact
 from proxy.serving import RunningServer
 from tests.helpers import sluicegate
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from proxy.app import create_app
 from proxy.config import Config, ConfigError, parse_config
-from proxy.mock_content import stream_events
-from proxy.mock_upstream import Knobs, MockUpstream, expected_content
+from proxy.mock.content import stream_events
+from proxy.mock.upstream import Knobs, MockUpstream, expected_content
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
 from proxy.sse import EventSplitter, parse

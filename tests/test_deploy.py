@@ -34,7 +34,7 @@ import yaml
 from proxy.app import create_app
 from proxy.cli import _parser
 from proxy.config import Config, ConfigError, load_config, parse_config
-from proxy.metrics_server import PATHS as METRICS_PATHS
+from proxy.observe.metrics_server import PATHS as METRICS_PATHS
 from proxy.serving import RunningServer
 from tests.helpers import free_port
 

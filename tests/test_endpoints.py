@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from proxy.app import create_app
-from proxy.mock_content import EMBEDDING_DIMENSIONS, count_input_tokens, expected_content
-from proxy.mock_upstream import MockUpstream
+from proxy.mock.content import EMBEDDING_DIMENSIONS, count_input_tokens, expected_content
+from proxy.mock.upstream import MockUpstream
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
 from tests.helpers import wait_for

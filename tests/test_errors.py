@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from proxy import app as app_module
 from proxy.config import Secret, Upstream
-from proxy.mock_upstream import MockUpstream
+from proxy.mock.upstream import MockUpstream
 from proxy.serving import RunningServer
 from proxy.upstream import scrub_key
 from tests.conftest import UPSTREAM_KEY

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from proxy.headers import client_response_headers, request_id, upstream_request_headers
-from proxy.mock_upstream import MockUpstream
+from proxy.mock.upstream import MockUpstream
 from proxy.serving import RunningServer
 from tests.conftest import UPSTREAM_KEY
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config_model import Cooldown
+from proxy.config import Cooldown
 from proxy.health import Health, UpstreamHealth
 
 POLICY = Cooldown(failures=3, seconds=30.0)

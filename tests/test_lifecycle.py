@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from proxy.app import create_app
-from proxy.mock_upstream import MockUpstream, expected_content
+from proxy.mock.upstream import MockUpstream, expected_content
 from proxy.reload import Reloader
 from proxy.serving import RunningServer
 from tests.helpers import sluicegate, wait_for

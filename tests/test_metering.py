@@ -15,20 +15,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.config_model import Price
-from proxy.metering import (
+from proxy.config import Price
+from proxy.metering.cost import cost_usd
+from proxy.metering.estimate import (
     EXACT_CHARS_PER_ESTIMATE,
     PER_MESSAGE_TOKENS,
     REPLY_PRIMING_TOKENS,
-    UsageEventFinder,
     _prompt_tokens,
-    cost_usd,
     estimate_usage,
     heuristic_tokens,
-    usage_from_headers,
-    usage_from_json,
 )
-from proxy.mock_content import split_event, stream_events
+from proxy.metering.reported import usage_from_headers, usage_from_json
+from proxy.metering.scan import UsageEventFinder
+from proxy.mock.content import split_event, stream_events
 from proxy.record import Usage
 
 # "ci" is what the suite runs; SLUICEGATE_HYPOTHESIS_PROFILE=deep explores much further.
@@ -316,7 +315,7 @@ def test_tokenizer_loads_without_touching_the_network() -> None:
             if event.startswith("socket."):
                 raise RuntimeError(f"network use: {{event}}")
         sys.addaudithook(no_sockets)
-        from proxy.metering import estimate_usage, tokenizer_available
+        from proxy.metering.estimate import estimate_usage, tokenizer_available
         assert tokenizer_available()
         print(estimate_usage([], {SAMPLE!r}).output)
         """
@@ -330,7 +329,7 @@ def test_without_the_tokenizer_the_estimate_falls_back_to_the_heuristic(package:
         f"""
         import sys
         sys.modules[{package!r}] = None  # makes its import fail
-        from proxy.metering import estimate_usage, heuristic_tokens, tokenizer_available
+        from proxy.metering.estimate import estimate_usage, heuristic_tokens, tokenizer_available
         assert not tokenizer_available()
         got = estimate_usage([{{"role": "user", "content": {SAMPLE!r}}}], {SAMPLE!r})
         assert got.output == heuristic_tokens({SAMPLE!r}), got

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
-from proxy.mock_upstream import MockUpstream, RequestRecord
+from proxy.mock.upstream import MockUpstream, RequestRecord
 from proxy.serving import RunningServer
 from tests.helpers import sluicegate, wait_for
 

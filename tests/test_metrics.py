@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from proxy.config import parse_config
-from proxy.metering import cost_usd
-from proxy.metrics import (
+from proxy.metering.cost import cost_usd
+from proxy.observe.metrics import (
     NONE,
     OTHER,
     UNKNOWN,
@@ -301,7 +301,7 @@ def test_promtool_accepts_the_exposition(metrics: Metrics, tmp_path: Path) -> No
 WORKER = """
 import os, sys
 from proxy.config import parse_config
-from proxy.metrics import Metrics
+from proxy.observe.metrics import Metrics
 from proxy.record import Attempt, RequestRecord, Usage
 metrics = Metrics(parse_config({routes!r}, "routes.yaml", {{}}))
 requests, inflight, cooldown = (int(a) for a in sys.argv[1:])
@@ -319,7 +319,7 @@ print(os.getpid())
 
 RENDER = """
 import sys
-from proxy.metrics import Metrics, mark_process_dead
+from proxy.observe.metrics import Metrics, mark_process_dead
 from proxy.config import parse_config
 for pid in sys.argv[1:]:
     mark_process_dead(int(pid))
@@ -376,7 +376,7 @@ def test_multiprocess_dir_set_too_late_is_refused(multiproc_env: dict[str, str])
     import os
     import prometheus_client
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ.pop("LATE_DIR")
-    from proxy.metrics import Metrics
+    from proxy.observe.metrics import Metrics
     from proxy.config import parse_config
     try:
         Metrics(parse_config({routes!r}, "routes.yaml", {{}}))

@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from proxy.app import create_app
 from proxy.config import Config, ConfigError, Secret, ServerSettings, load_config, parse_config
-from proxy.metrics_server import (
+from proxy.observe.metrics_server import (
     Listener,
     ListenError,
     MetricsApp,

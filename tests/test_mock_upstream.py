@@ -12,8 +12,8 @@ import openai
 import orjson
 import pytest
 
-from proxy.mock_content import MULTIBYTE, draw_tokens
-from proxy.mock_upstream import (
+from proxy.mock.content import MULTIBYTE, draw_tokens
+from proxy.mock.upstream import (
     Knobs,
     MockUpstream,
     RequestRecord,

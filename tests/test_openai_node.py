@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.mock_upstream import expected_content
+from proxy.mock.upstream import expected_content
 from proxy.serving import RunningServer
 
 NODE_DIR = Path(__file__).resolve().parent / "node"

@@ -26,7 +26,7 @@ from playwright.sync_api import Browser, Page, Request, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
-from proxy.mock_content import count_prompt_tokens, expected_content
+from proxy.mock.content import count_prompt_tokens, expected_content
 from proxy.serving import RunningServer
 from tests.helpers import ROOT, sluicegate, wait_for
 

@@ -26,10 +26,10 @@ from starlette.routing import Route
 
 from proxy.app import create_app
 from proxy.config import Secret, parse_config
-from proxy.metering import cost_usd
-from proxy.metrics import Metrics
-from proxy.metrics_server import MetricsApp
-from proxy.mock_upstream import MockUpstream
+from proxy.metering.cost import cost_usd
+from proxy.mock.upstream import MockUpstream
+from proxy.observe.metrics import Metrics
+from proxy.observe.metrics_server import MetricsApp
 from proxy.record import Attempt, RequestRecord, Usage
 from proxy.serving import RunningServer
 

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.mock_upstream import MockUpstream
+from proxy.mock.upstream import MockUpstream
 from proxy.serving import RunningServer
 
 MESSAGES = [{"role": "user", "content": "有哪些优惠? 🎉"}]

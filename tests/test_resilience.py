@@ -19,7 +19,7 @@ import pytest
 
 from proxy.app import create_app
 from proxy.health import Health
-from proxy.mock_upstream import Knobs, MockUpstream, expected_content
+from proxy.mock.upstream import Knobs, MockUpstream, expected_content
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
 from proxy.state import Runtime

@@ -9,7 +9,7 @@ from typing import get_args
 
 import pytest
 
-from proxy.config_model import Route, Strategy, Target
+from proxy.config import Route, Strategy, Target
 from proxy.record import AttemptOutcome
 from proxy.routing import Verdict, backoff, classify, outcome_for_status, plan
 

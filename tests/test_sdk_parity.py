@@ -7,7 +7,7 @@ import asyncio
 import openai
 import pytest
 
-from proxy.mock_upstream import expected_content
+from proxy.mock.upstream import expected_content
 from proxy.serving import RunningServer
 
 MESSAGES = [{"role": "user", "content": "双十一预售什么时候开始?"}]

@@ -34,7 +34,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxy.app import create_app
-from proxy.mock_upstream import MockUpstream
+from proxy.mock.upstream import MockUpstream
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
 from tests.helpers import ROOT, free_port, sluicegate, wait_for

@@ -14,8 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
-from proxy.mock_content import stream_events
-from proxy.mock_upstream import Knobs, MockUpstream, expected_content
+from proxy.mock.content import stream_events
+from proxy.mock.upstream import Knobs, MockUpstream, expected_content
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
 from tests.helpers import wait_for

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from proxy.errors import error_body
-from proxy.mock_content import completion_body, injected_error_body
+from proxy.mock.content import completion_body, injected_error_body
 from proxy.sse import completion_to_sse
 from tests.helpers import ROOT, wait_for
 

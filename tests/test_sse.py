@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.mock_content import completion_body, expected_content, stream_events
+from proxy.mock.content import completion_body, expected_content, stream_events
 from proxy.sse import (
     ContentCollector,
     EventSplitter,

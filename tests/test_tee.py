@@ -7,10 +7,10 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.mock_content import expected_content, stream_events
+from proxy.metering.tee import Tee
+from proxy.mock.content import expected_content, stream_events
 from proxy.record import Usage
 from proxy.sse import parse, usage_chunk
-from proxy.tee import Tee
 
 SEED, TOKENS, MODEL = 11, 6, "mock-gpt-4o"
 DONE = b"data: [DONE]\n\n"

@@ -9,16 +9,16 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.api_request import ApiRequest, StreamOptionsAction
 from proxy.attempts import Answer
-from proxy.chat_request import ChatRequest, StreamOptionsAction
-from proxy.config_model import Target, Upstream, UsageHeaders
+from proxy.config import Target, Upstream, UsageHeaders
 from proxy.headers import Headers
-from proxy.metering import estimate_usage
-from proxy.mock_content import expected_content, stream_events
+from proxy.metering.estimate import estimate_usage
+from proxy.metering.tee import Tee, TeeMode
+from proxy.metering.usage import tee_for, usage_of_body, usage_of_stream
+from proxy.mock.content import expected_content, stream_events
 from proxy.record import Usage
 from proxy.sse import completion_to_sse, parse, usage_chunk
-from proxy.tee import Tee, TeeMode
-from proxy.usage import tee_for, usage_of_body, usage_of_stream
 
 SEED, TOKENS, MODEL = 3, 4, "mock-gpt-4o"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "有货吗?"}]
@@ -53,11 +53,11 @@ WITH_USAGE, NO_USAGE = _stream(include_usage=True), _stream(include_usage=False)
 FIRST = parse(stream_events(SEED, MODEL, TOKENS, "stop", False).content[0].rstrip())[1]
 
 
-def _request(wants_usage: bool, *, stream: bool = True) -> ChatRequest:
+def _request(wants_usage: bool, *, stream: bool = True) -> ApiRequest:
     payload: dict[str, Any] = {"model": "bot", "messages": MESSAGES, "stream": stream}
     if wants_usage:
         payload["stream_options"] = {"include_usage": True}
-    return ChatRequest(model="bot", stream=stream, payload=payload)
+    return ApiRequest(model="bot", stream=stream, payload=payload)
 
 
 async def _rest() -> AsyncIterator[bytes]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from proxy.config_model import (
+from proxy.config.document import YamlSyntaxError, compose
+from proxy.config.model import (
     Config,
     ConfigError,
     ConfigIssue,
@@ -25,8 +26,7 @@ from proxy.config_model import (
     Upstream,
     UsageHeaders,
 )
-from proxy.config_validate import Validator
-from proxy.config_yaml import YamlSyntaxError, compose
+from proxy.config.validate import Validator
 
 __all__ = [
     "Config",

@@ -23,7 +23,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from proxy.errors import error_body
-from proxy.mock_content import (
+from proxy.mock.content import (
     COOKIE_HEADERS,
     CREATED,
     MODELS,

@@ -9,6 +9,8 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from proxy.admission import RateLimited, check_model, identify
+from proxy.api_request import CHAT, Api, ApiRequest, parse_request
 from proxy.asgi import (
     ClientGone,
     ClientWatch,
@@ -20,20 +22,18 @@ from proxy.asgi import (
     send_error,
 )
 from proxy.attempts import Answer, Attempts, Failure
-from proxy.chat_request import CHAT, Api, ChatRequest, parse_chat_request
 from proxy.errors import InternalError, ModelNotFound, ProxyError, UpstreamProtocolError
 from proxy.headers import client_response_headers, request_id, upstream_request_headers
-from proxy.keys import RateLimited, check_model, identify
-from proxy.metering import cost_usd
+from proxy.metering.cost import cost_usd
+from proxy.metering.usage import tee_for, usage_of_body, usage_of_stream
 from proxy.record import Observers, RequestRecord
 from proxy.relay import end_with_error, open_stream, relay, send_comment
 from proxy.state import AppState, Overloaded, Runtime, StateRef
-from proxy.usage import tee_for, usage_of_body, usage_of_stream
 
 SSE_TYPE = [(b"content-type", b"text/event-stream")]
 
 
-class ChatCompletions:
+class ApiEndpoint:
     """A raw ASGI endpoint, so no middleware or response object wraps the stream."""
 
     def __init__(self, ref: StateRef, runtime: Runtime, api: Api = CHAT) -> None:
@@ -98,7 +98,7 @@ class _Exchange:
             body = await read_body(
                 self.scope, self.receive, server.max_body_bytes, server.body_timeout
             )
-            request = parse_chat_request(body, self.api)
+            request = parse_request(body, self.api)
             route = config.route(request.model)
             if route is None:
                 message = (
@@ -171,7 +171,7 @@ class _Exchange:
             await asyncio.sleep(every)
 
     async def _respond(
-        self, state: AppState, request: ChatRequest, result: Answer | Failure, watch: ClientWatch
+        self, state: AppState, request: ApiRequest, result: Answer | Failure, watch: ClientWatch
     ) -> None:
         record = self.record
         target = result.target
@@ -203,7 +203,7 @@ class _Exchange:
             state.health[result.target.upstream].inflight -= 1
 
     async def _send_answer(
-        self, state: AppState, request: ChatRequest, answer: Answer, watch: ClientWatch
+        self, state: AppState, request: ApiRequest, answer: Answer, watch: ClientWatch
     ) -> None:
         record, upstream = self.record, state.config.upstreams[answer.target.upstream]
         headers = client_response_headers(answer.headers, self.rid)

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from proxy.metering import UsageEventFinder, usage_from_json
+from proxy.metering.reported import usage_from_json
+from proxy.metering.scan import UsageEventFinder
 from proxy.record import Usage
 from proxy.sse import ContentCollector, UsageEventDropper, split_complete, usage_chunk
 

@@ -8,17 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.chat_request import CHAT, ChatRequest
-from proxy.config_model import Upstream
-from proxy.metering import estimate_usage, usage_from_headers, usage_from_json
+from proxy.api_request import CHAT, ApiRequest
+from proxy.config import Upstream
+from proxy.metering.estimate import estimate_usage
+from proxy.metering.reported import usage_from_headers, usage_from_json
+from proxy.metering.tee import Tee
 from proxy.record import Usage
-from proxy.tee import Tee
 
 if TYPE_CHECKING:  # only the type: this module stays free of I/O imports
     from proxy.attempts import Answer
 
 
-def tee_for(request: ChatRequest, answer: Answer, upstream: Upstream) -> Tee:
+def tee_for(request: ApiRequest, answer: Answer, upstream: Upstream) -> Tee:
     if answer.rest is None:  # complete already: a converted JSON answer, or no content at all
         return Tee("collect")
     if answer.action == "inject" and not request.wants_usage:
@@ -38,7 +39,7 @@ def tee_for(request: ChatRequest, answer: Answer, upstream: Upstream) -> Tee:
     return Tee("collect", template=answer.first, synthesize=synthesize)
 
 
-def usage_of_stream(request: ChatRequest, answer: Answer, upstream: Upstream, tee: Tee) -> Usage:
+def usage_of_stream(request: ApiRequest, answer: Answer, upstream: Upstream, tee: Tee) -> Usage:
     reported = (
         tee.usage()
         or (usage_from_json(answer.reported) if answer.reported is not None else None)
@@ -53,7 +54,7 @@ def usage_of_stream(request: ChatRequest, answer: Answer, upstream: Upstream, te
     return estimate
 
 
-def usage_of_body(request: ChatRequest, answer: Answer, upstream: Upstream) -> Usage | None:
+def usage_of_body(request: ApiRequest, answer: Answer, upstream: Upstream) -> Usage | None:
     if not 200 <= answer.status < 300:
         return None
     if answer.reported is not None:  # attempts parsed the body once already

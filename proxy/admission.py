@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from proxy.config_model import ClientKey, Config
+from proxy.config import ClientKey, Config
 from proxy.errors import ProxyError
 
 KEY_PREFIX = "sk-sg-"

@@ -16,11 +16,7 @@ import openai
 import pytest
 from structlog.testing import capture_logs
 
-from proxy.app import create_app
-from proxy.cli import main
-from proxy.config import ConfigError, parse_config
-from proxy.config_model import ClientKey
-from proxy.keys import (
+from proxy.admission import (
     KEY_PREFIX,
     Limits,
     ModelNotAllowed,
@@ -30,7 +26,10 @@ from proxy.keys import (
     hash_key,
     identify,
 )
-from proxy.mock_upstream import MockUpstream
+from proxy.app import create_app
+from proxy.cli import main
+from proxy.config import ClientKey, ConfigError, parse_config
+from proxy.mock.upstream import MockUpstream
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
 from tests.conftest import UPSTREAM_KEY

@@ -30,8 +30,8 @@ from prometheus_client import (
     values,
 )
 
-from proxy.config_model import Config
-from proxy.logs import get_logger
+from proxy.config import Config
+from proxy.observe.logs import get_logger
 from proxy.record import AttemptOutcome, RequestRecord, UsageSource
 
 # `_created` samples double the series count, and multiprocess mode has none: without them

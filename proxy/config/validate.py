@@ -6,8 +6,9 @@ import re
 from typing import TYPE_CHECKING, TypedDict
 from urllib.parse import urlsplit
 
-from proxy.config_checks import Checks, Data
-from proxy.config_model import (
+from proxy.config.checks import Checks, Data
+from proxy.config.document import child_path
+from proxy.config.model import (
     STRATEGIES,
     STREAM_OPTIONS_MODES,
     ClientKey,
@@ -22,7 +23,6 @@ from proxy.config_model import (
     Upstream,
     UsageHeaders,
 )
-from proxy.config_yaml import child_path
 
 if TYPE_CHECKING:
     pass

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.asgi import JSON_HEADERS, Receive, Scope, Send, send_body, send_error
-from proxy.config_model import Secret, ServerSettings
+from proxy.config import Secret, ServerSettings
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError
 from proxy.headers import Headers
-from proxy.logs import get_logger
+from proxy.observe.logs import get_logger
 from proxy.serving import RunningServer
 
 Render = Callable[[], tuple[bytes, str]]  # the exposition's body and content type

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from proxy.chat_request import parse_chat_request
+from proxy.api_request import parse_request
 from proxy.errors import BadRequest
 
 
@@ -14,7 +14,7 @@ def test_upstream_body_replaces_only_the_model() -> None:
         b'{"model":"support-bot","messages":[{"role":"user","content":"\xe4\xbd\xa0"}],'
         b'"temperature":0.7,"future_param":{"x":[1,2.5,null]},"stream":true}'
     )
-    request = parse_chat_request(body)
+    request = parse_request(body)
     assert request.stream is True
     out = orjson.loads(request.upstream_body("deepseek-chat"))
     assert out == {**orjson.loads(body), "model": "deepseek-chat"}
@@ -22,7 +22,7 @@ def test_upstream_body_replaces_only_the_model() -> None:
 
 
 def test_stream_null_means_false() -> None:
-    assert parse_chat_request(b'{"model":"m","messages":[{}],"stream":null}').stream is False
+    assert parse_request(b'{"model":"m","messages":[{}],"stream":null}').stream is False
 
 
 @pytest.mark.parametrize(
@@ -31,4 +31,4 @@ def test_stream_null_means_false() -> None:
 )
 def test_rejects(body: bytes) -> None:
     with pytest.raises(BadRequest):
-        parse_chat_request(body)
+        parse_request(body)

@@ -37,7 +37,7 @@ APIS = {"/v1" + api.path: api for api in (CHAT, COMPLETIONS, EMBEDDINGS)}
 
 
 @dataclass(frozen=True, slots=True)
-class ChatRequest:
+class ApiRequest:
     model: str
     stream: bool
     payload: dict[str, Any]
@@ -67,7 +67,7 @@ class ChatRequest:
         return orjson.dumps(body)
 
 
-def parse_chat_request(body: bytes, api: Api = CHAT) -> ChatRequest:
+def parse_request(body: bytes, api: Api = CHAT) -> ApiRequest:
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -89,4 +89,4 @@ def parse_chat_request(body: bytes, api: Api = CHAT) -> ChatRequest:
         stream = False
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", param="stream")
-    return ChatRequest(model=model, stream=stream, payload=payload, api=api)
+    return ApiRequest(model=model, stream=stream, payload=payload, api=api)

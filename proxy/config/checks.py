@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Literal
 
-from proxy.config_model import ConfigIssue
-from proxy.config_yaml import YamlDocument, child_path, describe
+from proxy.config.document import YamlDocument, child_path, describe
+from proxy.config.model import ConfigIssue
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

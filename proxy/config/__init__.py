@@ -1,0 +1,44 @@
+"""routes.yaml + environment → a frozen, typed `Config`: the one import path for the config.
+
+Two phases, as TensorZero does it: `document` turns the YAML text into plain data plus a
+path → line map, then `validate` walks that data once and collects every issue (`checks`
+holds the generic checks), so `sluicegate check` shows the whole list in one run. `model`
+holds the types; `load` reads the file. Everything public is re-exported here.
+"""
+
+from proxy.config.load import load_config, parse_config
+from proxy.config.model import (
+    ClientKey,
+    Config,
+    ConfigError,
+    ConfigIssue,
+    Cooldown,
+    Price,
+    Route,
+    Secret,
+    ServerSettings,
+    StreamOptionsMode,
+    Target,
+    Timeouts,
+    Upstream,
+    UsageHeaders,
+)
+
+__all__ = [
+    "ClientKey",
+    "Config",
+    "ConfigError",
+    "ConfigIssue",
+    "Cooldown",
+    "Price",
+    "Route",
+    "Secret",
+    "ServerSettings",
+    "StreamOptionsMode",
+    "Target",
+    "Timeouts",
+    "Upstream",
+    "UsageHeaders",
+    "load_config",
+    "parse_config",
+]

