@@ -42,11 +42,11 @@ class Answer:
     status: int
     headers: Headers
     head: bytes
-    rest: Callable[[], Awaitable[bytes]] | None = None  # the next bytes; None: head is all
+    next_chunk: Callable[[], Awaitable[bytes]] | None = None  # the next bytes; None: head is all
     response: UpstreamResponse | None = None  # open until the relay is done
-    first: dict[str, Any] | None = None  # the first content event, a template for usage
-    action: StreamOptionsAction = "pass"
-    reported: dict[str, Any] | None = None  # the usage object of a whole JSON answer
+    first_event: dict[str, Any] | None = None  # the first content event, a template for usage
+    stream_options: StreamOptionsAction = "pass"
+    body_usage: dict[str, Any] | None = None  # the usage object of a whole JSON answer
 
 
 @dataclass(slots=True)
@@ -80,7 +80,7 @@ class Attempts:
             return await self._run_hedged(candidates, self._route.hedge_after)
         last: Failure = Failure(None, "connect_error", UpstreamUnreachable("no upstream"))
         for target in self._order(candidates):
-            result = await self._one(target)
+            result = await self._try_candidate(target)
             if result is None:
                 continue
             if isinstance(result, Answer) or not classify(result.outcome).next_candidate:
@@ -93,13 +93,13 @@ class Attempts:
         for i in range(self._route.retries):
             yield candidates[i % len(candidates)]
 
-    async def _one(self, target: Target) -> Answer | Failure | None:
+    async def _try_candidate(self, target: Target) -> Answer | Failure | None:
         """One attempt, or None when the candidate is skipped (cooldown, budget)."""
         health = self._state.health[target.upstream]
         now = time.monotonic()
         repeat = any(a.upstream == target.upstream for a in self._record.attempts)
         if not health.available(now) and self._others_available(now, target):
-            self._note(target, "skipped_cooldown", 0.0)
+            self._log_attempt(target, "skipped_cooldown", 0.0)
             return None
         if repeat:
             wait = backoff(len(self._record.attempts), self._state.rng)
@@ -125,15 +125,15 @@ class Attempts:
         health.inflight += 1
         outcome: AttemptOutcome = "cancelled"
         try:
-            result = await self._exchange(upstream, target, action)
+            result = await self._round_trip(upstream, target, action)
             if isinstance(result, Failure) and result.outcome == "stream_options_rejected":
                 # Learnt once per process; this request goes again at once, without the field.
                 health.rejects_stream_options = True
-                self._note(target, "stream_options_rejected", time.monotonic() - started)
+                self._log_attempt(target, "stream_options_rejected", time.monotonic() - started)
                 started = time.monotonic()
-                result = await self._exchange(upstream, target, "strip")
+                result = await self._round_trip(upstream, target, "strip")
             outcome = "ok" if isinstance(result, Answer) else result.outcome
-            self._judge(upstream, result, outcome)
+            self._update_health(upstream, result, outcome)
             return result
         except asyncio.CancelledError:
             if asyncio.current_task() in self._hedged:
@@ -144,7 +144,7 @@ class Attempts:
                 health.inflight -= 1  # a committed answer holds it until the relay ends
                 if not classify(outcome).unhealthy:
                     health.release_probe()
-            self._note(target, outcome, time.monotonic() - started)
+            self._log_attempt(target, outcome, time.monotonic() - started)
 
     def _action(self, upstream: Upstream) -> StreamOptionsAction:
         mode = upstream.stream_options
@@ -152,7 +152,9 @@ class Attempts:
             return "strip"
         return "inject" if mode == "auto" else mode
 
-    def _judge(self, upstream: Upstream, result: Answer | Failure, outcome: AttemptOutcome) -> None:
+    def _update_health(
+        self, upstream: Upstream, result: Answer | Failure, outcome: AttemptOutcome
+    ) -> None:
         health, now = self._state.health, time.monotonic()
         if isinstance(result, Answer):
             health.succeeded(upstream.name)
@@ -162,10 +164,10 @@ class Attempts:
         if classify(outcome).unhealthy:
             health.failed(upstream.name, now, upstream.cooldown)
 
-    def _note(self, target: Target, outcome: AttemptOutcome, seconds: float) -> None:
+    def _log_attempt(self, target: Target, outcome: AttemptOutcome, seconds: float) -> None:
         self._record.attempts.append(Attempt(target.upstream, target.model, outcome, seconds))
 
-    async def _exchange(
+    async def _round_trip(
         self, upstream: Upstream, target: Target, action: StreamOptionsAction
     ) -> Answer | Failure:
         request, timeouts = self._request, upstream.timeouts
@@ -246,9 +248,11 @@ class Attempts:
                 ]
                 return Answer(
                     target, response.status, sse_headers, converted,
-                    action=action, reported=reported,
+                    stream_options=action, body_usage=reported,
                 )  # fmt: skip
-        return Answer(target, response.status, headers, payload, action=action, reported=reported)
+        return Answer(
+            target, response.status, headers, payload, stream_options=action, body_usage=reported
+        )
 
     async def _refusal(
         self,
@@ -309,7 +313,7 @@ class Attempts:
         try:
             while True:
                 if len(running) < 2 and (target := next(order, None)) is not None:
-                    running.add(asyncio.ensure_future(self._one(target)))
+                    running.add(asyncio.ensure_future(self._try_candidate(target)))
                 if not running:
                     return last
                 # The hedge timer: with one attempt running, the next starts after `after`.

@@ -42,27 +42,27 @@ class ApiEndpoint:
         self._api = api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange = _Exchange(scope, receive, send, self._api)
+        flow = _RequestFlow(scope, receive, send, self._api)
         observers = self._runtime.observers
         try:
-            await exchange.run(self._ref, observers)
+            await flow.run(self._ref, observers)
         except Exception:
             # A bug, not an upstream's failure: answer in OpenAI's shape if the response has
             # not started, closing the connection (what is left on it is unknown), and raise
             # on for the app to log the traceback.
             error = InternalError("internal proxy error")
-            if not exchange.record.status:
-                exchange.record.fail(error.status, error.code, error.message)
-            closing = [(b"x-request-id", exchange.rid), (b"connection", b"close")]
+            if not flow.record.status:
+                flow.record.fail(error.status, error.code, error.message)
+            closing = [(b"x-request-id", flow.rid), (b"connection", b"close")]
             with contextlib.suppress(Exception):
                 await send_error(send, error, closing)
             raise
         finally:
-            exchange.record.duration_s = time.perf_counter() - exchange.arrived
-            observers.finished(exchange.record)
+            flow.record.duration_s = time.perf_counter() - flow.arrived
+            observers.finished(flow.record)
 
 
-class _Exchange:
+class _RequestFlow:
     """One request's way through the pipeline."""
 
     __slots__ = ("api", "arrived", "opened", "receive", "record", "rid", "scope", "send")

@@ -39,18 +39,20 @@ async def relay(
         if not opened:
             await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         head = tee.feed(answer.head)
-        more = answer.rest is not None
+        more = answer.next_chunk is not None
         if not more:
             head += tee.end()
             watch.done = True
         await send({"type": "http.response.body", "body": head, "more_body": more})
         result.first_byte_at = time.perf_counter()
-        if answer.rest is None:
+        if answer.next_chunk is None:
             return result
         # The rest in a task of its own, started only now so the first bytes did not wait
         # for it: each chunk then resumes the few frames of `_pump`, not the whole ASGI call
         # chain above. Cancelling this task (the client left) cancels that one.
-        last = await asyncio.ensure_future(_pump(send, answer.rest, tee, result, head or last))
+        last = await asyncio.ensure_future(
+            _pump(send, answer.next_chunk, tee, result, head or last)
+        )
     finally:
         if answer.response is not None:
             await answer.response.aclose()

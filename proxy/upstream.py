@@ -41,11 +41,11 @@ _DEFAULT_HEADERS = (
 _TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
-class _Silent(Exception):
-    """Set on a body reader by `_Silence` when its upstream stayed silent too long."""
+class _SilenceExceeded(Exception):
+    """Set on a body reader by `_SilenceTimer` when its upstream stayed silent too long."""
 
 
-class _Silence:
+class _SilenceTimer:
     """Bounds how long a body read may wait for bytes, with one timer per response that is
     re-armed only when it fires: aiohttp's `sock_read` instead cancels and re-creates a timer
     for every chunk. Only time spent waiting in a read counts, so a relay that is busy
@@ -65,7 +65,7 @@ class _Silence:
             return
         since, now = self.since, self._loop.time()
         if since is not None and now - since >= self._limit:
-            self._content.set_exception(_Silent())
+            self._content.set_exception(_SilenceExceeded())
             return
         due = (now if since is None else since) + self._limit
         self._handle = self._loop.call_at(due, self._check)
@@ -88,7 +88,7 @@ class UpstreamResponse:
         self._response = response
         self._content = response.content
         self._sent_at = sent_at  # monotonic time the request went out
-        self._silence = _Silence(response.content, idle)
+        self._silence = _SilenceTimer(response.content, idle)
 
     def elapsed(self) -> float:
         """Seconds since the request went out."""
@@ -108,7 +108,7 @@ class UpstreamResponse:
         silence.since = silence.now()
         try:
             chunk = await self._content.readany()
-        except _Silent:
+        except _SilenceExceeded:
             message = f"upstream '{self.upstream}' timed out while streaming the response"
             raise UpstreamTimeout(message) from None
         except _TRANSPORT_ERRORS as exc:
@@ -140,7 +140,7 @@ class _Pool:
         self._closed = False
         self._urls: dict[str, URL] = {}
         t = upstream.timeouts
-        # No read timeout here: the caller bounds the wait for headers, and `_Silence` the
+        # No read timeout here: the caller bounds the wait for headers, and `_SilenceTimer` the
         # silences inside a body.
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=t.connect, sock_connect=t.connect, sock_read=None

@@ -77,10 +77,10 @@ def _answer(
         status=status,
         headers=SENT if headers is None else headers,
         head=head,
-        rest=None if complete else _rest(),
-        first=FIRST,
-        action=action,
-        reported=_reported(head) if complete else None,
+        next_chunk=None if complete else _rest(),
+        first_event=FIRST,
+        stream_options=action,
+        body_usage=_reported(head) if complete else None,
     )
 
 

@@ -20,11 +20,11 @@ if TYPE_CHECKING:  # only the type: this module stays free of I/O imports
 
 
 def tee_for(request: ApiRequest, answer: Answer, upstream: Upstream) -> Tee:
-    if answer.rest is None:  # complete already: a converted JSON answer, or no content at all
+    if answer.next_chunk is None:  # complete already: a converted JSON answer, or no content at all
         return Tee("collect")
-    if answer.action == "inject" and not request.wants_usage:
+    if answer.stream_options == "inject" and not request.wants_usage:
         return Tee("drop")  # the usage event was requested by the proxy: the client never sees it
-    if request.wants_usage and answer.action != "strip":
+    if request.wants_usage and answer.stream_options != "strip":
         return Tee("watch")
     headers = _header_usage(answer, upstream)
     if headers is not None and not request.wants_usage:
@@ -36,13 +36,13 @@ def tee_for(request: ApiRequest, answer: Answer, upstream: Upstream) -> Tee:
     def synthesize(text: str) -> dict[str, int]:
         return _openai_shape(headers or estimate_usage(prompt, text, chat=chat))
 
-    return Tee("collect", template=answer.first, synthesize=synthesize)
+    return Tee("collect", template=answer.first_event, synthesize=synthesize)
 
 
 def usage_of_stream(request: ApiRequest, answer: Answer, upstream: Upstream, tee: Tee) -> Usage:
     reported = (
         tee.usage()
-        or (usage_from_json(answer.reported) if answer.reported is not None else None)
+        or (usage_from_json(answer.body_usage) if answer.body_usage is not None else None)
         or _header_usage(answer, upstream)
     )
     if reported is not None:
@@ -57,8 +57,8 @@ def usage_of_stream(request: ApiRequest, answer: Answer, upstream: Upstream, tee
 def usage_of_body(request: ApiRequest, answer: Answer, upstream: Upstream) -> Usage | None:
     if not 200 <= answer.status < 300:
         return None
-    if answer.reported is not None:  # attempts parsed the body once already
-        return usage_from_json(answer.reported)
+    if answer.body_usage is not None:  # attempts parsed the body once already
+        return usage_from_json(answer.body_usage)
     header = _header_usage(answer, upstream)
     if header is not None:
         return header
