@@ -42,8 +42,8 @@ def test_a_failing_observer_is_handed_to_failed_by_name_and_the_rest_still_hear(
         return (lambda _: got_heard.append(name)) if observer == "hear" else observer
 
     observers = Observers(
-        on_start=tuple((n, resolve(n, o)) for n, o in start),  # type: ignore[misc]
-        on_finish=tuple((n, resolve(n, o)) for n, o in finish),  # type: ignore[misc]
+        on_start=tuple((n, resolve(n, o)) for n, o in start),
+        on_finish=tuple((n, resolve(n, o)) for n, o in finish),
         failed=got_failed.append,
     )
     observers.started("support-bot")  # never raises
