@@ -35,10 +35,10 @@ from proxy.health import Health
 from proxy.metering.estimate import tokenizer_available
 from proxy.observe.logs import LEVELS, access_log, get_logger
 from proxy.observe.logs import configure as configure_logs
-from proxy.observe.metrics import Metrics
+from proxy.observe.metrics import EXTRA_OBSERVER, Metrics
 from proxy.observe.metrics_server import MetricsEndpoint, restart_needed
 from proxy.playground import playground
-from proxy.record import Observer, Observers, RequestRecord
+from proxy.record import Observer, Observers
 from proxy.reload import POLL_SECONDS, Reloader
 from proxy.state import NotReady, Runtime, StateRef
 
@@ -64,8 +64,9 @@ def create_app(
     """The proxy for one config file; the file is read at start-up and watched for edits.
 
     `observers` hear about every finished request, after the built-in ones (a test seam,
-    and a hook for embedding). `metrics_route=False`: /metrics is served elsewhere (see
-    proxy.metrics_server; `app.state.render_metrics` renders it), and is 404 here."""
+    and a hook for embedding); their failures are counted as `observer="extra"`.
+    `metrics_route=False`: /metrics is served elsewhere (see proxy.observe.metrics_server;
+    `app.state.render_metrics` renders it), and is 404 here."""
     ref = StateRef()
     runtime = runtime or Runtime(health=Health())
     metrics: list[Metrics] = []  # the one per process, made when the config is first read
@@ -95,8 +96,13 @@ def create_app(
         metrics.append(meter)
         runtime.health.on_cooldown = meter.set_cooldown
         runtime.observers = Observers(
-            on_start=(meter.request_started,),
-            on_finish=(_counted(access_log, meter), meter.request_finished, *observers),
+            on_start=(("metrics", meter.request_started),),
+            on_finish=(
+                ("access_log", access_log),
+                ("metrics", meter.request_finished),
+                *((EXTRA_OBSERVER, observer) for observer in observers),
+            ),
+            failed=meter.observer_failed,
         )
         # The tokenizer loads lazily (~0.2 s); do it now, off the event loop. Then move
         # everything built at start-up (vocabulary, config, modules) out of the GC's sight:
@@ -173,18 +179,6 @@ def _render(metrics: list[Metrics]) -> tuple[bytes, str]:
 def _warn_restart_needed(started: list[ServerSettings], now: ServerSettings) -> None:
     if started and (stale := restart_needed(started[0], now)):
         log.warning("restart_needed", settings=stale, hint="they apply at the next start")
-
-
-def _counted(observer: Observer, meter: Metrics) -> Observer:
-    """An observer whose failures show in sluicegate_observer_errors_total."""
-
-    def observe(record: RequestRecord) -> None:
-        try:
-            observer(record)
-        except Exception:
-            meter.observer_failed("access_log")
-
-    return observe
 
 
 def _drain_on_sigterm(runtime: Runtime) -> None:

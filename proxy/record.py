@@ -90,25 +90,31 @@ class RequestRecord:
 Observer = Callable[[RequestRecord], None]
 
 
+def _uncounted(_name: str) -> None:
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Observers:
-    """Who hears about requests. `started(route)` is called exactly when a request gets a
-    route (so `record.route` is set at `finished`); `finished(record)` for every request.
-    Observers watch; a failing one is ignored and never breaks a request."""
+    """Who hears about requests, each under a name. `started(route)` is called exactly when a
+    request gets a route (so `record.route` is set at `finished`); `finished(record)` for every
+    request. Observers watch: a failing one never breaks a request, and its name is handed to
+    `failed` (the metrics count it in sluicegate_observer_errors_total{observer})."""
 
-    on_start: tuple[Callable[[str], None], ...] = ()
-    on_finish: tuple[Observer, ...] = ()
+    on_start: tuple[tuple[str, Callable[[str], None]], ...] = ()
+    on_finish: tuple[tuple[str, Observer], ...] = ()
+    failed: Callable[[str], None] = _uncounted
 
     def started(self, route: str) -> None:
-        for observe in self.on_start:
+        for name, observe in self.on_start:
             try:
                 observe(route)
             except Exception:  # observers never steer
-                continue
+                self.failed(name)
 
     def finished(self, record: RequestRecord) -> None:
-        for observe in self.on_finish:
+        for name, observe in self.on_finish:
             try:
                 observe(record)
             except Exception:  # observers never steer
-                continue
+                self.failed(name)

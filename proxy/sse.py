@@ -217,7 +217,7 @@ def _texts(delta: dict[str, Any]) -> list[str]:
 
 def usage_chunk(template: dict[str, Any], usage: dict[str, int]) -> bytes:
     """An OpenAI-shaped usage-only chunk, for a client that asked for usage the upstream
-    could not stream (stream_options stripped): the one event the proxy ever adds."""
+    could not stream (stream_options stripped); docs/BEHAVIOUR.md lists every addition."""
     fields = {k: template[k] for k in ("id", "object", "created", "model") if k in template}
     return b"data: " + orjson.dumps({**fields, "choices": [], "usage": usage}) + b"\n\n"
 

@@ -6,9 +6,10 @@ Three modes, decided once per request when its answer commits:
 - drop: the proxy added `include_usage` for its own metering: that usage event is taken out;
 - collect: the upstream will not report usage (stream_options stripped, or passed without
   it): every event is parsed for the text of a token estimate and, if the client asked for
-  usage, one usage chunk is added before `data: [DONE]` — the only bytes the proxy ever adds
-  to an answer. Only then are incomplete events held back, so the chunk lands between whole
-  events; otherwise each chunk is relayed as it comes and parsed on the side.
+  usage, one usage chunk is added before `data: [DONE]` (everything the proxy removes from
+  or adds to a stream is listed once, in docs/BEHAVIOUR.md). Only then are incomplete events
+  held back, so the chunk lands between whole events; otherwise each chunk is relayed as it
+  comes and parsed on the side.
 """
 
 from __future__ import annotations

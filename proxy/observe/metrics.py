@@ -53,7 +53,8 @@ TOKEN_TYPES = ("input", "cached_input", "output", "reasoning")
 
 _OUTCOMES = frozenset(get_args(AttemptOutcome))
 _SOURCES = frozenset(get_args(UsageSource))
-_OBSERVERS = frozenset({"metrics", "access_log"})
+EXTRA_OBSERVER = "extra"  # the observers an embedder passes to create_app
+_OBSERVERS = frozenset({"metrics", "access_log", EXTRA_OBSERVER})
 _STREAM = {True: "true", False: "false", None: UNKNOWN}
 
 
@@ -220,7 +221,7 @@ class Metrics:
                 get_logger().exception("metrics_observer_failed", request_id=record.request_id)
 
     def observer_failed(self, observer: str) -> None:
-        """For the pipeline to count another observer's failure (e.g. "access_log")."""
+        """`Observers.failed`: counts an observer's failure ("access_log", "metrics", "extra")."""
         self._observer_errors.labels(_known(observer, _OBSERVERS)).inc()
 
     def config_reloaded(self, ok: bool, config: Config | None = None) -> None:
