@@ -153,10 +153,13 @@ class Bench:
             argv = python("-m", "proxy", "mock-upstream", "--port", str(port))
         return self.start(f"mock-{kind}", argv, LOAD_CORE), port
 
-    def start_proxy(self, mode: str, mock_port: int, name: str = "") -> tuple[Proc, int]:
+    def start_proxy(
+        self, mode: str, mock_port: int, name: str = "", extra: str = ""
+    ) -> tuple[Proc, int]:
+        """sluicegate on one route to the mock; `extra` is YAML added to its routes file."""
         name = name or f"sluicegate-{mode}"
         config = self.tmp / f"routes-{name}.yaml"
-        config.write_text(routes_yaml(f"http://127.0.0.1:{mock_port}", mode))
+        config.write_text(routes_yaml(f"http://127.0.0.1:{mock_port}", mode) + extra)
         port = free_port()
         argv = self.proxy_python(
             "-m", "proxy", "serve", "--config", str(config), "--port", str(port)

@@ -16,11 +16,13 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import tomllib
 import zipfile
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from tests.helpers import free_port
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
+REDIS = K8S / "redis"  # an optional kustomization of its own: a Redis to try fleet state on
 COMPOSE = DEPLOY / "docker-compose.yml"
 BIN = Path(sys.executable).parent
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
@@ -54,10 +57,11 @@ START_TIMEOUT = 30.0
 
 
 @cache
-def manifests() -> dict[str, dict[str, Any]]:
-    """Every Kubernetes object under deploy/k8s, by file name (one object per file)."""
+def manifests(directory: Path = K8S) -> dict[str, dict[str, Any]]:
+    """Every Kubernetes object in a folder (deploy/k8s unless told), by file name (one object
+    per file)."""
     found = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
@@ -71,8 +75,8 @@ def the(kind: str) -> dict[str, Any]:
     return obj
 
 
-def kustomization() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+def kustomization(directory: Path = K8S) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((directory / "kustomization.yaml").read_text())
     return data
 
 
@@ -174,6 +178,11 @@ def service(name: str) -> dict[str, Any]:
     return dict(compose()["services"][name])
 
 
+def compose_env() -> dict[str, str]:
+    """The environment compose gives the proxy (the routes file's variables come from it)."""
+    return {k: str(v) for k, v in service("sluicegate")["environment"].items()}
+
+
 def bind_mounts(name: str) -> dict[str, Path]:
     """A compose service's bind mounts: container path → host path."""
     mounts = {}
@@ -197,12 +206,18 @@ def test_kustomization_applies_every_manifest_but_the_secret_example() -> None:
     assert container()["image"].split(":")[0] == image["name"]
 
 
+def built_in_objects() -> dict[str, dict[str, Any]]:
+    """The objects Kubernetes itself has schemas for, the optional Redis's included."""
+    found = {n: m for n, m in manifests().items() if m["kind"] not in CRD_KINDS}
+    return found | {f"redis/{n}": m for n, m in manifests(REDIS).items()}
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("name", [n for n, m in manifests().items() if m["kind"] not in CRD_KINDS])
+@pytest.mark.parametrize("name", list(built_in_objects()))
 def test_manifest_matches_the_kubernetes_schema(name: str, version: str) -> None:
     try:
         # strict: the schemas that forbid unknown fields, so a misspelt key is an error
-        kubernetes_validate.validate(manifests()[name], version, strict=True)
+        kubernetes_validate.validate(built_in_objects()[name], version, strict=True)
     except kubernetes_validate.ValidationError as exc:
         pytest.fail(f"{name} (Kubernetes {version}): {exc.message}")
 
@@ -294,6 +309,45 @@ def test_secret_example_is_fake_and_is_what_the_pods_read() -> None:
     assert all("FAKE" in value for value in secret["stringData"].values())
     refs = [e["secretRef"]["name"] for e in container()["envFrom"]]
     assert refs == [secret["metadata"]["name"]]
+
+
+def test_pods_read_the_state_url_from_the_secret() -> None:
+    _, text = configmap_routes()
+    assert yaml.safe_load(text)["state"]["url"] == "${REDIS_URL}"
+    (redis_url,) = [e for e in container()["env"] if e["name"] == "REDIS_URL"]
+    ref = redis_url["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == the("Secret")["metadata"]["name"]
+    assert ref["key"] in secret_env()
+    assert not ref.get("optional", False), "a Secret without it must stop the pod, loudly"
+    assert re.fullmatch(r"rediss?://.+", secret_env()[ref["key"]])
+
+
+def test_optional_redis_is_its_own_kustomization_beside_the_proxy() -> None:
+    redis = manifests(REDIS)
+    assert set(kustomization(REDIS)["resources"]) == set(redis)
+    assert kustomization(REDIS)["namespace"] == kustomization()["namespace"]
+    assert not any("redis" in r for r in kustomization()["resources"]), "optional: not applied"
+    (pod,) = [m["spec"]["template"] for m in redis.values() if m["kind"] == "Deployment"]
+    ((svc_name, svc),) = [
+        (m["metadata"]["name"], m["spec"]) for m in redis.values() if m["kind"] == "Service"
+    ]
+    (policy,) = [m["spec"] for m in redis.values() if m["kind"] == "NetworkPolicy"]
+    assert svc["selector"].items() <= pod["metadata"]["labels"].items()
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (redis_container,) = pod["spec"]["containers"]
+    named = {p["name"]: p["containerPort"] for p in redis_container["ports"]}
+    ((port,),) = [[p for p in svc["ports"] if p["targetPort"] in named]]
+    assert named[port["targetPort"]] == port["port"] == 6379
+    # Only the proxy's pods get in (the Redis has no password), and not Redis's own.
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    proxy_labels = the("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert source["podSelector"]["matchLabels"].items() <= proxy_labels.items()
+    assert not source["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    # The URL the notes give for it reaches its Service.
+    url = f"redis://{svc_name}:{port['port']}/0"
+    assert url in (REDIS / "kustomization.yaml").read_text()
+    assert url in (K8S / "secret.example.yaml").read_text()
 
 
 def test_config_is_a_directory_mount_so_edits_reach_the_pod() -> None:
@@ -438,13 +492,44 @@ def _wait_ready(url: str, proc: subprocess.Popen[str]) -> None:
     raise TimeoutError(url)
 
 
-def test_entrypoint_serves_and_its_healthcheck_passes_then_sigterm_stops_it() -> None:
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of our own on a free loopback port, memory only (never a system one)."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is missing: .ci/run installs Debian's redis-server"
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _answers_ping(port):
+            assert proc.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not answer PING"
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16) == b"+PONG\r\n"
+    except OSError:
+        return False
+
+
+def test_entrypoint_serves_and_its_healthcheck_passes_then_sigterm_stops_it(
+    redis_url: str,
+) -> None:
     port = free_port()
     # The arguments a container is given come after the image's and win: loopback, a free port.
     proc = _run_entrypoint(
         *("--config", str(DEPLOY / "compose" / "routes.yaml")),
         *("--host", "127.0.0.1", "--port", str(port)),
-        env={},
+        env={"REDIS_URL": redis_url},  # compose's is redis://redis:6379/0
     )
     try:
         _wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
@@ -493,6 +578,7 @@ def test_compose_has_the_demo_services_on_loopback_ports() -> None:
     assert set(compose()["services"]) == {
         "sluicegate",
         "mock-upstream",
+        "redis",
         "traffic",
         "prometheus",
         "grafana",
@@ -517,7 +603,7 @@ def test_compose_bind_mounts_exist_in_the_repository() -> None:
 def test_compose_routes_file_loads_and_points_at_compose_services() -> None:
     mounts = bind_mounts("sluicegate")
     directory = mounts[str(Path(config_path()).parent)]
-    config = load_config(directory / Path(config_path()).name, env={})
+    config = load_config(directory / Path(config_path()).name, env=compose_env())
     mock_port = int(flag(service("mock-upstream")["entrypoint"], "--port"))
     ports = set()
     for upstream in config.upstreams.values():
@@ -528,6 +614,18 @@ def test_compose_routes_file_loads_and_points_at_compose_services() -> None:
     grace = re.fullmatch(r"(\d+)s", service("sluicegate")["stop_grace_period"])
     assert grace, "stop_grace_period in seconds"
     assert int(grace.group(1)) > config.server.drain_seconds
+
+
+def test_the_proxy_keeps_its_state_in_the_compose_redis_once_it_is_healthy() -> None:
+    routes = bind_mounts("sluicegate")[str(Path(config_path()).parent)] / "routes.yaml"
+    assert yaml.safe_load(routes.read_text())["state"]["url"] == "${REDIS_URL}"
+    url = httpx.URL(compose_env()["REDIS_URL"])
+    assert (url.scheme, url.host, url.port) == ("redis", "redis", 6379)
+    redis = service("redis")
+    assert redis["image"].startswith("redis:")
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "ports" not in redis, "only the proxy talks to it"
+    assert service("sluicegate")["depends_on"]["redis"] == {"condition": "service_healthy"}
 
 
 def test_prometheus_scrapes_the_proxy_and_loads_the_rules() -> None:

@@ -19,6 +19,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -255,6 +262,36 @@ def scrape_target() -> Iterator[ScrapeTarget]:
         yield ScrapeTarget(f"127.0.0.1:{server.port}", drive)
 
 
+@pytest.fixture(scope="module")
+def fleet_target() -> Iterator[ScrapeTarget]:
+    """Fleet-state series (issue 15) by the names and labels its contract fixes, served from a
+    registry of their own until `Metrics` exports them; then `scrape_target` feeds them through
+    `Metrics` and this goes. A separate job, so the two can never clash on a series."""
+    registry = CollectorRegistry()
+    up = Gauge("sluicegate_state_up", "state store reachable", registry=registry)
+    errors = Counter("sluicegate_state_errors", "state store errors", registry=registry)
+    spend = Gauge("sluicegate_key_spend_usd", "spend", ["key", "period"], registry=registry)
+    budget = Gauge("sluicegate_key_budget_usd", "budget", ["key"], registry=registry)
+    budget.labels("team-a").set(50.0)
+    budget.labels("team-b").set(10.0)
+    rounds = itertools.count()
+
+    async def endpoint(_: Request) -> Response:
+        return Response(generate_latest(registry), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    def drive() -> None:
+        round_ = next(rounds)
+        up.set(round_ % 4 != 3)  # the store drops out now and then
+        errors.inc(round_ % 2)
+        spend.labels("team-a", "day").set(0.5 * round_)
+        spend.labels("team-b", "total").set(0.25 * round_)
+        spend.labels("open-key", "day").set(1.0 * round_)  # no budget: no ratio
+
+    app = Starlette(routes=[Route("/metrics", endpoint)])
+    with RunningServer(app) as server:
+        yield ScrapeTarget(f"127.0.0.1:{server.port}", drive)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -279,8 +316,9 @@ class Prometheus:
     process: subprocess.Popen[bytes]
     log: Path
 
-    def query(self, expr: str) -> dict[str, Any]:
-        answer = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+    def query(self, expr: str, at: float | None = None) -> dict[str, Any]:
+        params = {"query": expr} | ({} if at is None else {"time": str(at)})
+        answer = httpx.get(f"{self.url}/api/v1/query", params=params, timeout=10)
         return dict(answer.json())
 
     def wait(self, what: str, check: Callable[[], bool]) -> None:
@@ -331,6 +369,7 @@ def guarded_listener() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def prometheus(
     scrape_target: ScrapeTarget,
+    fleet_target: ScrapeTarget,
     live_proxy: ScrapeTarget,
     guarded_listener: str,
     tmp_path_factory: pytest.TempPathFactory,
@@ -347,6 +386,9 @@ def prometheus(
         "rule_files": [str(RULES / "alerts.yml")],
         "scrape_configs": [
             {"job_name": "sluicegate", "static_configs": [{"targets": [scrape_target.address]}]},
+            # Twice, as two pods that read one shared store: the same spend from each.
+            {"job_name": "fleet", "static_configs": [{"targets": [fleet_target.address]}]},
+            {"job_name": "fleet-2", "static_configs": [{"targets": [fleet_target.address]}]},
             {"job_name": "proxy", "static_configs": [{"targets": [live_proxy.address]}]},
             {"job_name": "guarded", "authorization": {"credentials_file": str(token_file)}}
             | guarded,
@@ -386,12 +428,13 @@ def _scrapes(server: Prometheus, job: str = "sluicegate") -> int:
 
 
 def test_every_dashboard_query_returns_data(
-    prometheus: Prometheus, scrape_target: ScrapeTarget
+    prometheus: Prometheus, scrape_target: ScrapeTarget, fleet_target: ScrapeTarget
 ) -> None:
     # A rate needs two samples in its window, each scrape seeing new traffic.
     def traffic_scraped() -> bool:
         scrape_target.drive()
-        return _scrapes(prometheus) >= 3
+        fleet_target.drive()
+        return _scrapes(prometheus) >= 3 and _scrapes(prometheus, "fleet") >= 3
 
     prometheus.wait("3 successful scrapes", traffic_scraped)
 
@@ -464,3 +507,34 @@ def test_prometheus_sends_the_metrics_token_from_a_credentials_file(
         prometheus.query('count({job="no_token", __name__=~"sluicegate_.*"})')["data"]["result"]
         == []
     )
+
+
+def panel_expr(title: str) -> str:
+    board = json.loads(DASHBOARD.read_text())
+    (panel,) = [p for p in board["panels"] if p["title"] == title]
+    (target,) = panel["targets"]
+    return str(target["expr"])
+
+
+def test_budget_used_by_key_is_each_budgeted_keys_spend_over_its_budget(
+    prometheus: Prometheus, fleet_target: ScrapeTarget
+) -> None:
+    def scraped() -> bool:
+        fleet_target.drive()
+        return _scrapes(prometheus, "fleet") >= 2
+
+    prometheus.wait("2 scrapes of the fleet series", scraped)
+    at = time.time()
+    answer = prometheus.query(panel_expr("Budget used by key"), at)
+    used = {
+        (r["metric"]["key"], r["metric"]["period"]): float(r["value"][1])
+        for r in answer["data"]["result"]
+    }
+    assert set(used) == {("team-a", "day"), ("team-b", "total")}, "open-key has no budget"
+    for (key, _), ratio in used.items():
+        spend = prometheus.query(f'max(sluicegate_key_spend_usd{{key="{key}"}})', at)
+        budget = prometheus.query(f'max(sluicegate_key_budget_usd{{key="{key}"}})', at)
+        expected = float(spend["data"]["result"][0]["value"][1]) / float(
+            budget["data"]["result"][0]["value"][1]
+        )
+        assert ratio == pytest.approx(expected)
