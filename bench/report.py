@@ -22,7 +22,7 @@ HEADINGS = {
     "floor": "uvicorn+aiohttp floor",
     "nginx": "nginx",
 }
-PACKAGES = ("uvicorn", "httpx", "aiohttp", "uvloop", "httptools", "starlette")
+PACKAGES = ("uvicorn", "aiohttp", "uvloop", "httptools", "starlette")
 
 
 _VERSIONS = """
