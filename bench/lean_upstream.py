@@ -22,7 +22,7 @@ import uvloop
 
 from proxy.mock.content import Plan, completion_body, plan_request, stream_events
 
-DEFAULTS = {"ttft": 0.05, "tokens": 16, "delay": 0.005}  # those of proxy.mock_upstream.Knobs
+DEFAULTS = {"ttft": 0.05, "tokens": 16, "delay": 0.005}  # those of proxy.mock.knobs.Knobs
 SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
     b"transfer-encoding: chunked\r\n\r\n"

@@ -22,7 +22,7 @@ HEADINGS = {
     "floor": "uvicorn+aiohttp floor",
     "nginx": "nginx",
 }
-PACKAGES = ("uvicorn", "httpx", "aiohttp", "uvloop", "httptools", "starlette")
+PACKAGES = ("uvicorn", "aiohttp", "uvloop", "httptools", "starlette")
 
 
 _VERSIONS = """
@@ -191,6 +191,21 @@ def rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 _STREAM_KEYS = ("streams_1", "streams_100", "streams_100_burst", "streams_1000")
+
+
+def ttft_table(ttft: dict[str, dict[str, Any]]) -> str:
+    """`run.py --ttft-only`: added TTFT and the proxy's CPU at each concurrency."""
+    cols = ["direct", "sluicegate-pass"]
+    body = []
+    for n, data in ttft.items():
+        body.append(_ttft_row(f"TTFT p50 / p99 ms, {n} concurrent (added over direct)", data, cols))
+        body.append(
+            _per_col(f"proxy CPU-s per 1,000 streams, {n} concurrent", cols, _cpu_cell(data))
+        )
+        body.append(
+            _per_col(f"stream errors, {n} concurrent", cols, lambda c, d=data: str(d[c]["errors"]))
+        )
+    return markdown([HEADINGS[c] for c in cols], body)
 
 
 def _cpu_cell(data: dict[str, Any]) -> Any:

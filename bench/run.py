@@ -9,6 +9,11 @@ process (sluicegate's, nginx's master and worker) on core 1.
     python bench/run.py --quick             # a smaller run (< 3 min)
     python bench/run.py --json out.json     # also write every number as JSON
     python bench/run.py --write-results     # rewrite bench/RESULTS.md (and PROFILE.md)
+    python bench/run.py --ttft-only 1 100   # added TTFT alone: direct and `pass`, lean mock
+
+`--ttft-only N...` runs rounds (`--rounds`) of N concurrent streams (N = 1: one after
+another), alternately direct and through sluicegate (`stream_options: pass`), so both see the
+same machine state; TTFT is to the first SSE event with non-empty content, not the first byte.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -229,6 +235,26 @@ class Bench:
             targets.append(Target("nginx", port, "mock-chat", proc))
         return targets
 
+    async def ttft_only(self, concurrency: list[int], rounds: int) -> dict[str, Any]:
+        """Added TTFT alone: direct against sluicegate `pass`, on the lean mock."""
+        mock, mock_port = self.start_mock("lean")
+        await wait_ready(mock_port, "/healthz", mock)
+        proxy, port = self.start_proxy("pass", mock_port)
+        await wait_ready(port, "/readyz", proxy)
+        targets = [Target("direct", mock_port, "mock-chat", None)]
+        targets.append(Target("sluicegate-pass", port, "bench", proxy))
+        out = self.result["ttft_only"] = {}
+        try:
+            for n in concurrency:
+                one_by_one = Shape("sequential", 1, count=self.settings.c1_per_round)
+                shape = one_by_one if n == 1 else Shape("burst", n)
+                out[str(n)] = await streams(targets, mock, shape, rounds, self.machine)
+                self.progress(f"ttft at {n}", out[str(n)])
+        finally:
+            for target in targets:
+                target.pool.close()
+        return self.result
+
     async def scenarios(self, targets: list[Target], mock: Proc) -> None:
         s, out, machine = self.settings, self.result["scenarios"], self.machine
         # The floor relay is a reference for the stream rounds only: no memory, rate or profile.
@@ -275,6 +301,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile-only", action="store_true", help="only the py-spy profile: rewrite PROFILE.md"
     )
     parser.add_argument(
+        "--ttft-only", type=int, nargs="+", metavar="N", help="only added TTFT at N streams"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per N for --ttft-only")
+    parser.add_argument(
         "--render", type=Path, metavar="JSON", help="print (and --write-results) a saved run"
     )
     return parser.parse_args(argv)
@@ -288,6 +318,15 @@ def render(args: argparse.Namespace) -> None:
         report.write_results(result, table, HERE / "RESULTS.md")
 
 
+def in_bench(args: argparse.Namespace, job: Callable[[Bench], Awaitable[Any]]) -> Any:
+    """`job` on a Bench whose processes are all stopped after, the load pinned to its core."""
+    with tempfile.TemporaryDirectory(prefix="sluicegate-bench-") as tmp, ExitStack() as stack:
+        bench = Bench(args, Path(tmp))
+        stack.callback(bench.close)
+        os.sched_setaffinity(0, {LOAD_CORE})  # children are pinned one by one as they start
+        return uvloop.run(job(bench))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.render:
@@ -299,13 +338,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("needs 2 cores: the load on one, the proxy under test on the other")
     started = time.time()
     command = "python bench/run.py " + shlex.join(sys.argv[1:])
-    with tempfile.TemporaryDirectory(prefix="sluicegate-bench-") as tmp, ExitStack() as stack:
-        bench = Bench(args, Path(tmp))
-        stack.callback(bench.close)
-        os.sched_setaffinity(0, {LOAD_CORE})  # children are pinned one by one as they start
-        result = uvloop.run(bench.run())
+    if args.ttft_only:
+        result = in_bench(args, lambda bench: bench.ttft_only(args.ttft_only, args.rounds))
+        ttft = result["ttft_only"]
+        print(report.ttft_table(ttft))
+        if args.json:
+            args.json.write_text(report.to_json({"knobs": STREAM, "ttft_only": ttft}))
+        return
+    result = in_bench(args, Bench.run)
     result["meta"] = report.meta(
-        command.strip(), started, asdict(bench.settings), STREAM, args.proxy_python
+        command.strip(), started, asdict(QUICK if args.quick else FULL), STREAM, args.proxy_python
     )
     if args.json:
         args.json.write_text(report.to_json(result))

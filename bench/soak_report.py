@@ -155,7 +155,7 @@ def markdown(result: dict[str, Any]) -> str:
             "`bench/soak.py` starts three processes on loopback: the proxy (`python -m proxy "
             "serve`, one process), a faulty mock upstream that obeys per-request fault knobs "
             "and resets every connection on a second port, and a healthy backup (both "
-            "`bench/soak_upstream.py`, i.e. `proxy.mock_upstream`). "
+            "`bench/soak_upstream.py`, i.e. `proxy.mock.upstream`). "
             f"{settings['concurrency']} clients send the mix below back to back. Every answer "
             "is compared byte for byte with the mock's deterministic answer for its seed and "
             "length; a fault must end in the backup's answer (a route with a fallback), the "

@@ -1,14 +1,14 @@
-"""The soak's upstreams: `proxy.mock_upstream` with two changes, and a resetting listener.
+"""The soak's upstreams: the mock (`proxy.mock.upstream`), and a resetting listener.
 
     python bench/soak_upstream.py --port 8901                   # the backup: no faults
     python bench/soak_upstream.py --port 8902 --faults --reset-port 8903
 
-- With `--faults`, a request body's `"fault": {...}` object is merged into its `"mock"`
-  knobs. The proxy forwards the body unchanged to every candidate, so fault knobs in
+- `--faults`: the mock also obeys a request body's `"fault": {...}` knobs (`MockUpstream(
+  faults=True)`). The proxy forwards the body unchanged to every candidate, so fault knobs in
   `"mock"` would fail the fallback too; under `"fault"` only this upstream obeys them and
   the fallback (started without `--faults`) answers what a healthy upstream would.
 - The mock keeps a record of every request (the tests read them); a soak would grow it by
-  hundreds of thousands, so only the latest are kept.
+  hundreds of thousands, so only the latest are kept (`keep_records`).
 - `--reset-port`: a listener that reads each request and resets the connection (RST, no
   answer): a reset before the response headers, which the ASGI mock cannot make.
 """
@@ -21,61 +21,14 @@ import contextlib
 import socket
 import struct
 
-import orjson
 import uvicorn
 import uvloop
-from starlette.types import Message, Receive, Scope, Send
 
 from proxy.mock.upstream import MockUpstream
 from proxy.serving import fastest_http
 
 KEEP_RECORDS = 256
 MAX_HEAD = 64 * 1024
-
-
-class SoakUpstream:
-    """The mock behind a body rewrite (`fault` into `mock`) and a bound on its records."""
-
-    def __init__(self, faults: bool) -> None:
-        self.mock, self.faults = MockUpstream(), faults
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            if self.faults and scope["type"] == "http" and scope["method"] == "POST":
-                receive = await _with_faults(receive)
-            await self.mock(scope, receive, send)
-        finally:
-            if len(self.mock.records) > 2 * KEEP_RECORDS:
-                del self.mock.records[:-KEEP_RECORDS]
-
-
-async def _with_faults(receive: Receive) -> Receive:
-    """The request body read whole, its `fault` knobs moved into `mock`, replayed once."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return _replay(message, receive)
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
-    with contextlib.suppress(orjson.JSONDecodeError):
-        data = orjson.loads(body)
-        if isinstance(data, dict) and isinstance(data.get("fault"), dict):
-            mock = data.get("mock") if isinstance(data.get("mock"), dict) else {}
-            data["mock"] = {**mock, **data.pop("fault")}
-            body = orjson.dumps(data)
-    return _replay({"type": "http.request", "body": body, "more_body": False}, receive)
-
-
-def _replay(first: Message, receive: Receive) -> Receive:
-    pending: list[Message] = [first]
-
-    async def replayed() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replayed
 
 
 async def _reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -96,7 +49,7 @@ async def _reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 async def serve(port: int, faults: bool, reset_port: int | None) -> None:
     config = uvicorn.Config(
-        SoakUpstream(faults),
+        MockUpstream(faults=faults, keep_records=KEEP_RECORDS),
         host="127.0.0.1",
         port=port,
         loop="none",

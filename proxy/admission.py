@@ -9,40 +9,14 @@ real usage when it ends, so one long answer can overdraw it and later requests w
 from __future__ import annotations
 
 import hashlib
-import math
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from proxy.config import ClientKey, Config
-from proxy.errors import ProxyError
+from proxy.errors import ModelNotAllowed, RateLimited, Unauthorized
 
 KEY_PREFIX = "sk-sg-"
-
-
-class Unauthorized(ProxyError):
-    status = 401
-    type = "invalid_request_error"
-    code = "invalid_api_key"
-
-
-class ModelNotAllowed(ProxyError):
-    status = 403
-    type = "invalid_request_error"
-    code = "model_not_allowed"
-
-
-class RateLimited(ProxyError):
-    status = 429
-    code = "rate_limit_exceeded"
-
-    def __init__(self, message: str, kind: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.type = kind  # OpenAI's word for what ran out: "requests" or "tokens"
-        self.retry_after = retry_after
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"retry-after", b"%d" % max(1, math.ceil(self.retry_after)))]
 
 
 def hash_key(key: str) -> str:

@@ -30,7 +30,14 @@ from proxy.asgi import send_error
 from proxy.catalog import model_entries
 from proxy.config import ConfigError, ServerSettings
 from proxy.endpoint import ApiEndpoint
-from proxy.errors import HeadersTooLarge, MethodNotAllowed, NotFound, ProxyError, error_body
+from proxy.errors import (
+    HeadersTooLarge,
+    MethodNotAllowed,
+    NotFound,
+    NotReady,
+    ProxyError,
+    error_body,
+)
 from proxy.health import Health
 from proxy.metering.estimate import tokenizer_available
 from proxy.observe.logs import LEVELS, access_log, get_logger
@@ -40,7 +47,7 @@ from proxy.observe.metrics_server import MetricsEndpoint, restart_needed
 from proxy.playground import playground
 from proxy.record import Observer, Observers
 from proxy.reload import POLL_SECONDS, Reloader
-from proxy.state import NotReady, Runtime, StateRef
+from proxy.state import Runtime, StateRef
 
 CONFIG_ENV = "SLUICEGATE_CONFIG"
 # httptools reads headers without a limit; refuse what no client of an LLM API sends.

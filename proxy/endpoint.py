@@ -9,7 +9,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from proxy.admission import RateLimited, check_model, identify
+from proxy.admission import check_model, identify
 from proxy.api_request import CHAT, Api, ApiRequest, parse_request
 from proxy.asgi import (
     ClientGone,
@@ -22,13 +22,20 @@ from proxy.asgi import (
     send_error,
 )
 from proxy.attempts import Answer, Attempts, Failure
-from proxy.errors import InternalError, ModelNotFound, ProxyError, UpstreamProtocolError
+from proxy.errors import (
+    InternalError,
+    ModelNotFound,
+    Overloaded,
+    ProxyError,
+    RateLimited,
+    UpstreamProtocolError,
+)
 from proxy.headers import client_response_headers, request_id, upstream_request_headers
 from proxy.metering.cost import cost_usd
 from proxy.metering.usage import tee_for, usage_of_body, usage_of_stream
 from proxy.record import Observers, RequestRecord
 from proxy.relay import end_with_error, open_stream, relay, send_comment
-from proxy.state import AppState, Overloaded, Runtime, StateRef
+from proxy.state import AppState, Runtime, StateRef
 
 SSE_TYPE = [(b"content-type", b"text/event-stream")]
 

@@ -2,22 +2,32 @@
 
     ProxyError                      status  type                    code
     ├── BadRequest                  400     invalid_request_error   (given)
+    ├── Unauthorized                401     invalid_request_error   invalid_api_key
+    │   └── MetricsUnauthorized     401     invalid_request_error   invalid_api_key
+    ├── ModelNotAllowed             403     invalid_request_error   model_not_allowed
     ├── ModelNotFound               404     invalid_request_error   model_not_found
     ├── NotFound                    404     invalid_request_error   not_found
     ├── MethodNotAllowed            405     invalid_request_error   method_not_allowed
     ├── RequestTimeout              408     invalid_request_error   request_timeout
     ├── BodyTooLarge                413     invalid_request_error   request_too_large
+    ├── RateLimited                 429     requests|tokens         rate_limit_exceeded
+    ├── Overloaded                  429     rate_limit_error        proxy_overloaded
     ├── HeadersTooLarge             431     invalid_request_error   headers_too_large
+    ├── InternalError               500     server_error            internal_error
     ├── UpstreamUnreachable         502     upstream_error          upstream_unreachable
     ├── UpstreamProtocolError       502     upstream_error          upstream_protocol_error
-    ├── UpstreamTimeout             504     upstream_error          upstream_timeout
-    └── InternalError               500     server_error            internal_error
+    ├── NotReady                    503     server_error            not_ready
+    └── UpstreamTimeout             504     upstream_error          upstream_timeout
 
+`(given)`: set where the error is raised (none if not given); `a|b`: one of them, per error.
+Every ProxyError subclass is defined here, and listed here (tests/test_errors.py checks both).
 Errors that the upstream itself answered (4xx/5xx with a body) are not in this tree:
 the relay passes them on with the upstream's own status and body.
 """
 
 from __future__ import annotations
+
+import math
 
 import orjson
 
@@ -42,6 +52,22 @@ class ProxyError(Exception):
 class BadRequest(ProxyError):
     status = 400
     type = "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class MetricsUnauthorized(Unauthorized):
+    """A 401 from /metrics: answered with a Bearer challenge (RFC 6750)."""
+
+
+class ModelNotAllowed(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
 
 
 class ModelNotFound(ProxyError):
@@ -74,10 +100,35 @@ class BodyTooLarge(ProxyError):
     code = "request_too_large"
 
 
+class RateLimited(ProxyError):
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, kind: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.type = kind  # OpenAI's word for what ran out: "requests" or "tokens"
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", b"%d" % max(1, math.ceil(self.retry_after)))]
+
+
+class Overloaded(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = "proxy_overloaded"
+
+
 class HeadersTooLarge(ProxyError):
     status = 431
     type = "invalid_request_error"
     code = "headers_too_large"
+
+
+class InternalError(ProxyError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
 
 
 class UpstreamUnreachable(ProxyError):
@@ -94,17 +145,17 @@ class UpstreamProtocolError(ProxyError):
     retryable = True
 
 
+class NotReady(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "not_ready"
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
     retryable = True
-
-
-class InternalError(ProxyError):
-    status = 500
-    type = "server_error"
-    code = "internal_error"
 
 
 def error_body(

@@ -12,22 +12,10 @@ from dataclasses import dataclass, field
 
 from proxy.admission import Limits
 from proxy.config import Config
-from proxy.errors import ProxyError
+from proxy.errors import NotReady
 from proxy.health import Health
 from proxy.record import Observers
 from proxy.upstream import UpstreamClients
-
-
-class NotReady(ProxyError):
-    status = 503
-    type = "server_error"
-    code = "not_ready"
-
-
-class Overloaded(ProxyError):
-    status = 429
-    type = "rate_limit_error"
-    code = "proxy_overloaded"
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -47,12 +47,15 @@ def sluicegate(
     ready: str = "/readyz",
     env: Mapping[str, str] | None = None,
     output: int | IO[bytes] = subprocess.DEVNULL,
+    command: Sequence[str] = (sys.executable, "-m", "proxy"),
+    cwd: Path = ROOT,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`python -m proxy ARGS --port P`, yielded once GET `ready` answers 200; stopped after."""
+    """`COMMAND ARGS --port P` (`python -m proxy` unless told), yielded once GET `ready`
+    answers 200; stopped after."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", *args, "--port", str(port)],
-        cwd=ROOT,
+        [*command, *args, "--port", str(port)],
+        cwd=cwd,
         stdout=output,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},

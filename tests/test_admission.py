@@ -19,9 +19,6 @@ from structlog.testing import capture_logs
 from proxy.admission import (
     KEY_PREFIX,
     Limits,
-    ModelNotAllowed,
-    RateLimited,
-    Unauthorized,
     check_model,
     hash_key,
     identify,
@@ -29,6 +26,7 @@ from proxy.admission import (
 from proxy.app import create_app
 from proxy.cli import main
 from proxy.config import ClientKey, ConfigError, parse_config
+from proxy.errors import ModelNotAllowed, RateLimited, Unauthorized
 from proxy.mock.upstream import MockUpstream
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer

@@ -11,6 +11,8 @@ image itself is not built: `docker build` and `docker compose up` are not exerci
 
 from __future__ import annotations
 
+import email
+import functools
 import os
 import re
 import shlex
@@ -24,6 +26,7 @@ import tomllib
 import zipfile
 from collections.abc import Iterator
 from functools import cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +35,15 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from proxy.app import create_app
 from proxy.cli import _parser
 from proxy.config import Config, ConfigError, load_config, parse_config
 from proxy.observe.metrics_server import PATHS as METRICS_PATHS
 from proxy.serving import RunningServer
-from tests.helpers import free_port
+from tests.helpers import free_port, sluicegate
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -434,10 +439,12 @@ def test_hadolint_finds_nothing() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_build_stage_inputs_make_a_wheel_with_the_command(tmp_path: Path) -> None:
-    """What the build stage COPYs is all `pip wheel` needs (pyproject's readme, package data)."""
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel `pip wheel` makes from what the Dockerfile's build stage COPYs (built once)."""
     (build, _runtime) = stages()
-    context = tmp_path / "src"
+    out = tmp_path_factory.mktemp("wheel")
+    context = out / "src"
     for copy in (c for c in build if c.cmd == "COPY"):
         *sources, target = copy.value
         for source in sources:
@@ -448,7 +455,7 @@ def test_the_build_stage_inputs_make_a_wheel_with_the_command(tmp_path: Path) ->
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(ROOT / source, dest)
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), "."],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), "."],
         cwd=context,
         capture_output=True,
         text=True,
@@ -456,7 +463,12 @@ def test_the_build_stage_inputs_make_a_wheel_with_the_command(tmp_path: Path) ->
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    (wheel,) = tmp_path.glob("sluicegate-*.whl")
+    (built,) = out.glob("sluicegate-*.whl")
+    return built
+
+
+def test_the_build_stage_inputs_make_a_wheel_with_the_command(wheel: Path) -> None:
+    """What the build stage COPYs is all `pip wheel` needs (pyproject's readme, package data)."""
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
@@ -465,6 +477,72 @@ def test_the_build_stage_inputs_make_a_wheel_with_the_command(tmp_path: Path) ->
         page = archive.read("proxy/static/playground.html")
     assert {"proxy/cli.py", "proxy/app.py", "proxy/py.typed"} <= names
     assert page == (ROOT / "proxy" / "static" / "playground.html").read_bytes()
+
+
+def test_httpx_is_a_test_dependency_only() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {Requirement(r).name for r in project["dependencies"]}
+    assert "aiohttp" in runtime
+    assert "httpx" not in runtime
+    assert "httpx" in {Requirement(r).name for r in project["optional-dependencies"]["test"]}
+
+
+def test_the_wheel_serves_the_demo_on_its_runtime_dependencies_alone(
+    wheel: Path, tmp_path: Path
+) -> None:
+    """A fresh venv holding the wheel and what its metadata requires (linked from this venv,
+    so no download), and nothing else: no httpx. `sluicegate serve --demo` answers there."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    install = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python")]
+    subprocess.run([*install, "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    (site,) = venv.glob("lib/python3*/site-packages")
+    with zipfile.ZipFile(wheel) as archive:
+        (meta,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        requires = email.message_from_bytes(archive.read(meta)).get_all("Requires-Dist") or []
+    for dist in _runtime_closure(requires):
+        _link(dist, site)
+    env = {**os.environ, "PYTHONPATH": ""}
+    fresh = functools.partial(
+        subprocess.run, cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+    python = [venv / "bin" / "python", "-c"]
+    assert "No module named 'httpx'" in fresh([*python, "import httpx"]).stderr
+    where = fresh([*python, "import proxy; print(proxy.__file__)"]).stdout
+    assert where.startswith(str(site))  # the wheel's copy, not this checkout's
+    command = [str(venv / "bin" / "sluicegate")]
+    with sluicegate("serve", "--demo", command=command, cwd=tmp_path, env=env) as (_, url):
+        body = {"model": "support-bot", "messages": [{"role": "user", "content": "hi"}]}
+        answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"]
+
+
+def _runtime_closure(requires: list[str]) -> list[metadata.Distribution]:
+    """This venv's distributions that `requires` needs at run time, as pip resolves them:
+    markers evaluated for this interpreter, extras followed only where a requirement asks."""
+    found: dict[str, metadata.Distribution] = {}
+    seen: set[tuple[str, str]] = set()
+    todo = [(Requirement(r), "") for r in requires]
+    while todo:
+        req, extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": extra}):
+            continue
+        name = canonicalize_name(req.name)
+        for wanted in ("", *req.extras):
+            if (name, wanted) not in seen:
+                seen.add((name, wanted))
+                found[name] = dist = metadata.distribution(req.name)
+                todo.extend((Requirement(r), wanted) for r in dist.requires or [])
+    return list(found.values())
+
+
+def _link(dist: metadata.Distribution, site: Path) -> None:
+    """Links each top-level package, module and .dist-info of `dist` into `site`."""
+    tops = {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+    for top in tops - {"__pycache__"}:
+        if not (site / top).exists():
+            (site / top).symlink_to(Path(str(dist.locate_file(top))))
 
 
 def _run_entrypoint(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:

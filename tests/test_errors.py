@@ -1,7 +1,11 @@
-"""Every error row answers in OpenAI's shape with the right status, and the proxy keeps serving."""
+"""Every error row answers in OpenAI's shape with the right status, and the proxy keeps serving;
+every error is defined in proxy/errors.py and drawn, as it is, in that module's tree."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import re
 import socket
 from typing import Any
 
@@ -10,14 +14,19 @@ import openai
 import pytest
 from structlog.testing import capture_logs
 
+import proxy
 from proxy import app as app_module
+from proxy import errors
 from proxy.config import Secret, Upstream
+from proxy.errors import ProxyError, RateLimited
 from proxy.mock.upstream import MockUpstream
 from proxy.serving import RunningServer
 from proxy.upstream import scrub_key
 from tests.conftest import UPSTREAM_KEY
 from tests.helpers import wait_for
 
+# A row of the docstring tree: its indent (the depth), the class, status, type and code.
+TREE_ROW = re.compile(r"^(?P<indent>[ │]*)[├└]── (?P<name>\w+) +(\d{3}) +(\S+) +(\S+)$")
 OK_BODY = {"model": "support-bot", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -240,3 +249,78 @@ def test_unknown_path_and_wrong_method(proxy: RunningServer) -> None:
 def test_health_and_readiness(proxy: RunningServer) -> None:
     assert httpx.get(proxy.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(proxy.url + "/readyz").json() == {"status": "ready"}
+
+
+def _all_modules() -> list[str]:
+    """Every module under proxy/, imported (one that fails to import fails the test); not
+    `proxy.__main__`, which runs the command line."""
+    found = pkgutil.walk_packages(proxy.__path__, "proxy.")
+    names = [info.name for info in found if info.name != "proxy.__main__"]
+    for name in names:
+        importlib.import_module(name)
+    return names
+
+
+def _subclasses(cls: type[ProxyError]) -> list[type[ProxyError]]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
+def _tree() -> dict[str, tuple[str, str, str, str]]:
+    """errors.py's docstring tree: class name -> (parent, status, type, code)."""
+    rows: dict[str, tuple[str, str, str, str]] = {}
+    parents = ["ProxyError"]  # parents[d] is the parent of a row at depth d
+    for line in (errors.__doc__ or "").splitlines():
+        if match := TREE_ROW.match(line.removeprefix("    ")):
+            indent, name, status, type_, code = match.groups()
+            depth = len(indent) // 4
+            del parents[depth + 1 :]
+            rows[name] = (parents[depth], status, type_, code)
+            parents.append(name)
+    return rows
+
+
+def _cells(cls: type[ProxyError]) -> tuple[str, str, str]:
+    """status, type and code as the class answers them: `(given)` for a code the raiser sets,
+    `a|b` for the values an error takes per instance (RateLimited's type: what ran out)."""
+    if cls is RateLimited:
+        samples: list[ProxyError] = [RateLimited("m", kind, 1.0) for kind in ("requests", "tokens")]
+    else:
+        samples = [cls("message")]
+
+    def cell(attr: str) -> str:
+        return "|".join(dict.fromkeys(str(getattr(s, attr) or "(given)") for s in samples))
+
+    return cell("status"), cell("type"), cell("code")
+
+
+def test_every_proxy_error_is_defined_in_errors_py() -> None:
+    modules = _all_modules()
+    assert {"proxy.endpoint", "proxy.state", "proxy.observe.metrics_server"} <= set(modules)
+    outside = {
+        f"{cls.__module__}.{cls.__qualname__}"
+        for cls in _subclasses(ProxyError)
+        if cls.__module__.split(".")[0] == "proxy" and cls.__module__ != "proxy.errors"
+    }
+    assert outside == set()
+
+
+def test_the_docstring_tree_draws_every_error_as_it_is() -> None:
+    _all_modules()
+    tree = _tree()
+    ours = [cls for cls in _subclasses(ProxyError) if cls.__module__ == "proxy.errors"]
+    assert {cls.__name__ for cls in ours} == set(tree)
+    for cls in ours:
+        assert tree[cls.__name__] == (cls.__base__.__name__, *_cells(cls)), cls.__name__
+
+
+def test_the_tree_reader_sees_nesting_given_codes_and_alternatives() -> None:
+    tree = _tree()
+    assert tree["MetricsUnauthorized"] == (
+        "Unauthorized",
+        "401",
+        "invalid_request_error",
+        "invalid_api_key",
+    )
+    assert tree["BadRequest"] == ("ProxyError", "400", "invalid_request_error", "(given)")
+    assert tree["RateLimited"][2] == "requests|tokens"
+    assert tree["UpstreamTimeout"][0] == "ProxyError"  # the last row, after a nested one

@@ -19,18 +19,17 @@ from structlog.testing import capture_logs
 
 from proxy.app import create_app
 from proxy.config import Config, ConfigError, Secret, ServerSettings, load_config, parse_config
+from proxy.errors import MetricsUnauthorized, NotReady
 from proxy.observe.metrics_server import (
     Listener,
     ListenError,
     MetricsApp,
-    MetricsUnauthorized,
     authorize,
     listener,
     restart_needed,
     start,
 )
 from proxy.serving import RunningServer
-from proxy.state import NotReady
 from tests.helpers import ROOT, free_port, sluicegate, wait_for
 
 TOKEN = "mt-9f8e7d6c5b4a39281706f5e4d3c2b1a0"

@@ -394,6 +394,35 @@ def test_bad_knobs_are_400(url: str, knobs: Any, header: str | None, param: str)
     assert param.removeprefix("mock.") in error["message"]
 
 
+def test_fault_knobs_are_obeyed_only_by_a_mock_made_with_faults(url: str) -> None:
+    """One body to two mocks, as the proxy sends it to a route's candidates: the one made with
+    `faults=True` fails, the other answers as a healthy upstream does."""
+    body = _body(mock={"tokens": 3}, fault={"status": 503, "tokens": 5})
+    faulty = MockUpstream(Knobs(ttft=0.01, delay=0.001), faults=True)
+    with RunningServer(faulty) as server:
+        assert _post(server.url, body).status_code == 503
+        healthy_knobs = _body(mock={"tokens": 3}, fault={"tokens": 5})
+        assert _post(server.url, healthy_knobs).json()["usage"]["completion_tokens"] == 5
+        header = orjson.dumps({"tokens": 7}).decode()
+        got = _post(server.url, healthy_knobs, **{"x-mock": header}).json()
+        assert got["usage"]["completion_tokens"] == 7  # mock, then fault, then the header
+        bad = _post(server.url, _body(fault={"warp": 1}))
+        assert (bad.status_code, bad.json()["error"]["param"]) == (400, "fault.warp")
+    healthy = _post(url, body)
+    assert healthy.status_code == 200
+    assert healthy.json()["usage"]["completion_tokens"] == 3
+
+
+def test_keep_records_keeps_the_latest_only() -> None:
+    app = MockUpstream(Knobs(ttft=0.0, delay=0.0), keep_records=2)
+    with RunningServer(app) as server:
+        for seed in range(7):
+            assert _post(server.url, _body(seed=seed, mock={"tokens": 1})).status_code == 200
+            assert 1 <= len(app.records) <= 4
+    # Over 2 x 2 at the 5th request, cut to the latest 2; then two more.
+    assert [r.body["seed"] for r in app.records] == [3, 4, 5, 6]
+
+
 # -- routes ---------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """The official openai npm SDK (Node) gets the same answers through the proxy as the Python one.
 
-tests/node/ pins the SDK in package.json and package-lock.json; `.ci/run` installs it with
+tests/node/ pins the SDK in package.json and package-lock.json; `scripts/test` installs it with
 `npm ci`. Without node the test is skipped locally and fails in CI."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ CSP, that streams answers through the public API. It is driven in headless Chrom
 `chromium`, Playwright for Python pointed at it) against `sluicegate serve --demo` and against
 in-process proxies with routes of their own.
 
-Chromium missing: skipped on a workstation, a failure in CI (`.ci/run` installs it), as the
+Chromium missing: skipped on a workstation, a failure in CI (`scripts/test` installs it), as the
 Prometheus and Node tests do."""
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def browser() -> Iterator[Browser]:
     executable = shutil.which("chromium")
     if executable is None:
         if IN_CI:
-            pytest.fail("chromium is missing in CI: .ci/run should install Debian's chromium")
+            pytest.fail("chromium is missing in CI: scripts/test installs it as root")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     with sync_playwright() as playwright:
         # Chromium's sandbox cannot start as root (CI containers).

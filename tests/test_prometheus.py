@@ -49,12 +49,12 @@ METRICS_TOKEN = "prometheus-reads-me-from-a-file-0123"
 
 def require_binary(name: str) -> str:
     """The path of a Prometheus tool. Missing: skipped locally, a failure in CI (where
-    .ci/run installs Debian's `prometheus` package)."""
+    scripts/test installs Debian's `prometheus` package)."""
     path = shutil.which(name)
     if path:
         return path
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{name} is missing in CI: .ci/run should install Debian's prometheus")
+        pytest.fail(f"{name} is missing in CI: scripts/test installs it as root")
     pytest.skip(f"{name} is not installed (apt-get install prometheus)")
 
 

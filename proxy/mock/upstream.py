@@ -1,19 +1,16 @@
 """An OpenAI-compatible fake upstream: a raw ASGI app with knobs for every misbehaviour the
 proxy must survive (slow first token, keep-alive comments, stalls, resets, split UTF-8, errors).
 
-Knobs come from the server-wide defaults, then the request body's `"mock": {...}`, then the
-`x-mock` header (same JSON object; header wins). Answers are deterministic per `seed`, so a
-direct and a proxied body can be compared byte for byte.
+Knobs (proxy/mock/knobs.py) come from the server-wide defaults, then the request body's
+`"mock": {...}`, then the `x-mock` header (same JSON object; header wins). Answers are
+deterministic per `seed`, so a direct and a proxied body can be compared byte for byte.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import math
 import time
-import types
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +38,7 @@ from proxy.mock.content import (
     text_completion_body,
     text_stream_events,
 )
+from proxy.mock.knobs import DEFAULTS, MOCK, MOCK_AND_FAULT, Knobs, knobs_for
 from proxy.serving import RunningServer, fastest_http, fastest_loop
 
 __all__ = [
@@ -55,27 +53,6 @@ __all__ = [
 ]
 
 KEEPALIVE = b": keep-alive\n\n"
-SPLIT_GAP = 0.001  # long enough that each piece leaves as its own TCP segment
-
-
-@dataclass(frozen=True, slots=True)
-class Knobs:
-    ttft: float = 0.05
-    tokens: int = 16
-    delay: float = 0.005
-    keepalives: int = 0
-    pause_after_first: float = 0.0
-    reject_stream_options: bool = False
-    usage_headers: bool = False
-    split_utf8: bool = False
-    split_pause: float = SPLIT_GAP  # seconds between a split event's pieces
-    reset_after: int | None = None
-    json_for_stream: bool = False
-    status: int | None = None
-    retry_after: float | None = None
-    stall: float = 0.0
-    echo_auth: bool = False  # an injected error quotes the Authorization header it got
-    set_cookie: bool = False  # every answer carries set-cookie and a hop-by-hop header
 
 
 @dataclass
@@ -103,57 +80,6 @@ class _HideResets(logging.Filter):
 logging.getLogger("uvicorn.error").addFilter(_HideResets())
 
 
-def _knob_kinds() -> dict[str, tuple[type, bool]]:
-    kinds = {}
-    for name, hint in typing.get_type_hints(Knobs).items():
-        args = typing.get_args(hint)
-        base = next(a for a in args if a is not types.NoneType) if args else hint
-        kinds[name] = (base, types.NoneType in args)
-    return kinds
-
-
-_KNOB_KINDS = _knob_kinds()
-_KIND_WORDS = {bool: "a boolean", int: "a non-negative integer", float: "a non-negative number"}
-
-
-def _knob(name: str, value: Any) -> Any:
-    if name not in _KNOB_KINDS:
-        raise Invalid(f"Unknown mock knob: {name!r}", f"mock.{name}")
-    base, optional = _KNOB_KINDS[name]
-    if value is None and optional:
-        return None
-    if base is bool:
-        ok = isinstance(value, bool)
-    elif base is int:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        ok = ok and (name != "status" or 400 <= value <= 599)
-    else:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        ok = ok and math.isfinite(value) and value >= 0
-    if not ok:
-        want = "an HTTP error status (400-599)" if name == "status" else _KIND_WORDS[base]
-        raise Invalid(f"Invalid mock knob {name!r}: expected {want}", f"mock.{name}")
-    return float(value) if base is float else value
-
-
-def _overrides(source: Any, where: str) -> dict[str, Any]:
-    if not isinstance(source, dict):
-        raise Invalid(f"{where} must be a JSON object of mock knobs", where)
-    return {name: _knob(name, value) for name, value in source.items()}
-
-
-def knobs_for(defaults: Knobs, body: dict[str, Any], headers: dict[str, str]) -> Knobs:
-    """The knobs one request runs with; raises `Invalid` naming a bad knob."""
-    overrides = _overrides(body["mock"], "mock") if "mock" in body else {}
-    if "x-mock" in headers:
-        try:
-            from_header = orjson.loads(headers["x-mock"])
-        except orjson.JSONDecodeError:
-            from_header = None
-        overrides.update(_overrides(from_header, "x-mock"))
-    return dataclasses.replace(defaults, **overrides) if overrides else defaults
-
-
 _JSON = (b"content-type", b"application/json")
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _MODELS_BODY = orjson.dumps(
@@ -176,10 +102,18 @@ Headers = list[tuple[bytes, bytes]]
 
 
 class MockUpstream:
-    """The ASGI app. Holds server-wide default Knobs and records every chat request."""
+    """The ASGI app. Holds server-wide default Knobs and records every chat request.
 
-    def __init__(self, defaults: Knobs = Knobs()) -> None:
+    `faults`: also obey the body's `"fault"` knobs (see proxy/mock/knobs.py). `keep_records`:
+    keep about the latest N records only (between N and 2N), for runs of millions of requests.
+    """
+
+    def __init__(
+        self, defaults: Knobs = DEFAULTS, *, faults: bool = False, keep_records: int | None = None
+    ) -> None:
         self.defaults = defaults
+        self.fields = MOCK_AND_FAULT if faults else MOCK
+        self.keep_records = keep_records
         self.records: list[RequestRecord] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -223,9 +157,9 @@ class MockUpstream:
             name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         record = RequestRecord(headers, body, started)
-        self.records.append(record)
+        self._record(record)
         try:
-            knobs = knobs_for(self.defaults, body, headers)
+            knobs = knobs_for(self.defaults, body, headers, self.fields)
             if knobs.status is not None:
                 # Injected errors answer at once, as an overloaded or rate-limiting upstream does.
                 retry = knobs.retry_after
@@ -245,6 +179,12 @@ class MockUpstream:
             return
         record.prompt_tokens, record.completion_tokens = plan.prompt_tokens, plan.tokens
         await _guarded(record, receive, _answer(send, knobs, plan, record))
+
+    def _record(self, record: RequestRecord) -> None:
+        self.records.append(record)
+        keep = self.keep_records
+        if keep is not None and len(self.records) > 2 * keep:
+            del self.records[:-keep]
 
 
 async def _guarded(record: RequestRecord, receive: Receive, answer: typing.Awaitable[None]) -> None:
@@ -376,7 +316,7 @@ async def _respond(send: Send, status: int, body: bytes, extra: Headers | None =
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def serve(host: str = "127.0.0.1", port: int = 8900, defaults: Knobs = Knobs()) -> None:
+def serve(host: str = "127.0.0.1", port: int = 8900, defaults: Knobs = DEFAULTS) -> None:
     """Run the mock upstream in the foreground until interrupted."""
     uvicorn.run(
         MockUpstream(defaults),

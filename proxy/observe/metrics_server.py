@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from proxy.asgi import JSON_HEADERS, Receive, Scope, Send, send_body, send_error
 from proxy.config import Secret, ServerSettings
-from proxy.errors import MethodNotAllowed, NotFound, ProxyError
+from proxy.errors import MethodNotAllowed, MetricsUnauthorized, NotFound, ProxyError
 from proxy.headers import Headers
 from proxy.observe.logs import get_logger
 from proxy.serving import RunningServer
@@ -28,12 +28,6 @@ Render = Callable[[], tuple[bytes, str]]  # the exposition's body and content ty
 PATHS = ("/metrics", "/healthz")  # what the metrics listener serves
 FIXED_AT_START = ("metrics_port", "metrics_host", "metrics_token")
 CHALLENGE: Headers = [(b"www-authenticate", b'Bearer realm="metrics"')]  # RFC 6750
-
-
-class MetricsUnauthorized(ProxyError):
-    status = 401
-    type = "invalid_request_error"
-    code = "invalid_api_key"
 
 
 class ListenError(Exception):
