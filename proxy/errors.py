@@ -15,6 +15,10 @@
 
 Errors that the upstream itself answered (4xx/5xx with a body) are not in this tree:
 the relay passes them on with the upstream's own status and body.
+
+Whether a failure is worth another candidate is not a property of these classes: it is
+decided per attempt outcome by `routing.classify`, one table that covers the upstream's own
+error answers as well as ours (`routing.outcome_of` names the outcome of each of ours).
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ class ProxyError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
-    retryable: bool = False
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -84,21 +87,18 @@ class UpstreamUnreachable(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_unreachable"
-    retryable = True
 
 
 class UpstreamProtocolError(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_protocol_error"
-    retryable = True
 
 
 class UpstreamTimeout(ProxyError):
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
-    retryable = True
 
 
 class InternalError(ProxyError):
