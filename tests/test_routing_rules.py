@@ -19,15 +19,9 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.record import AttemptOutcome
-from proxy.routing import (
-    Verdict,
-    backoff,
-    classify,
-    outcome_for_status,
-    outcome_of,
-    plan,
-    rejects_stream_options,
-)
+from proxy.routing import Verdict, backoff, classify, outcome_for_status, plan
+from proxy.routing import outcome_of as outcome_of_error
+from proxy.routing import rejects_stream_options as rejects
 
 A = Target("a", "m-a", weight=3)
 B = Target("b", "m-b", weight=1)
@@ -209,8 +203,8 @@ def test_5xx_move_on_and_count_against_the_upstream(status: int) -> None:
     ids=lambda v: type(v).__name__ if isinstance(v, ProxyError) else str(v),
 )
 def test_outcome_of_our_own_errors(error: ProxyError, outcome: AttemptOutcome) -> None:
-    assert outcome_of(error) == outcome
-    assert classify(outcome_of(error)) == RETRY_UNHEALTHY  # another upstream may answer
+    assert outcome_of_error(error) == outcome
+    assert classify(outcome) == RETRY_UNHEALTHY  # another upstream may answer
 
 
 NAMES_IT = b'{"error": {"message": "Unrecognized request argument: stream_options"}}'
@@ -218,7 +212,7 @@ NOT_IT = b'{"error": {"message": "messages: field required"}}'
 
 
 @pytest.mark.parametrize(
-    ("status", "body", "mode", "action", "rejects"),
+    ("status", "body", "mode", "action", "rejected"),
     [
         (400, NAMES_IT, "auto", "inject", True),  # the one case: learnt, sent again without
         (400, NOT_IT, "auto", "inject", False),  # some other mistake in the request
@@ -231,9 +225,9 @@ NOT_IT = b'{"error": {"message": "messages: field required"}}'
     ids=["400-naming-it", "400-other", "422", "500", "stripped", "pass-mode", "strip-mode"],
 )
 def test_rejects_stream_options(
-    status: int, body: bytes, mode: StreamOptionsMode, action: StreamOptionsAction, rejects: bool
+    status: int, body: bytes, mode: StreamOptionsMode, action: StreamOptionsAction, rejected: bool
 ) -> None:
-    assert rejects_stream_options(status, body, mode, action) is rejects
+    assert rejects(status, body, mode, action) is rejected
 
 
 # --- backoff ----------------------------------------------------------------------------
