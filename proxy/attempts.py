@@ -15,49 +15,31 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import orjson
 
+from proxy.answer import Answer, Failure, Hold
 from proxy.api_request import ApiRequest, StreamOptionsAction
 from proxy.config import Route, Target, Upstream
 from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import Headers, retry_after, without_content_type
 from proxy.record import Attempt, AttemptOutcome, RequestRecord
-from proxy.routing import backoff, classify, outcome_for_status, plan
+from proxy.routing import (
+    backoff,
+    classify,
+    outcome_for_status,
+    outcome_of,
+    plan,
+    rejects_stream_options,
+)
 from proxy.sse import EventSplitter, completion_to_sse, parse
 from proxy.state import AppState
 from proxy.upstream import UpstreamResponse, scrub_key
 
 MAX_RETRY_AFTER = 10.0  # seconds; a longer Retry-After takes the upstream out of this request
-
-
-@dataclass(slots=True)
-class Answer:
-    """A committed upstream answer: `head` is ready to send, `rest` streams the remainder."""
-
-    target: Target
-    status: int
-    headers: Headers
-    head: bytes
-    next_chunk: Callable[[], Awaitable[bytes]] | None = None  # the next bytes; None: head is all
-    response: UpstreamResponse | None = None  # open until the relay is done
-    first_event: dict[str, Any] | None = None  # the first content event, a template for usage
-    stream_options: StreamOptionsAction = "pass"
-    body_usage: dict[str, Any] | None = None  # the usage object of a whole JSON answer
-
-
-@dataclass(slots=True)
-class Failure:
-    target: Target | None
-    outcome: AttemptOutcome
-    error: ProxyError | None = None  # ours; else the upstream's own answer below
-    status: int = 0
-    headers: Headers = field(default_factory=list)
-    body: bytes = b""
-    retry_after: float | None = None
 
 
 class Attempts:
@@ -122,7 +104,6 @@ class Attempts:
         action = self._action(upstream)
         started = time.monotonic()
         health.begin(started)
-        health.inflight += 1
         outcome: AttemptOutcome = "cancelled"
         try:
             result = await self._round_trip(upstream, target, action)
@@ -140,10 +121,8 @@ class Attempts:
                 outcome = "hedge_lost"
             raise
         finally:
-            if outcome != "ok":
-                health.inflight -= 1  # a committed answer holds it until the relay ends
-                if not classify(outcome).unhealthy:
-                    health.release_probe()
+            if outcome != "ok" and not classify(outcome).unhealthy:
+                health.release_probe()
             self._log_attempt(target, outcome, time.monotonic() - started)
 
     def _action(self, upstream: Upstream) -> StreamOptionsAction:
@@ -170,8 +149,32 @@ class Attempts:
     async def _round_trip(
         self, upstream: Upstream, target: Target, action: StreamOptionsAction
     ) -> Answer | Failure:
-        request, timeouts = self._request, upstream.timeouts
         first_token = target.first_token_timeout or self._route.first_token_timeout
+        hold = Hold(self._state.health[upstream.name])
+        result: Answer | Failure | None = None
+        try:
+            response = await self._open(upstream, target, action, first_token)
+            if isinstance(response, Failure):
+                result = response
+            else:
+                hold.response = response
+                result = await self._read(upstream, target, action, response, first_token)
+            return result
+        finally:
+            if isinstance(result, Answer):
+                result.hold = hold  # committed: the answer owns the upstream from here
+            else:
+                await hold.aclose()
+
+    async def _open(
+        self,
+        upstream: Upstream,
+        target: Target,
+        action: StreamOptionsAction,
+        first_token: float | None,
+    ) -> UpstreamResponse | Failure:
+        """Sends the request and waits for the response headers."""
+        request, timeouts = self._request, upstream.timeouts
         # The first token is due `first_token` after the request: headers later than that
         # already miss it. Non-stream answers come whole, so `total` bounds their headers too.
         header_wait = min(timeouts.read, first_token or timeouts.read)
@@ -180,7 +183,7 @@ class Attempts:
         body = request.upstream_body(target.model, action)
         try:
             async with asyncio.timeout(header_wait):
-                response = await self._state.clients.send(
+                return await self._state.clients.send(
                     upstream, request.api.path, body, self._headers
                 )
         except TimeoutError:
@@ -190,15 +193,7 @@ class Attempts:
             error = UpstreamTimeout(f"upstream '{upstream.name}' sent no response headers in time")
             return Failure(target, "timeout", error)
         except ProxyError as exc:
-            return Failure(target, _outcome_of(exc), exc)
-        keep_open = False
-        try:
-            result = await self._read(upstream, target, action, response, first_token)
-            keep_open = isinstance(result, Answer) and result.response is not None
-            return result
-        finally:
-            if not keep_open:
-                await response.aclose()
+            return Failure(target, outcome_of(exc), exc)
 
     async def _read(
         self,
@@ -220,7 +215,7 @@ class Attempts:
             error = UpstreamTimeout(f"upstream '{upstream.name}' did not finish in time")
             return Failure(target, "timeout", error)
         except ProxyError as exc:
-            return Failure(target, _outcome_of(exc), exc)
+            return Failure(target, outcome_of(exc), exc)
         return self._whole(upstream, target, action, response, payload)
 
     def _whole(
@@ -264,7 +259,7 @@ class Attempts:
         """An error answer: kept whole, to relay if no other candidate does better; never
         with the upstream's own key in it (see `scrub_key`)."""
         payload, headers = scrub_key(upstream, await response.read(), response.headers)
-        if _rejects_stream_options(response.status, payload, upstream, action):
+        if rejects_stream_options(response.status, payload, upstream.stream_options, action):
             return Failure(target, "stream_options_rejected")
         outcome = outcome_for_status(response.status)
         wait = retry_after(headers)
@@ -303,7 +298,7 @@ class Attempts:
             error = UpstreamTimeout(f"upstream '{target.upstream}' sent no first token in time")
             return Failure(target, "first_token_timeout", error)
         except ProxyError as exc:
-            return Failure(target, _outcome_of(exc), exc)
+            return Failure(target, outcome_of(exc), exc)
 
     async def _run_hedged(self, candidates: tuple[Target, ...], after: float) -> Answer | Failure:
         order = self._order(candidates)
@@ -334,7 +329,12 @@ class Attempts:
                 if not running and not classify(last.outcome).next_candidate:
                     return last
         finally:
-            await self._cancel(running, won=winner is not None)
+            try:
+                await self._cancel(running, won=winner is not None)
+            except asyncio.CancelledError:
+                if winner is not None:  # the client left as it committed: never relayed
+                    await winner.aclose()
+                raise
 
     async def _cancel(
         self, running: set[asyncio.Task[Answer | Failure | None]], *, won: bool
@@ -348,36 +348,14 @@ class Attempts:
                 await self._discard(late)  # committed at the same moment: loses
 
     async def _discard(self, answer: Answer) -> None:
-        """A committed answer that will never be relayed: close it, give back the in-flight
-        slot a committed answer holds until its relay ends, and record it as lost."""
-        self._state.health[answer.target.upstream].inflight -= 1
+        """A committed answer that will never be relayed: close it and record it as lost."""
+        await answer.aclose()
         attempts, lost = self._record.attempts, (answer.target.upstream, answer.target.model)
         oks = [
             i for i, a in enumerate(attempts) if (a.outcome, a.upstream, a.model) == ("ok", *lost)
         ]
         if oks:
             attempts[oks[-1]] = replace(attempts[oks[-1]], outcome="hedge_lost")
-        if answer.response is not None:
-            await answer.response.aclose()
-
-
-def _outcome_of(error: ProxyError) -> AttemptOutcome:
-    if isinstance(error, UpstreamUnreachable):
-        return "connect_error"
-    if isinstance(error, UpstreamTimeout):
-        return "timeout"
-    return "reset"
-
-
-def _rejects_stream_options(
-    status: int, body: bytes, upstream: Upstream, action: StreamOptionsAction
-) -> bool:
-    return (
-        status == 400
-        and upstream.stream_options == "auto"
-        and action != "strip"
-        and (b"stream_options" in body)
-    )
 
 
 def _completion(body: bytes) -> dict[str, Any] | None:

@@ -6,22 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
-from typing import Any
 
 from proxy.admission import check_model, identify
+from proxy.answer import Answer, Failure
 from proxy.api_request import CHAT, Api, ApiRequest, parse_request
-from proxy.asgi import (
-    ClientGone,
-    ClientWatch,
-    Receive,
-    Scope,
-    Send,
-    read_body,
-    send_body,
-    send_error,
-)
-from proxy.attempts import Answer, Attempts, Failure
+from proxy.asgi import ClientGone, ClientWatch, Receive, Scope, Send, read_body, send_error
+from proxy.attempts import Attempts
 from proxy.errors import (
     InternalError,
     ModelNotFound,
@@ -30,11 +20,11 @@ from proxy.errors import (
     RateLimited,
     UpstreamProtocolError,
 )
-from proxy.headers import client_response_headers, request_id, upstream_request_headers
+from proxy.headers import Headers, client_response_headers, request_id, upstream_request_headers
 from proxy.metering.cost import cost_usd
 from proxy.metering.usage import tee_for, usage_of_body, usage_of_stream
 from proxy.record import Observers, RequestRecord
-from proxy.relay import end_with_error, open_stream, relay, send_comment
+from proxy.relay import Reply
 from proxy.state import AppState, Runtime, StateRef
 
 SSE_TYPE = [(b"content-type", b"text/event-stream")]
@@ -72,14 +62,13 @@ class ApiEndpoint:
 class _RequestFlow:
     """One request's way through the pipeline."""
 
-    __slots__ = ("api", "arrived", "opened", "receive", "record", "rid", "scope", "send")
+    __slots__ = ("api", "arrived", "receive", "record", "rid", "scope", "send")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, api: Api) -> None:
         self.arrived = time.perf_counter()
         self.scope, self.receive, self.send, self.api = scope, receive, send, api
         self.rid = request_id(scope["headers"])
         self.record = RequestRecord(request_id=self.rid.decode(), api=api.name)
-        self.opened = False  # SSE headers sent before an answer existed (keep-alives)
 
     async def run(self, ref: StateRef, observers: Observers) -> None:
         try:
@@ -127,102 +116,74 @@ class _RequestFlow:
         self.record.route, self.record.stream = route.model, request.stream
         observers.started(route.model)
         watch = ClientWatch(self.receive, state.config.server.finish_after_abort)
+        reply = Reply(self.send, watch)
+        result: Answer | Failure | None = None
         try:
             headers = upstream_request_headers(self.scope["headers"], self.rid)
-            run = Attempts(state, route, request, headers, self.record).run()
-            keepalive = state.config.server.keepalive_seconds
-            if request.stream and keepalive is not None:
-                result = await self._with_keepalives(run, keepalive)
-            else:
-                result = await run
-            await self._respond(state, request, result, watch)
+            every = state.config.server.keepalive_seconds if request.stream else None
+            async with reply.keepalives(every, client_response_headers(SSE_TYPE, self.rid)):
+                result = await Attempts(state, route, request, headers, self.record).run()
+            await self._respond(state, request, result, reply)
         except asyncio.CancelledError:
             if not watch.client_gone:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]  # always in a task
             self.record.client_disconnected = True
         finally:
+            if isinstance(result, Answer):  # sent, cut short, or never sent (the client left)
+                await result.aclose()
             watch.close()
             self.record.client_disconnected |= watch.client_gone
             if key is not None and self.record.usage is not None:
                 used = self.record.usage.prompt + self.record.usage.completion
                 state.runtime.limits.charge(key, used, time.monotonic())
 
-    async def _with_keepalives(
-        self, run: Coroutine[Any, Any, Answer | Failure], every: float
-    ) -> Answer | Failure:
-        """While no answer has committed, keep the client's connection alive: after `every`
-        seconds the SSE headers go out, then a comment every `every` seconds (the proxy's own
-        bytes, never an upstream's). Usually the answer comes first and this costs one timer."""
-        pinger: list[asyncio.Task[None]] = []
-
-        def start() -> None:
-            pinger.append(asyncio.ensure_future(self._ping(every)))
-
-        timer = asyncio.get_running_loop().call_later(every, start)
-        try:
-            return await run
-        finally:
-            timer.cancel()
-            for task in pinger:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-    async def _ping(self, every: float) -> None:
-        while True:
-            if not self.opened:
-                self.opened = True
-                await open_stream(self.send, client_response_headers(SSE_TYPE, self.rid))
-            await send_comment(self.send)
-            await asyncio.sleep(every)
-
     async def _respond(
-        self, state: AppState, request: ApiRequest, result: Answer | Failure, watch: ClientWatch
+        self, state: AppState, request: ApiRequest, result: Answer | Failure, reply: Reply
     ) -> None:
         record = self.record
         target = result.target
         if target is not None:
             record.upstream, record.model = target.upstream, target.model
         if isinstance(result, Failure):
-            watch.done = True
-            if self.opened:
-                error = result.error or UpstreamProtocolError(
-                    f"upstream '{record.upstream}' answered {result.status}"
-                )
-                record.fail(200, error.code, error.message)
-                record.stream_error = "no_answer"
-                await end_with_error(self.send, error)
-            elif result.error is not None or not result.status:
-                await self._fail(result.error or ProxyError("no upstream could answer"))
-            else:
-                record.status = result.status
-                headers = client_response_headers(result.headers, self.rid)
-                await send_body(self.send, result.status, result.body, headers)
+            await self._refuse(result, reply)
             return
         first = record.attempts[0] if record.attempts else None
         if first is not None and first.upstream != result.target.upstream:
             record.fallback_reason = first.outcome
         record.status = result.status
-        try:
-            await self._send_answer(state, request, result, watch)
-        finally:
-            state.health[result.target.upstream].inflight -= 1
+        await self._send_answer(state, request, result, reply)
+
+    async def _refuse(self, failure: Failure, reply: Reply) -> None:
+        """No answer committed: the error, in the form the response can still take."""
+        record = self.record
+        if reply.opened:
+            error = failure.error or UpstreamProtocolError(
+                f"upstream '{record.upstream}' answered {failure.status}"
+            )
+            record.fail(200, error.code, error.message)
+            record.stream_error = "no_answer"
+            await reply.error_event(error)
+        elif failure.error is not None or not failure.status:
+            await self._fail(failure.error or ProxyError("no upstream could answer"), reply=reply)
+        else:
+            record.status = failure.status
+            headers = client_response_headers(failure.headers, self.rid)
+            await reply.whole(failure.status, failure.body, headers)
 
     async def _send_answer(
-        self, state: AppState, request: ApiRequest, answer: Answer, watch: ClientWatch
+        self, state: AppState, request: ApiRequest, answer: Answer, reply: Reply
     ) -> None:
         record, upstream = self.record, state.config.upstreams[answer.target.upstream]
         headers = client_response_headers(answer.headers, self.rid)
         if not request.stream:
-            watch.done = True
-            await send_body(self.send, answer.status, answer.head, headers)
+            await reply.whole(answer.status, answer.head, headers)
             record.ttft_s = time.perf_counter() - self.arrived
             record.usage = usage_of_body(request, answer, upstream)
         else:
             tee = tee_for(request, answer, upstream)
             try:
-                relayed = await relay(self.send, answer, headers, watch, tee, opened=self.opened)
+                relayed = await reply.relay(answer, headers, tee)
                 record.ttft_s = relayed.first_byte_at - self.arrived
                 if relayed.failure is not None:
                     record.stream_error = relayed.reason
@@ -232,6 +193,13 @@ class _RequestFlow:
         price = state.config.pricing.get(answer.target.model)
         record.cost_usd = cost_usd(record.usage, price) if record.usage is not None else None
 
-    async def _fail(self, exc: ProxyError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def _fail(
+        self, exc: ProxyError, extra: Headers | None = None, *, reply: Reply | None = None
+    ) -> None:
+        """The proxy's own error; through the `reply` once the request was admitted."""
         self.record.fail(exc.status, exc.code, exc.message)
-        await send_error(self.send, exc, [(b"x-request-id", self.rid), *(extra or [])])
+        headers = [(b"x-request-id", self.rid), *(extra or [])]
+        if reply is None:
+            await send_error(self.send, exc, headers)
+        else:
+            await reply.error(exc, headers)

@@ -23,6 +23,10 @@
 Every ProxyError subclass is defined here, and listed here (tests/test_errors.py checks both).
 Errors that the upstream itself answered (4xx/5xx with a body) are not in this tree:
 the relay passes them on with the upstream's own status and body.
+
+Whether a failure is worth another candidate is not a property of these classes: it is
+decided per attempt outcome by `routing.classify`, one table that covers the upstream's own
+error answers as well as ours (`routing.outcome_of` names the outcome of each of ours).
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ class ProxyError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
-    retryable: bool = False
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -135,14 +138,12 @@ class UpstreamUnreachable(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_unreachable"
-    retryable = True
 
 
 class UpstreamProtocolError(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_protocol_error"
-    retryable = True
 
 
 class NotReady(ProxyError):
@@ -155,7 +156,6 @@ class UpstreamTimeout(ProxyError):
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
-    retryable = True
 
 
 def error_body(

@@ -1,23 +1,29 @@
-"""The streaming hot path: a committed answer's bytes to the client's socket.
+"""The client's side of an admitted request: keep-alive comments while no answer has
+committed, then the one way the response ends (an answer, or the error the client can still
+be given).
 
-One short loop: each chunk the network delivers goes through the tee (a marker scan) and is
-written as it arrives, with no parsing, re-chunking or buffering. If the upstream fails after
-the answer committed, the status can no longer change, so the client gets an explicit SSE
-error event rather than a clean-looking truncated stream.
+The streaming hot path is `Reply.relay`: one short loop where each chunk the network delivers
+goes through the tee (a marker scan) and is written as it arrives, with no parsing,
+re-chunking or buffering. If the upstream fails after the answer committed, the status can no
+longer change, so the client gets an explicit SSE error event rather than a clean-looking
+truncated stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from proxy.asgi import ClientWatch, Send
-from proxy.attempts import Answer
+from proxy.answer import Answer
+from proxy.asgi import ClientWatch, Send, send_body, send_error
 from proxy.errors import ProxyError, UpstreamTimeout
 from proxy.headers import Headers
 from proxy.metering.tee import Tee
+
+KEEPALIVE = b": keep-alive\n\n"
 
 
 @dataclass(slots=True)
@@ -27,41 +33,99 @@ class Relayed:
     reason: str | None = None  # its metric word: reset | idle_timeout
 
 
-async def relay(
-    send: Send, answer: Answer, headers: Headers, watch: ClientWatch, tee: Tee, *, opened: bool
-) -> Relayed:
-    """Send a committed answer: its held head at once, then the rest as it arrives.
+class Reply:
+    """One admitted request's response. It knows whether headers went out already (keep-alive
+    comments open an SSE stream before any answer exists), and every way the response ends
+    goes through `_end`, which marks the client watch done just before the last bytes: from
+    then on, a client leaving is normal."""
 
-    `opened`: the proxy already sent SSE headers (and keep-alive comments) while waiting."""
-    result = Relayed(0.0)
-    last = b"\n\n"  # the last bytes sent: does a cut fall between events?
-    try:
-        if not opened:
+    __slots__ = ("_opened", "_send", "_watch")
+
+    def __init__(self, send: Send, watch: ClientWatch) -> None:
+        self._send, self._watch = send, watch
+        self._opened = False
+
+    @property
+    def opened(self) -> bool:
+        """SSE headers (status 200) went out while waiting: only an error event can follow."""
+        return self._opened
+
+    @contextlib.asynccontextmanager
+    async def keepalives(self, every: float | None, headers: Headers) -> AsyncIterator[None]:
+        """While the block waits for an answer, keep the client's connection alive: after
+        `every` seconds the SSE `headers` go out, then a comment every `every` seconds (the
+        proxy's own bytes, never an upstream's). Usually the answer comes first and this costs
+        one timer; with `every` None, nothing."""
+        if every is None:
+            yield
+            return
+        pinger: list[asyncio.Task[None]] = []
+
+        def start() -> None:
+            pinger.append(asyncio.ensure_future(self._ping(every, headers)))
+
+        timer = asyncio.get_running_loop().call_later(every, start)
+        try:
+            yield
+        finally:
+            timer.cancel()
+            for task in pinger:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _ping(self, every: float, headers: Headers) -> None:
+        while True:
+            if not self._opened:
+                self._opened = True
+                await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+            await self._send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+            await asyncio.sleep(every)
+
+    async def whole(self, status: int, body: bytes, headers: Headers) -> None:
+        """A complete response at once (only before anything went out)."""
+        await self._end(send_body(self._send, status, body, headers))
+
+    async def error(self, error: ProxyError, headers: Headers) -> None:
+        """The proxy's error in OpenAI's JSON shape (only before anything went out)."""
+        await self._end(send_error(self._send, error, headers))
+
+    async def error_event(self, error: ProxyError) -> None:
+        """No answer came after keep-alives opened the stream: an error event ends it."""
+        await self._end_body(sse_error_event(error, at_boundary=True))
+
+    async def relay(self, answer: Answer, headers: Headers, tee: Tee) -> Relayed:
+        """Send a committed stream: its held head at once, then the rest as it arrives."""
+        send, result = self._send, Relayed(0.0)
+        if not self._opened:
             await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         head = tee.feed(answer.head)
-        more = answer.next_chunk is not None
-        if not more:
-            head += tee.end()
-            watch.done = True
-        await send({"type": "http.response.body", "body": head, "more_body": more})
-        result.first_byte_at = time.perf_counter()
         if answer.next_chunk is None:
+            await self._end_body(head + tee.end())
+            result.first_byte_at = time.perf_counter()
             return result
+        await send({"type": "http.response.body", "body": head, "more_body": True})
+        result.first_byte_at = time.perf_counter()
         # The rest in a task of its own, started only now so the first bytes did not wait
         # for it: each chunk then resumes the few frames of `_pump`, not the whole ASGI call
         # chain above. Cancelling this task (the client left) cancels that one.
         last = await asyncio.ensure_future(
-            _pump(send, answer.next_chunk, tee, result, head or last)
+            _pump(send, answer.next_chunk, tee, result, head or b"\n\n")
         )
-    finally:
-        if answer.response is not None:
-            await answer.response.aclose()
-    tail = tee.end()
-    if result.failure is not None:
-        tail += sse_error_event(result.failure, at_boundary=(tail or last).endswith(b"\n\n"))
-    watch.done = True
-    await send({"type": "http.response.body", "body": tail, "more_body": False})
-    return result
+        tail = tee.end()
+        if result.failure is not None:
+            tail += sse_error_event(result.failure, at_boundary=(tail or last).endswith(b"\n\n"))
+        await self._end_body(tail)
+        return result
+
+    async def _end_body(self, body: bytes) -> None:
+        last = {"type": "http.response.body", "body": body, "more_body": False}
+        await self._end(self._send(last))
+
+    async def _end(self, sending: Awaitable[None]) -> None:
+        """The response's last send, whatever it carries."""
+        self._watch.done = True
+        await sending
 
 
 async def _pump(
@@ -80,24 +144,6 @@ async def _pump(
         result.failure = exc
         result.reason = "idle_timeout" if isinstance(exc, UpstreamTimeout) else "reset"
     return last
-
-
-KEEPALIVE = b": keep-alive\n\n"
-
-
-async def open_stream(send: Send, headers: Headers) -> None:
-    """SSE response headers before any answer exists: only for keep-alive comments."""
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-
-
-async def send_comment(send: Send) -> None:
-    await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
-
-
-async def end_with_error(send: Send, error: ProxyError) -> None:
-    """The answer failed after the proxy had opened the stream: an error event, then the end."""
-    body = sse_error_event(error, at_boundary=True)
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def sse_error_event(error: ProxyError, *, at_boundary: bool) -> bytes:

@@ -1,9 +1,10 @@
 """Route planning and failure classification (pure).
 
-`plan` turns a route into the ordered candidates for one request; `classify` decides, for
-each way an attempt can fail, whether the next candidate should be tried and whether the
-failure counts against the upstream's health. Every rule says which upstream behaviour
-it answers.
+`plan` turns a route into the ordered candidates for one request; `outcome_of`,
+`outcome_for_status` and `rejects_stream_options` name how an attempt failed; `classify`
+decides, for each way an attempt can fail, whether the next candidate should be tried and
+whether the failure counts against the upstream's health. Every rule says which upstream
+behaviour it answers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.config import Route, Target
+from proxy.api_request import StreamOptionsAction
+from proxy.config import Route, StreamOptionsMode, Target
+from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.record import AttemptOutcome
 
 
@@ -70,6 +73,23 @@ def outcome_for_status(status: int) -> AttemptOutcome:
     if status >= 500:
         return "status_5xx"
     return "status_4xx"
+
+
+def outcome_of(error: ProxyError) -> AttemptOutcome:
+    """Our own error for an attempt (see `upstream.to_proxy_error`): which failure it was."""
+    if isinstance(error, UpstreamUnreachable):
+        return "connect_error"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    return "reset"
+
+
+def rejects_stream_options(
+    status: int, body: bytes, mode: StreamOptionsMode, action: StreamOptionsAction
+) -> bool:
+    """A 400 naming `stream_options`, to a request sent with it in `auto` mode: an upstream
+    that does not know the field. The request goes again at once without it (`attempts`)."""
+    return status == 400 and mode == "auto" and action != "strip" and b"stream_options" in body
 
 
 def backoff(attempt: int, rng: random.Random, retry_after: float | None = None) -> float:

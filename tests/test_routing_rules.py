@@ -9,9 +9,19 @@ from typing import get_args
 
 import pytest
 
-from proxy.config import Route, Strategy, Target
+from proxy.api_request import StreamOptionsAction
+from proxy.config import Route, Strategy, StreamOptionsMode, Target
+from proxy.errors import (
+    BadRequest,
+    ProxyError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.record import AttemptOutcome
 from proxy.routing import Verdict, backoff, classify, outcome_for_status, plan
+from proxy.routing import outcome_of as outcome_of_error
+from proxy.routing import rejects_stream_options as rejects
 
 A = Target("a", "m-a", weight=3)
 B = Target("b", "m-b", weight=1)
@@ -179,6 +189,45 @@ def test_4xx_are_final_except_auth_and_rate_limits_and_never_unhealthy(status: i
 @pytest.mark.parametrize("status", range(500, 600), ids=str)
 def test_5xx_move_on_and_count_against_the_upstream(status: int) -> None:
     assert classify(outcome_for_status(status)) == RETRY_UNHEALTHY
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (UpstreamUnreachable("refused"), "connect_error"),
+        (UpstreamTimeout("silent"), "timeout"),
+        (UpstreamProtocolError("closed"), "reset"),
+        (ProxyError("anything else"), "reset"),
+        (BadRequest("not the upstream's"), "reset"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, ProxyError) else str(v),
+)
+def test_outcome_of_our_own_errors(error: ProxyError, outcome: AttemptOutcome) -> None:
+    assert outcome_of_error(error) == outcome
+    assert classify(outcome) == RETRY_UNHEALTHY  # another upstream may answer
+
+
+NAMES_IT = b'{"error": {"message": "Unrecognized request argument: stream_options"}}'
+NOT_IT = b'{"error": {"message": "messages: field required"}}'
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "mode", "action", "rejected"),
+    [
+        (400, NAMES_IT, "auto", "inject", True),  # the one case: learnt, sent again without
+        (400, NOT_IT, "auto", "inject", False),  # some other mistake in the request
+        (422, NAMES_IT, "auto", "inject", False),  # only a 400 says "unknown field"
+        (500, NAMES_IT, "auto", "inject", False),
+        (400, NAMES_IT, "auto", "strip", False),  # sent without it: not about the field
+        (400, NAMES_IT, "pass", "pass", False),  # the client's own field: its answer to see
+        (400, NAMES_IT, "strip", "strip", False),
+    ],
+    ids=["400-naming-it", "400-other", "422", "500", "stripped", "pass-mode", "strip-mode"],
+)
+def test_rejects_stream_options(
+    status: int, body: bytes, mode: StreamOptionsMode, action: StreamOptionsAction, rejected: bool
+) -> None:
+    assert rejects(status, body, mode, action) is rejected
 
 
 # --- backoff ----------------------------------------------------------------------------

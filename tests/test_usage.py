@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.answer import Answer
 from proxy.api_request import ApiRequest, StreamOptionsAction
-from proxy.attempts import Answer
 from proxy.config import Target, Upstream, UsageHeaders
 from proxy.headers import Headers
 from proxy.metering.estimate import estimate_usage

@@ -16,7 +16,7 @@ from proxy.metering.tee import Tee
 from proxy.record import Usage
 
 if TYPE_CHECKING:  # only the type: this module stays free of I/O imports
-    from proxy.attempts import Answer
+    from proxy.answer import Answer
 
 
 def tee_for(request: ApiRequest, answer: Answer, upstream: Upstream) -> Tee:

@@ -1,0 +1,76 @@
+"""What an attempt ends in: a committed `Answer`, which holds its upstream until `aclose`, or
+a `Failure` to classify (and relay, if no other candidate does better)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from proxy.api_request import StreamOptionsAction
+from proxy.config import Target
+from proxy.errors import ProxyError
+from proxy.headers import Headers
+from proxy.health import UpstreamHealth
+from proxy.record import AttemptOutcome
+
+if TYPE_CHECKING:  # only the type: the response is opened in `attempts`, by `upstream`
+    from proxy.upstream import UpstreamResponse
+
+
+class Hold:
+    """One round trip's claim on its upstream: an in-flight slot (what `least_inflight`
+    orders by) from before the request goes out, and the response once its headers are in.
+    `aclose` gives both back, once. The round trip that opened it closes it, unless an
+    answer committed: then that `Answer` owns it until `Answer.aclose`."""
+
+    __slots__ = ("_health", "response")
+
+    def __init__(self, health: UpstreamHealth) -> None:
+        health.inflight += 1
+        self._health: UpstreamHealth | None = health
+        self.response: UpstreamResponse | None = None
+
+    async def aclose(self) -> None:
+        """Frees the slot and closes the response (which stops an unfinished one upstream)."""
+        health, self._health = self._health, None
+        if health is None:
+            return
+        health.inflight -= 1
+        if self.response is not None:
+            await self.response.aclose()
+
+
+@dataclass(slots=True)
+class Answer:
+    """A committed upstream answer: `head` is ready to send, `next_chunk` reads the rest.
+
+    It holds its upstream (an in-flight slot, an open response) until `aclose`, which the
+    endpoint calls once the answer is sent or will never be; a hedge loser is closed the same
+    way. Built without a hold (tests), `aclose` has nothing to give back."""
+
+    target: Target
+    status: int
+    headers: Headers
+    head: bytes
+    next_chunk: Callable[[], Awaitable[bytes]] | None = None  # the next bytes; None: head is all
+    response: UpstreamResponse | None = None  # the stream read from; `aclose` closes it
+    first_event: dict[str, Any] | None = None  # the first content event, a template for usage
+    stream_options: StreamOptionsAction = "pass"
+    body_usage: dict[str, Any] | None = None  # the usage object of a whole JSON answer
+    hold: Hold | None = field(default=None, repr=False)
+
+    async def aclose(self) -> None:
+        if self.hold is not None:
+            await self.hold.aclose()
+
+
+@dataclass(slots=True)
+class Failure:
+    target: Target | None
+    outcome: AttemptOutcome
+    error: ProxyError | None = None  # ours; else the upstream's own answer below
+    status: int = 0
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+    retry_after: float | None = None
