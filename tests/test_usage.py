@@ -1,4 +1,4 @@
-"""Where a request's usage comes from: the tee mode per case, then stream, headers, estimate."""
+"""Where a request's usage comes from: the tee per case, then stream, headers, estimate."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from proxy.attempts import Answer
 from proxy.config import Target, Upstream, UsageHeaders
 from proxy.headers import Headers
 from proxy.metering.estimate import estimate_usage
-from proxy.metering.tee import Tee, TeeMode
+from proxy.metering.tee import Collect, CollectAddingUsage, Drop, Tee, Watch
 from proxy.metering.usage import tee_for, usage_of_body, usage_of_stream
 from proxy.mock.content import expected_content, stream_events
 from proxy.record import Usage
@@ -99,25 +99,25 @@ def _feed(tee: Tee, stream: bytes) -> bytes:
 
 # --- which tee ----------------------------------------------------------------------------
 
-# (client wants usage, action, header state) → (mode, adds a usage chunk) for an answer that
+# (client wants usage, action, header state) → (tee, adds a usage chunk) for an answer that
 # still streams. Header usage only matters to a client that did not ask for the usage chunk.
-STREAMING: list[tuple[bool, StreamOptionsAction, str, TeeMode, bool]] = [
-    *((True, "inject", h, "watch", False) for h in HEADER_CASES),
-    *((True, "pass", h, "watch", False) for h in HEADER_CASES),
-    *((True, "strip", h, "collect", True) for h in HEADER_CASES),
-    *((False, "inject", h, "drop", False) for h in HEADER_CASES),
-    (False, "pass", "no-headers", "collect", False),
-    (False, "pass", "headers-sent", "watch", False),
-    (False, "pass", "headers-absent", "collect", False),
-    (False, "strip", "no-headers", "collect", False),
-    (False, "strip", "headers-sent", "watch", False),
-    (False, "strip", "headers-absent", "collect", False),
+STREAMING: list[tuple[bool, StreamOptionsAction, str, type[Tee], bool]] = [
+    *((True, "inject", h, Watch, False) for h in HEADER_CASES),
+    *((True, "pass", h, Watch, False) for h in HEADER_CASES),
+    *((True, "strip", h, CollectAddingUsage, True) for h in HEADER_CASES),
+    *((False, "inject", h, Drop, False) for h in HEADER_CASES),
+    (False, "pass", "no-headers", Collect, False),
+    (False, "pass", "headers-sent", Watch, False),
+    (False, "pass", "headers-absent", Collect, False),
+    (False, "strip", "no-headers", Collect, False),
+    (False, "strip", "headers-sent", Watch, False),
+    (False, "strip", "headers-absent", Collect, False),
 ]
 # A complete answer (a converted JSON body, or a stream that ended before any content) is
 # small and already whole: collect it, so an answer without usage is estimated from its text.
 # (The conversion adds a usage chunk only when the client asked for one.)
 COMPLETE = [
-    (wants, action, h, "collect", False)
+    (wants, action, h, Collect, False)
     for wants, action, h in itertools.product(
         (True, False), ("inject", "pass", "strip"), HEADER_CASES
     )
@@ -127,7 +127,7 @@ TEE_CASES = [(w, a, h, False, (m, s)) for w, a, h, m, s in STREAMING] + [
 ]
 
 
-def _tee_id(case: tuple[bool, str, str, bool, tuple[str, bool]]) -> str:
+def _tee_id(case: tuple[bool, str, str, bool, tuple[type[Tee], bool]]) -> str:
     wants, action, headers, complete, _ = case
     return "-".join(
         ["wants" if wants else "unasked", action, headers, "complete" if complete else "streaming"]
@@ -144,12 +144,12 @@ def test_tee_for(
     action: StreamOptionsAction,
     header_case: str,
     complete: bool,
-    expected: tuple[TeeMode, bool],
+    expected: tuple[type[Tee], bool],
 ) -> None:
     upstream, headers = HEADER_CASES[header_case]
     answer = _answer(complete=complete, action=action, headers=headers)
     tee = tee_for(_request(wants), answer, upstream)
-    assert (tee.mode, tee.feed(DONE) != DONE) == expected  # (mode, adds a usage chunk)
+    assert (type(tee), tee.feed(DONE) != DONE) == expected  # (tee, adds a usage chunk)
 
 
 @pytest.mark.parametrize(
