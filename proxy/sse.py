@@ -43,26 +43,34 @@ class EventSplitter:
         self._pending = data[end:]
         return [event for event, _ in events]
 
+    def flush(self) -> list[bytes]:
+        """End of stream: an event whose blank line ended the bytes with a CR is complete."""
+        events, _ = split_complete(self._pending, final=True)
+        self._pending = b""
+        return [event for event, _ in events]
 
-def event_ends(data: bytes | bytearray, start: int = 0) -> Iterator[tuple[int, int]]:
+
+def event_ends(
+    data: bytes | bytearray, start: int = 0, *, final: bool = False
+) -> Iterator[tuple[int, int]]:
     """For each complete event in data from `start`: where it ends and where, after its blank
     line, the next one starts. Scanning forward (never rfind) frames runs of blank lines the
-    same way every time. A blank line that ends the bytes with a CR is not complete yet: the
-    next byte may be its LF."""
+    same way every time. A blank line that ends the bytes with a CR is complete only when
+    they are `final`: otherwise the next byte may be its LF, and it waits for that byte."""
     size = len(data)
     for blank in _BLANK_LINE.finditer(data, start):
         after = blank.end()
-        if after == size and data[-1] == _CR:
+        if after == size and data[-1] == _CR and not final:
             return
         yield blank.start(), after
 
 
-def split_complete(data: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
+def split_complete(data: bytes, *, final: bool = False) -> tuple[list[tuple[bytes, bytes]], int]:
     """The complete events in data, each with its blank line, and where the incomplete rest
-    starts."""
+    starts (`final`: as in `event_ends`)."""
     out: list[tuple[bytes, bytes]] = []
     start = 0
-    for end, after in event_ends(data):
+    for end, after in event_ends(data, final=final):
         out.append((data[start:end], data[end:after]))
         start = after
     return out, start

@@ -284,3 +284,60 @@ def test_usage_of_body_estimates_over_every_choice() -> None:
     answer = _answer(complete=True, headers=[], head=orjson.dumps({"choices": choices}))
     usage = usage_of_body(_request(False, stream=False), answer, PLAIN)
     assert usage == estimate_usage(MESSAGES, "first second")
+
+
+# --- the same answer, streamed or whole, is estimated the same --------------------------------
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "track", "arguments": '{"o": 7}'}}
+MESSAGE = {
+    "role": "assistant",
+    "reasoning_content": "Think. ",
+    "content": "Ships.",
+    "tool_calls": [CALL],
+}
+ANSWER_TEXT = 'Think. Ships.track{"o": 7}'
+# How an upstream streams it: role first, then the text in pieces, the tool call's name with
+# the first piece of its arguments.
+DELTAS: list[dict[str, Any]] = [
+    {"role": "assistant", "content": ""},
+    {"reasoning_content": "Think"},
+    {"reasoning_content": ". "},
+    {"content": "Ships"},
+    {"content": "."},
+    {"tool_calls": [{**CALL, "index": 0, "function": {"name": "track", "arguments": '{"o"'}}]},
+    {"tool_calls": [{"index": 0, "function": {"arguments": ": 7}"}}]},
+]
+
+
+def _sse(payloads: list[dict[str, Any]]) -> bytes:
+    return b"".join(b"data: " + orjson.dumps(p) + b"\n\n" for p in payloads) + DONE
+
+
+def _deltas(index: int) -> list[dict[str, Any]]:
+    return [{"choices": [{"index": index, "delta": d, "finish_reason": None}]} for d in DELTAS]
+
+
+ONE = _sse(_deltas(0))
+# Two choices, their chunks interleaved as upstreams send them.
+TWO = _sse([c for pair in zip(_deltas(0), _deltas(1), strict=True) for c in pair])
+
+
+@pytest.mark.parametrize(("choices", "stream"), [(1, ONE), (2, TWO)], ids=["one", "two-choices"])
+def test_a_streamed_answer_and_the_same_answer_whole_are_estimated_alike(
+    choices: int, stream: bytes
+) -> None:
+    whole = [
+        {"index": i, "message": MESSAGE, "finish_reason": "tool_calls"} for i in range(choices)
+    ]
+    body = orjson.dumps({"id": "x", "choices": whole})
+    expected = estimate_usage(MESSAGES, ANSWER_TEXT * choices)
+    answer = _answer(complete=True, headers=[], head=body)
+    assert usage_of_body(_request(False, stream=False), answer, PLAIN) == expected
+    converted = completion_to_sse(body, with_usage=False)
+    assert converted is not None
+    for streamed, complete in ((stream, False), (converted, True)):
+        request = _request(False)
+        answer = _answer(complete=complete, action="pass", headers=[], head=streamed)
+        tee = tee_for(request, answer, PLAIN)
+        _feed(tee, streamed)
+        assert usage_of_stream(request, answer, PLAIN, tee) == expected

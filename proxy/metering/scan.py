@@ -162,8 +162,18 @@ class UsageEventDropper:
             and USAGE_MARKERS[1] not in chunk
         ):
             return chunk  # the common case: whole events, none of them the usage event
-        data = self._held + chunk if self._held else chunk
-        events, end = split_complete(data)
+        return self._pass(self._held + chunk if self._held else chunk, final=False)
+
+    def flush(self) -> bytes:
+        """End of stream: the bytes still held (a usage event among them still taken out)."""
+        if not self._held:
+            return b""
+        out = self._pass(self._held, final=True)
+        held, self._held = self._held, b""
+        return out + held
+
+    def _pass(self, data: bytes, *, final: bool) -> bytes:
+        events, end = split_complete(data, final=final)
         complete, self._held = (data, b"") if end == len(data) else (data[:end], data[end:])
         if not _has_usage(complete):
             return complete
@@ -176,10 +186,6 @@ class UsageEventDropper:
                     continue  # the usage-only event: the client did not ask for it
             kept.append(event + ending)
         return b"".join(kept)
-
-    def flush(self) -> bytes:
-        held, self._held = self._held, b""
-        return held
 
 
 def _has_usage(data: bytes) -> bool:
@@ -205,6 +211,11 @@ class ContentCollector:
         for event in self._splitter.feed(chunk):
             self.observe(event)
         return chunk
+
+    def flush(self) -> None:
+        """End of stream: see `EventSplitter.flush`."""
+        for event in self._splitter.flush():
+            self.observe(event)
 
     def observe(self, event: bytes) -> None:
         data = event_data(event)

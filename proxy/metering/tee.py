@@ -107,6 +107,7 @@ class Collect(_Collecting):
         super().__init__(collector, collector.feed)
 
     def end(self) -> bytes:
+        self._collector.flush()
         return b""
 
 
@@ -123,8 +124,17 @@ class CollectAddingUsage(_Collecting):
         self._added = False
 
     def _add_usage(self, chunk: bytes) -> bytes:
-        data = self._held + chunk if self._held else chunk
-        events, end = split_complete(data)
+        return self._relay(self._held + chunk if self._held else chunk, final=False)
+
+    def end(self) -> bytes:
+        if not self._held:
+            return b""
+        out = self._relay(self._held, final=True)
+        held, self._held = self._held, b""
+        return out + held
+
+    def _relay(self, data: bytes, *, final: bool) -> bytes:
+        events, end = split_complete(data, final=final)
         self._held = data[end:]
         collector, out = self._collector, []
         for event, ending in events:
@@ -134,10 +144,6 @@ class CollectAddingUsage(_Collecting):
                 self._added = True
             out.append(event + ending)
         return b"".join(out)
-
-    def end(self) -> bytes:
-        held, self._held = self._held, b""
-        return held
 
 
 def _reported(raw: dict[str, Any] | None) -> Usage | None:
