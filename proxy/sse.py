@@ -50,6 +50,29 @@ class EventSplitter:
         return [event for event, _ in events]
 
 
+class EventBuffer:
+    """Holds the bytes after the last complete event until that event completes: for readers
+    that relay whole events only (to take one out, or to add one between two)."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = b""
+
+    def take(self, chunk: bytes, *, final: bool = False) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """The complete events in the held bytes and chunk, each with its blank line, and all
+        their bytes; the rest is held (`final`: the stream ended, as in `event_ends`)."""
+        data = self.held + chunk if self.held else chunk
+        events, end = split_complete(data, final=final)
+        complete, self.held = (data, b"") if end == len(data) else (data[:end], data[end:])
+        return events, complete
+
+    def release(self) -> bytes:
+        """End of stream: whatever is still held, as it is."""
+        held, self.held = self.held, b""
+        return held
+
+
 def event_ends(
     data: bytes | bytearray, start: int = 0, *, final: bool = False
 ) -> Iterator[tuple[int, int]]:

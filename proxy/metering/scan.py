@@ -18,11 +18,11 @@ from proxy.record import Usage
 from proxy.sse import (
     BLANK_LINES,
     DONE,
+    EventBuffer,
     EventSplitter,
     event_data,
     event_ends,
     parse,
-    split_complete,
 )
 
 # A non-null usage object, compact (OpenAI, orjson) or after ": " (Python's json.dumps).
@@ -147,34 +147,28 @@ class UsageEventDropper:
     split across chunks is never half-forwarded; event-aligned chunks pass straight through.
     """
 
-    __slots__ = ("_held", "usage")
+    __slots__ = ("_buffer", "usage")
 
     def __init__(self) -> None:
-        self._held = b""
+        self._buffer = EventBuffer()
         self.usage: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         # The relay's hot path: a few C-level scans, `_has_usage` inlined.
         if (
-            not self._held
+            not self._buffer.held
             and chunk.endswith(b"\n\n")
             and USAGE_MARKERS[0] not in chunk
             and USAGE_MARKERS[1] not in chunk
         ):
             return chunk  # the common case: whole events, none of them the usage event
-        return self._pass(self._held + chunk if self._held else chunk, final=False)
+        return self._drop(*self._buffer.take(chunk))
 
     def flush(self) -> bytes:
         """End of stream: the bytes still held (a usage event among them still taken out)."""
-        if not self._held:
-            return b""
-        out = self._pass(self._held, final=True)
-        held, self._held = self._held, b""
-        return out + held
+        return self._drop(*self._buffer.take(b"", final=True)) + self._buffer.release()
 
-    def _pass(self, data: bytes, *, final: bool) -> bytes:
-        events, end = split_complete(data, final=final)
-        complete, self._held = (data, b"") if end == len(data) else (data[:end], data[end:])
+    def _drop(self, events: list[tuple[bytes, bytes]], complete: bytes) -> bytes:
         if not _has_usage(complete):
             return complete
         kept: list[bytes] = []

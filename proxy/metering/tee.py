@@ -13,16 +13,17 @@ per request when its answer commits (`usage.tee_for`), all with the interface of
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from proxy.metering.reported import usage_from_json
 from proxy.metering.scan import ContentCollector, UsageEventDropper, UsageEventFinder
 from proxy.record import Usage
-from proxy.sse import split_complete, usage_chunk
+from proxy.sse import EventBuffer, usage_chunk
 
 
-class Tee:
+class Tee(ABC):
     """What the relay calls for each chunk, and what metering asks once the stream ended.
 
     Each strategy hands its reader's feed to this one `feed`, which counts the events for
@@ -41,16 +42,17 @@ class Tee:
         self.events += chunk.count(b"data:")
         return self._read(chunk)
 
+    @abstractmethod
     def end(self) -> bytes:
         """Bytes still held when the upstream stream ends."""
-        raise NotImplementedError
 
+    @abstractmethod
     def usage(self) -> Usage | None:
         """Usage the stream itself reported, if any."""
-        raise NotImplementedError
 
     @property
     def text(self) -> str:
+        """The answer's text, where `keeps_text`."""
         return ""
 
 
@@ -112,7 +114,7 @@ class Collect(_Collecting):
 
 
 class CollectAddingUsage(_Collecting):
-    __slots__ = ("_added", "_held", "_synthesize", "_template")
+    __slots__ = ("_added", "_buffer", "_synthesize", "_template")
 
     def __init__(
         self, template: dict[str, Any], synthesize: Callable[[str], dict[str, int]]
@@ -120,22 +122,16 @@ class CollectAddingUsage(_Collecting):
         super().__init__(ContentCollector(), self._add_usage)
         self._template = template  # the answer's first event: the added chunk's identity
         self._synthesize = synthesize  # completion text → usage dict, for the added chunk
-        self._held = b""
+        self._buffer = EventBuffer()
         self._added = False
 
     def _add_usage(self, chunk: bytes) -> bytes:
-        return self._relay(self._held + chunk if self._held else chunk, final=False)
+        return self._relay(self._buffer.take(chunk)[0])
 
     def end(self) -> bytes:
-        if not self._held:
-            return b""
-        out = self._relay(self._held, final=True)
-        held, self._held = self._held, b""
-        return out + held
+        return self._relay(self._buffer.take(b"", final=True)[0]) + self._buffer.release()
 
-    def _relay(self, data: bytes, *, final: bool) -> bytes:
-        events, end = split_complete(data, final=final)
-        self._held = data[end:]
+    def _relay(self, events: list[tuple[bytes, bytes]]) -> bytes:
         collector, out = self._collector, []
         for event, ending in events:
             collector.observe(event)
