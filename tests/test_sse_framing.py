@@ -19,7 +19,14 @@ import pytest
 from proxy.metering.reported import usage_from_json
 from proxy.metering.scan import ContentCollector, UsageEventDropper, UsageEventFinder
 from proxy.metering.tee import Collect, CollectAddingUsage, Drop, Tee, Watch
-from proxy.sse import BLANK_LINES, EventSplitter, event_data, split_complete, usage_chunk
+from proxy.sse import (
+    BLANK_LINES,
+    EventSplitter,
+    event_data,
+    last_blank_line_end,
+    split_complete,
+    usage_chunk,
+)
 
 CR, LF, CRLF = b"\r", b"\n", b"\r\n"
 NAMES = {CR: "cr", LF: "lf", CRLF: "crlf"}
@@ -91,8 +98,6 @@ def _chunkings(stream: bytes) -> Iterator[list[bytes]]:
 
 def test_the_blank_line_set_is_every_pair_of_line_endings() -> None:
     assert sorted(BLANK_LINES) == sorted(a + b for a, b in PAIRS)
-    # Longest first: where a longer blank line starts, it is taken whole.
-    assert [len(b) for b in BLANK_LINES] == sorted(map(len, BLANK_LINES), reverse=True)
 
 
 def test_the_alternating_cases_use_every_blank_line() -> None:
@@ -143,6 +148,35 @@ def test_split_complete(
 ) -> None:
     got, end = split_complete(data, final=final)
     assert (got, data[end:]) == (events, rest)
+
+
+@pytest.mark.parametrize(
+    ("data", "end"),
+    [
+        (b"a\n\nb", 3),
+        (b"a\r\n\r\nb", 5),
+        (b"a\r\rb", 3),
+        (b"a\r\r\nb", 4),
+        (b"a\n\rb", 3),
+        (b"a\r\n\nb\n\nc", 7),
+        (b"a\r\nb", 0),
+        (b"a\n\nb\ndata: c", 3),
+        (b"a\r\n\r", 4),
+    ],
+    ids=[
+        "lf",
+        "crlf",
+        "cr",
+        "cr-then-crlf",
+        "lf-then-cr",
+        "the-last-of-two",
+        "no-blank-line",
+        "an-unfinished-event-of-two-lines",
+        "a-closing-cr-is-taken",
+    ],
+)
+def test_last_blank_line_end(data: bytes, end: int) -> None:
+    assert last_blank_line_end(data) == end
 
 
 # --- every reader, every case, every cut --------------------------------------------------

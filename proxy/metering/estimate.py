@@ -79,7 +79,7 @@ def tokenizer_available() -> bool:
     return _tokenizer() is not None
 
 
-def message_texts(message: Any) -> Iterator[str]:
+def message_texts(message: Any) -> list[str]:
     """The countable text of one chat message (the prompt's or the answer's), streamed delta
     or completions choice: what a model reads or writes as tokens. That is its
     `reasoning_content`, `content` (a string, or the `text` of its parts: images and audio
@@ -88,13 +88,23 @@ def message_texts(message: Any) -> Iterator[str]:
     are framing, counted per message. In the order models write them, so the deltas of a
     streamed answer, joined, give the text of the same answer sent whole."""
     if not isinstance(message, dict):
-        return
-    for key in ("reasoning_content", "content", "refusal", "text"):
+        return []
+    texts: list[str] = []
+    for key in _TEXT_KEYS:  # (a plain loop: this runs for every event a collecting tee reads)
         value = message.get(key)
         if isinstance(value, str):
-            yield value
+            texts.append(value)
         elif isinstance(value, list):  # content parts
-            yield from (p["text"] for p in value if isinstance(p, dict) and _is_str(p, "text"))
+            texts.extend(p["text"] for p in value if isinstance(p, dict) and _is_str(p, "text"))
+    if "tool_calls" in message or "function_call" in message:
+        texts.extend(_call_texts(message))
+    return texts
+
+
+_TEXT_KEYS = ("reasoning_content", "content", "refusal", "text")
+
+
+def _call_texts(message: dict[str, Any]) -> Iterator[str]:
     calls = message.get("tool_calls")
     calls = calls if isinstance(calls, list) else ()
     functions = [call.get("function") for call in calls if isinstance(call, dict)]
@@ -103,13 +113,13 @@ def message_texts(message: Any) -> Iterator[str]:
             yield from (function[k] for k in ("name", "arguments") if _is_str(function, k))
 
 
-def choice_texts(choice: Any) -> Iterator[str]:
+def choice_texts(choice: Any) -> list[str]:
     """The text of one choice of an answer: its `message` (sent whole), its `delta` (one
     stream chunk), or, in the completions API, the choice itself."""
     if not isinstance(choice, dict):
-        return
+        return []
     inner = choice.get("message", choice.get("delta"))
-    yield from message_texts(inner if isinstance(inner, dict) else choice)
+    return message_texts(inner if isinstance(inner, dict) else choice)
 
 
 def _is_str(mapping: dict[str, Any], key: str) -> bool:

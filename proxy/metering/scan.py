@@ -22,6 +22,7 @@ from proxy.sse import (
     EventSplitter,
     event_data,
     event_ends,
+    last_blank_line_end,
     parse,
 )
 
@@ -79,8 +80,7 @@ class UsageEventFinder:
         elif data.endswith(BLANK_LINES):  # the usual chunk: whole events
             consumed = len(data)  # (a LF that completes a last CR comes as blank bytes next)
         else:
-            after = (after for _, after in event_ends(data, max(resume - _OVERLAP, 0)))
-            consumed = max(after, default=0)
+            consumed = last_blank_line_end(data, resume)
         if data is self._carry:
             del self._carry[:consumed]
         elif consumed < len(data):
@@ -225,9 +225,9 @@ class ContentCollector:
         if isinstance(usage := payload.get("usage"), dict):
             self.usage = usage
         for choice in payload.get("choices") or ():
-            index = choice.get("index", 0) if isinstance(choice, dict) else 0
-            parts = self._by_choice.setdefault(index if isinstance(index, int) else 0, [])
-            parts.extend(choice_texts(choice))
+            if texts := choice_texts(choice):
+                index = choice.get("index")
+                self._by_choice.setdefault(index if isinstance(index, int) else 0, []).extend(texts)
 
     @property
     def parts(self) -> list[str]:
