@@ -164,10 +164,16 @@ def _kind(payload: dict[str, Any]) -> Kind:
         return "error"
     if payload.get("usage"):
         return "content"
-    for choice in payload.get("choices") or ():
+    for choice in choices_of(payload):
         if isinstance(choice, dict) and (choice.get("finish_reason") or _has_content(choice)):
             return "content"
     return "other"
+
+
+def choices_of(payload: dict[str, Any]) -> list[Any]:
+    """A chunk's or completion's choices; none when they are missing or no list."""
+    choices = payload.get("choices")
+    return choices if isinstance(choices, list) else []
 
 
 def _has_content(choice: dict[str, Any]) -> bool:

@@ -142,6 +142,13 @@ def test_collector_counts_reasoning_and_tool_calls_and_skips_what_is_not_text() 
     assert collector.done
 
 
+def test_collector_skips_choices_that_are_no_list() -> None:
+    collector = ContentCollector()
+    for choices in (5, "text", {"0": {"delta": {"content": "x"}}}, None):
+        collector.observe(b"data: " + orjson.dumps({"choices": choices, "usage": USAGE}))
+    assert (collector.text, collector.usage) == ("", USAGE)
+
+
 # --- properties -------------------------------------------------------------------------
 
 

@@ -152,6 +152,7 @@ PAYLOADS: dict[str, tuple[dict[str, Any], Kind]] = {
     "usage-event": ({"id": "c1", "choices": [], "usage": USAGE}, "content"),
     "error-event": ({"error": {"message": "overloaded", "type": "server_error"}}, "error"),
     "no-choices": ({"id": "c1", "choices": []}, "other"),
+    "choices-not-a-list": ({"id": "c1", "choices": 5}, "other"),
     "completions-text": (
         {"object": "text_completion", "choices": [{"index": 0, "text": " the"}]},
         "content",

@@ -20,6 +20,7 @@ from proxy.sse import (
     DONE,
     EventBuffer,
     EventSplitter,
+    choices_of,
     event_data,
     event_ends,
     last_blank_line_end,
@@ -224,7 +225,7 @@ class ContentCollector:
             return
         if isinstance(usage := payload.get("usage"), dict):
             self.usage = usage
-        for choice in payload.get("choices") or ():
+        for choice in choices_of(payload):
             if texts := choice_texts(choice):
                 index = choice.get("index")
                 self._by_choice.setdefault(index if isinstance(index, int) else 0, []).extend(texts)

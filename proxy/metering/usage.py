@@ -14,6 +14,7 @@ from proxy.metering.estimate import choice_texts, estimate_usage
 from proxy.metering.reported import usage_from_headers, usage_from_json
 from proxy.metering.tee import Collect, CollectAddingUsage, Drop, Tee, Watch
 from proxy.record import Usage
+from proxy.sse import choices_of
 
 if TYPE_CHECKING:  # only the type: this module stays free of I/O imports
     from proxy.attempts import Answer
@@ -77,8 +78,7 @@ def _header_usage(answer: Answer, upstream: Upstream) -> Usage | None:
 
 
 def _answer_text(body: Any) -> str:
-    choices = body.get("choices") if isinstance(body, dict) else None
-    choices = choices if isinstance(choices, list) else ()
+    choices = choices_of(body) if isinstance(body, dict) else []
     return "".join(text for choice in choices for text in choice_texts(choice))
 
 
