@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -343,3 +344,20 @@ def test_a_streamed_answer_and_the_same_answer_whole_are_estimated_alike(
         tee = tee_for(request, answer, PLAIN)
         _feed(tee, streamed)
         assert usage_of_stream(request, answer, PLAIN, tee) == expected
+
+
+@pytest.mark.parametrize(
+    ("wants", "action"), [(True, "pass"), (False, "inject")], ids=["watch", "drop"]
+)
+def test_a_cut_stream_whose_text_is_not_kept_counts_one_token_per_event(
+    wants: bool, action: StreamOptionsAction
+) -> None:
+    request, answer = _request(wants), _answer(action=action, headers=[])
+    tee = tee_for(request, answer, PLAIN)
+    assert not tee.keeps_text
+    cut = NO_USAGE[: -len(DONE)]  # role, content and finish events; no usage, no [DONE]
+    _feed(tee, cut)
+    # One role-only event, then about one token per event.
+    expected = replace(estimate_usage(MESSAGES, ""), output=cut.count(b"data:") - 1)
+    assert usage_of_stream(request, answer, PLAIN, tee) == expected
+    assert expected.output == TOKENS + 1  # the finish event counts too

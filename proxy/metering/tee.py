@@ -7,8 +7,8 @@ per request when its answer commits (`usage.tee_for`), all with the interface of
   it): every event is parsed for the text of a token estimate, each chunk relayed as it comes;
 - `CollectAddingUsage`: as `Collect`, for a client that asked for usage the upstream will not
   send: one usage chunk is added before `data: [DONE]`, the only bytes the proxy ever adds to
-  an answer. Only this tee holds incomplete events back, so the chunk lands between whole
-  events.
+  an answer. Unlike `Collect`, it holds incomplete events back, so the chunk lands between
+  whole events.
 """
 
 from __future__ import annotations
