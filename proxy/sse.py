@@ -2,20 +2,29 @@
 
 The relay never parses what it forwards after the first content event; these helpers serve
 the few places that must look inside the stream: deciding when an answer has really begun
-(before which nothing is forwarded and a fallback is still possible), taking out the usage
-event the proxy requested on the client's behalf, and collecting text for a token estimate
-when an upstream reports no usage at all.
+(before which nothing is forwarded and a fallback is still possible), and the metering
+readers (`proxy.metering.scan`), which frame events with the same blank lines and read their
+`data:` lines with the same joiner.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import orjson
 
 Kind = Literal["content", "done", "error", "other"]
-_ENDS = (b"\n\n", b"\r\n\r\n")
-_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+# An SSE line ends with CRLF, LF or a lone CR (WHATWG HTML, "Server-sent events", end-of-line),
+# and an event ends with a blank line: two line endings in a row, which is any two of those
+# but a lone CR then LF (that is one CRLF). Every reader of event boundaries frames by this set.
+BLANK_LINES = (b"\r\n\r\n", b"\r\n\r", b"\r\n\n", b"\r\r\n", b"\n\r\n", b"\r\r", b"\n\r", b"\n\n")
+# Where two line endings meet: every blank line holds one of these pairs, and each is in one;
+# a CR before a meeting LF, or a LF after a meeting CR, belongs to it (`bytes.find` is far
+# faster than a regular expression here).
+_MEETS = tuple(sorted({b[i : i + 2] for b in BLANK_LINES for i in range(len(b) - 1)} - {b"\r\n"}))
+_CR = 0x0D
+DONE = b"[DONE]"
 
 
 class EventSplitter:
@@ -35,25 +44,86 @@ class EventSplitter:
         self._pending = data[end:]
         return [event for event, _ in events]
 
-
-def _next_end(data: bytes, start: int) -> tuple[int, int]:
-    best, width = -1, 0
-    for end in _ENDS:
-        i = data.find(end, start)
-        if i >= 0 and (best < 0 or i < best):
-            best, width = i, len(end)
-    return best, width
+    def flush(self) -> list[bytes]:
+        """End of stream: an event whose blank line ended the bytes with a CR is complete."""
+        events, _ = split_complete(self._pending, final=True)
+        self._pending = b""
+        return [event for event, _ in events]
 
 
-def split_complete(data: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
-    """The complete events in data, each with its ending, and where the incomplete rest
-    starts. Scanning forward (never rfind) keeps runs of blank lines framed consistently."""
+class EventBuffer:
+    """Holds the bytes after the last complete event until that event completes: for readers
+    that relay whole events only (to take one out, or to add one between two)."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = b""
+
+    def take(self, chunk: bytes, *, final: bool = False) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """The complete events in the held bytes and chunk, each with its blank line, and all
+        their bytes; the rest is held (`final`: the stream ended, as in `event_ends`)."""
+        data = self.held + chunk if self.held else chunk
+        events, end = split_complete(data, final=final)
+        complete, self.held = (data, b"") if end == len(data) else (data[:end], data[end:])
+        return events, complete
+
+    def release(self) -> bytes:
+        """End of stream: whatever is still held, as it is."""
+        held, self.held = self.held, b""
+        return held
+
+
+def event_ends(
+    data: bytes | bytearray, start: int = 0, *, final: bool = False
+) -> Iterator[tuple[int, int]]:
+    """For each complete event in data from `start`: where it ends and where, after its blank
+    line, the next one starts. Scanning forward (never rfind) frames runs of blank lines the
+    same way every time. A blank line that ends the bytes with a CR is complete only when
+    they are `final`: otherwise the next byte may be its LF, and it waits for that byte."""
+    if data.find(b"\r", start) == -1:  # the usual stream: LF only
+        at = data.find(b"\n\n", start)
+        while at != -1:
+            yield at, at + 2
+            at = data.find(b"\n\n", at + 2)
+        return
+    size, pos = len(data), start
+    ahead = [data.find(pair, start) for pair in _MEETS]  # each pair's next place, or -1
+    while (meet := min((at for at in ahead if at != -1), default=-1)) != -1:
+        end, after = meet, meet + 2
+        if meet > pos and data[meet - 1 : meet + 1] == b"\r\n":
+            end -= 1
+        if data[after - 1] == _CR:
+            if after == size and not final:
+                return
+            after += data[after : after + 1] == b"\n"
+        yield end, after
+        pos = after
+        ahead = [
+            data.find(pair, pos) if -1 < at < pos else at
+            for at, pair in zip(ahead, _MEETS, strict=True)
+        ]
+
+
+def last_blank_line_end(data: bytes | bytearray, start: int = 0) -> int:
+    """Where the bytes after the last blank line in data[start:] begin; 0 when it has none.
+    A few C-level searches from the end, for a reader that only carries the unfinished rest:
+    within a run of blank lines it may end one line ending later than `event_ends`."""
+    meet = max(data.rfind(pair, start) for pair in _MEETS)
+    if meet < 0:
+        return 0
+    end = meet + 2
+    return end + 1 if data[end - 1] == _CR and data[end : end + 1] == b"\n" else end
+
+
+def split_complete(data: bytes, *, final: bool = False) -> tuple[list[tuple[bytes, bytes]], int]:
+    """The complete events in data, each with its blank line, and where the incomplete rest
+    starts (`final`: as in `event_ends`)."""
     out: list[tuple[bytes, bytes]] = []
     start = 0
-    while (found := _next_end(data, start))[0] >= 0:
-        end, width = found
-        out.append((data[start:end], data[end : end + width]))
-        start = end + width
+    for end, after in event_ends(data, final=final):
+        out.append((data[start:end], data[end:after]))
+        start = after
     return out, start
 
 
@@ -78,7 +148,7 @@ def parse(event: bytes) -> tuple[Kind, dict[str, Any] | None]:
     data = event_data(event)
     if data is None:
         return "other", None
-    if data.strip() == b"[DONE]":
+    if data.strip() == DONE:
         return "done", None
     try:
         payload = orjson.loads(data)
@@ -94,10 +164,16 @@ def _kind(payload: dict[str, Any]) -> Kind:
         return "error"
     if payload.get("usage"):
         return "content"
-    for choice in payload.get("choices") or ():
+    for choice in choices_of(payload):
         if isinstance(choice, dict) and (choice.get("finish_reason") or _has_content(choice)):
             return "content"
     return "other"
+
+
+def choices_of(payload: dict[str, Any]) -> list[Any]:
+    """A chunk's or completion's choices; none when they are missing or no list."""
+    choices = payload.get("choices")
+    return choices if isinstance(choices, list) else []
 
 
 def _has_content(choice: dict[str, Any]) -> bool:
@@ -110,109 +186,6 @@ def _has_content(choice: dict[str, Any]) -> bool:
         delta.get(key)
         for key in ("content", "reasoning_content", "tool_calls", "function_call", "refusal")
     )
-
-
-class UsageEventDropper:
-    """Takes the usage-only event out of a stream; every other byte passes unchanged.
-
-    Used when the proxy asked the upstream for usage that the client did not ask for. Bytes
-    after the last complete event are held until that event completes, so a usage event
-    split across chunks is never half-forwarded; event-aligned chunks pass straight through.
-    """
-
-    __slots__ = ("_held", "events", "usage")
-
-    def __init__(self) -> None:
-        self._held = b""
-        self.usage: dict[str, Any] | None = None
-        self.events = 0  # `data:` lines seen: a cut stream's only measure of its output
-
-    def feed(self, chunk: bytes) -> bytes:
-        # The relay's hot path: a few C-level scans, `_has_usage` inlined.
-        self.events += chunk.count(b"data:")
-        if (
-            not self._held
-            and chunk.endswith(b"\n\n")
-            and _USAGE_MARKERS[0] not in chunk
-            and _USAGE_MARKERS[1] not in chunk
-        ):
-            return chunk  # the common case: whole events, none of them the usage event
-        data = self._held + chunk if self._held else chunk
-        events, end = split_complete(data)
-        complete, self._held = (data, b"") if end == len(data) else (data[:end], data[end:])
-        if not _has_usage(complete):
-            return complete
-        kept: list[bytes] = []
-        for event, ending in events:
-            _, payload = parse(event)
-            if payload is not None and isinstance(payload.get("usage"), dict):
-                self.usage = payload["usage"]
-                if not payload.get("choices"):
-                    continue  # the usage-only event: the client did not ask for it
-            kept.append(event + ending)
-        return b"".join(kept)
-
-    def flush(self) -> bytes:
-        held, self._held = self._held, b""
-        return held
-
-
-def _has_usage(data: bytes) -> bool:
-    return _USAGE_MARKERS[0] in data or _USAGE_MARKERS[1] in data
-
-
-class ContentCollector:
-    """Collects the answer's text and usage, parsing every event: the slow path, used only
-    when the upstream will not report usage and a token estimate is needed."""
-
-    __slots__ = ("_splitter", "done", "parts", "usage")
-
-    def __init__(self) -> None:
-        self._splitter = EventSplitter()  # relayed bytes, cut into events
-        self.parts: list[str] = []
-        self.usage: dict[str, Any] | None = None
-        self.done = False
-
-    def feed(self, chunk: bytes) -> None:
-        """Observes the complete events in relayed bytes (the caller forwards them as is)."""
-        for event in self._splitter.feed(chunk):
-            self.observe(event)
-
-    def observe(self, event: bytes) -> None:
-        data = event_data(event)
-        if data is None:
-            return
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self.done = self.done or data.strip() == b"[DONE]"
-            return
-        if not isinstance(payload, dict):
-            return
-        if isinstance(usage := payload.get("usage"), dict):
-            self.usage = usage
-        for choice in payload.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                self.parts.extend(_texts(delta))
-            elif isinstance(choice.get("text"), str):  # the completions API's chunk
-                self.parts.append(choice["text"])
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-
-def _texts(delta: dict[str, Any]) -> list[str]:
-    """What the model generated in a delta: text, reasoning, and tool-call arguments."""
-    texts = [delta[k] for k in ("content", "reasoning_content") if isinstance(delta.get(k), str)]
-    for call in delta.get("tool_calls") or ():
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict):
-            texts.extend(v for k in ("name", "arguments") if isinstance(v := function.get(k), str))
-    return texts
 
 
 def usage_chunk(template: dict[str, Any], usage: dict[str, int]) -> bytes:

@@ -22,8 +22,10 @@ from proxy.metering.estimate import (
     PER_MESSAGE_TOKENS,
     REPLY_PRIMING_TOKENS,
     _prompt_tokens,
+    choice_texts,
     estimate_usage,
     heuristic_tokens,
+    message_texts,
 )
 from proxy.metering.reported import usage_from_headers, usage_from_json
 from proxy.metering.scan import UsageEventFinder
@@ -265,6 +267,58 @@ def test_estimate_is_deterministic_and_counts_text_parts_and_tool_calls() -> Non
     assert estimate_usage(as_parts, "") == estimate_usage(as_string, "")
     assert estimate_usage(with_call, "").input == 13 + 1 + OVERHEAD  # "x" is one token
     assert estimate_usage(as_string, SAMPLE) == estimate_usage(as_string, SAMPLE)
+
+
+FUNCTION = {"name": "f", "arguments": "{}"}
+
+
+@pytest.mark.parametrize(
+    ("message", "texts"),
+    [
+        ({"role": "user", "content": "hi"}, ["hi"]),
+        ({"content": [{"type": "text", "text": "a"}, {"type": "image_url"}, "b"]}, ["a"]),
+        ({"content": "a", "reasoning_content": "r", "refusal": "no"}, ["r", "a", "no"]),
+        (
+            {"content": None, "tool_calls": [{"type": "function", "function": FUNCTION}]},
+            ["f", "{}"],
+        ),
+        ({"function_call": FUNCTION}, ["f", "{}"]),
+        ({"tool_calls": [{"function": {"arguments": '{"q"'}}, 3]}, ['{"q"']),
+        ({"index": 0, "text": " the"}, [" the"]),
+        ({"role": "assistant", "name": "bot", "tool_call_id": "c1"}, []),
+        ({"tool_calls": "x", "function_call": 2, "content": 5}, []),
+        ("not a message", []),
+    ],
+    ids=[
+        "content",
+        "text-parts-only",
+        "reasoning-content-refusal-in-order",
+        "tool-call-name-and-arguments",
+        "legacy-function-call",
+        "streamed-tool-call-piece",
+        "completions-choice",
+        "framing-fields-are-not-text",
+        "wrong-types",
+        "not-a-dict",
+    ],
+)
+def test_message_texts(message: Any, texts: list[str]) -> None:
+    assert list(message_texts(message)) == texts
+
+
+@pytest.mark.parametrize(
+    ("choice", "texts"),
+    [
+        ({"index": 0, "message": {"content": "a", "reasoning_content": "r"}}, ["r", "a"]),
+        ({"index": 0, "delta": {"content": "a"}}, ["a"]),
+        ({"index": 0, "text": "a", "finish_reason": None}, ["a"]),
+        ({"delta": "not a delta"}, []),
+        (None, []),
+    ],
+    ids=["whole-message", "stream-delta", "completions", "delta-not-a-dict", "not-a-choice"],
+)
+def test_choice_texts(choice: Any, texts: list[str]) -> None:
+    assert list(choice_texts(choice)) == texts
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,11 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from proxy.mock.content import completion_body, expected_content, stream_events
 from proxy.sse import (
-    ContentCollector,
     EventSplitter,
     Kind,
-    UsageEventDropper,
     completion_to_sse,
     event_data,
     parse,
@@ -55,12 +51,6 @@ def _split(stream: bytes, cuts: list[int]) -> list[bytes]:
 def _splitter_events(chunks: list[bytes]) -> list[bytes]:
     splitter = EventSplitter()
     return [event for chunk in chunks for event in splitter.feed(chunk)]
-
-
-def _dropped(chunks: list[bytes]) -> tuple[bytes, dict[str, Any] | None]:
-    dropper = UsageEventDropper()
-    out = b"".join(dropper.feed(chunk) for chunk in chunks) + dropper.flush()
-    return out, dropper.usage
 
 
 # --- EventSplitter ----------------------------------------------------------------------
@@ -162,6 +152,7 @@ PAYLOADS: dict[str, tuple[dict[str, Any], Kind]] = {
     "usage-event": ({"id": "c1", "choices": [], "usage": USAGE}, "content"),
     "error-event": ({"error": {"message": "overloaded", "type": "server_error"}}, "error"),
     "no-choices": ({"id": "c1", "choices": []}, "other"),
+    "choices-not-a-list": ({"id": "c1", "choices": 5}, "other"),
     "completions-text": (
         {"object": "text_completion", "choices": [{"index": 0, "text": " the"}]},
         "content",
@@ -203,112 +194,7 @@ def test_parse_events_without_a_payload(event: bytes, kind: Kind) -> None:
     assert parse(event) == (kind, None)
 
 
-# --- UsageEventDropper ------------------------------------------------------------------
-
-
-@FRAMINGS
-def test_dropper_removes_exactly_the_usage_event_at_every_two_way_split(
-    stream: bytes, usage_event: bytes, events: list[bytes]
-) -> None:
-    expected = stream.replace(usage_event, b"")
-    for at in range(len(stream) + 1):
-        assert _dropped(_split(stream, [at])) == (expected, USAGE), at
-
-
-@FRAMINGS
-def test_dropper_removes_exactly_the_usage_event_from_one_byte_chunks(
-    stream: bytes, usage_event: bytes, events: list[bytes]
-) -> None:
-    chunks = [stream[i : i + 1] for i in range(len(stream))]
-    assert _dropped(chunks) == (stream.replace(usage_event, b""), USAGE)
-
-
-def test_dropper_passes_event_aligned_chunks_straight_through() -> None:
-    dropper = UsageEventDropper()
-    frames = [e + b"\n\n" for e in EVENTS]
-    out = [dropper.feed(frame) for frame in frames]
-    assert out == [b"" if frame == USAGE_EVENT else frame for frame in frames]
-
-
-def test_dropper_holds_an_unfinished_event_and_flush_returns_it() -> None:
-    dropper = UsageEventDropper()
-    assert dropper.feed(EVENTS[0] + b'\n\ndata: {"ch') == EVENTS[0] + b"\n\n"
-    assert dropper.flush() == b'data: {"ch'
-    assert dropper.flush() == b""
-
-
-RIDING = b"data: " + orjson.dumps({**_chunk({}, "stop"), "usage": USAGE}) + b"\n\n"
-RIDING_STREAM = b"".join(e + b"\n\n" for e in EVENTS[:-3]) + RIDING + b"data: [DONE]\n\n"
-
-
-def test_dropper_keeps_a_usage_object_that_rides_on_a_chunk_with_choices() -> None:
-    assert _dropped([RIDING_STREAM])[0] == RIDING_STREAM
-
-
-def test_dropper_records_a_usage_object_that_rides_on_a_chunk_with_choices() -> None:
-    assert _dropped([RIDING_STREAM]) == (RIDING_STREAM, USAGE)
-
-
-def test_dropper_keeps_a_stray_blank_line_whatever_the_chunking() -> None:
-    stream = EVENTS[0] + b"\n\n" + USAGE_EVENT + b"\n" + b"data: [DONE]\n\n"
-    expected = EVENTS[0] + b"\n\n" + b"\n" + b"data: [DONE]\n\n"
-    assert _dropped([stream]) == (expected, USAGE)
-    for at in range(len(stream) + 1):
-        assert _dropped(_split(stream, [at])) == (expected, USAGE), at
-
-
-# --- ContentCollector, usage_chunk, completion_to_sse -----------------------------------
-
-
-@FRAMINGS
-def test_collector_gathers_the_answer_text_and_usage(
-    stream: bytes, usage_event: bytes, events: list[bytes]
-) -> None:
-    collector, splitter = ContentCollector(), EventSplitter()
-    for i in range(len(stream)):
-        for event in splitter.feed(stream[i : i + 1]):
-            collector.observe(event)
-    assert collector.text == expected_content(SEED, TOKENS)
-    assert collector.usage == USAGE
-
-
-@FRAMINGS
-def test_collector_fed_raw_chunks_finds_the_same_events(
-    stream: bytes, usage_event: bytes, events: list[bytes]
-) -> None:
-    """Event-aligned chunks (the usual case, read without a split) and every other cut."""
-    end = b"\r\n\r\n" if b"\r" in stream else b"\n\n"
-    aligned = [event + end for event in events]
-    assert b"".join(aligned) == stream
-    cuts = [
-        aligned,
-        [stream[i : i + 1] for i in range(len(stream))],
-        *([stream[:at], stream[at:]] for at in range(0, len(stream), 7)),
-    ]
-    for chunks in cuts:
-        collector = ContentCollector()
-        for chunk in chunks:
-            collector.feed(chunk)
-        assert (collector.text, collector.usage) == (expected_content(SEED, TOKENS), USAGE)
-
-
-def test_collector_counts_reasoning_and_tool_calls_and_skips_what_is_not_text() -> None:
-    chunks = [
-        _chunk({"reasoning_content": "think "}),
-        _chunk({"content": None, "reasoning_content": None}),
-        _chunk({"tool_calls": [TOOL_CALL]}),
-        _chunk({"content": "answer"}),
-        {"choices": ["not a choice", {"delta": "not a delta"}]},
-    ]
-    collector = ContentCollector()
-    for c in chunks:
-        collector.observe(b"data: " + orjson.dumps(c))
-    for event in EventSplitter().feed(KEEPALIVE + b"data: [DONE]\n\n"):
-        collector.observe(event)
-    tool = TOOL_CALL["function"]
-    expected = ["think ", *(v for k in ("name", "arguments") if (v := tool.get(k))), "answer"]
-    assert (collector.parts, collector.usage) == (expected, None)
-    assert collector.done
+# --- usage_chunk, completion_to_sse -----------------------------------
 
 
 @pytest.mark.parametrize(
@@ -383,26 +269,3 @@ def test_completion_gives_one_chunk_per_choice_and_no_usage_it_lacks() -> None:
 )
 def test_a_body_that_is_not_a_completion_is_not_converted(body: bytes) -> None:
     assert completion_to_sse(body, with_usage=True) is None
-
-
-# --- properties -------------------------------------------------------------------------
-
-
-@st.composite
-def split_streams(draw: st.DrawFn) -> tuple[bytes, bytes, list[bytes], list[bytes]]:
-    seed, tokens = draw(st.integers(0, 10_000)), draw(st.integers(0, 6))
-    stream, usage_event, events = _stream(seed, tokens, crlf=draw(st.booleans()))
-    cuts = draw(st.lists(st.integers(0, len(stream)), max_size=16))
-    return stream, usage_event, events, _split(stream, cuts)
-
-
-@settings(max_examples=200, derandomize=True, deadline=None)
-@given(split_streams())
-def test_any_chunking_drops_only_the_usage_event_and_splits_the_same_events(
-    case: tuple[bytes, bytes, list[bytes], list[bytes]],
-) -> None:
-    stream, usage_event, events, chunks = case
-    out, usage = _dropped(chunks)
-    assert out == stream.replace(usage_event, b"")
-    assert usage == orjson.loads(event_data(usage_event.strip()) or b"")["usage"]
-    assert _splitter_events(chunks) == events

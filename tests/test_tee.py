@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.metering.tee import Tee
+from proxy.metering.tee import Collect, CollectAddingUsage, Drop, Tee, Watch
 from proxy.mock.content import expected_content, stream_events
 from proxy.record import Usage
 from proxy.sse import parse, usage_chunk
@@ -69,14 +69,14 @@ def test_watch_passes_every_chunk_unchanged_and_reads_the_usage(
     stream: bytes, usage: Usage | None
 ) -> None:
     for chunks in _two_way(stream):
-        tee = Tee("watch")
+        tee = Watch()
         assert _run(tee, chunks) == (chunks, b"")
         assert tee.usage() == usage
         assert tee.text == ""
 
 
 def test_watch_counts_an_unterminated_last_usage_event_at_end() -> None:
-    tee = Tee("watch")
+    tee = Watch()
     assert tee.feed(NO_USAGE[: -len(DONE)]) == NO_USAGE[: -len(DONE)]
     assert tee.feed(USAGE_EVENT.rstrip()) == USAGE_EVENT.rstrip()
     assert tee.end() == b""
@@ -89,14 +89,14 @@ def test_watch_counts_an_unterminated_last_usage_event_at_end() -> None:
 def test_drop_removes_only_the_usage_event_and_keeps_its_usage() -> None:
     expected = WITH_USAGE.replace(USAGE_EVENT, b"")
     for chunks in _two_way(WITH_USAGE):
-        tee = Tee("drop")
+        tee = Drop()
         out, tail = _run(tee, chunks)
         assert b"".join(out) + tail == expected
         assert tee.usage() == REPORTED
 
 
 def test_drop_holds_an_unfinished_event_and_end_flushes_it() -> None:
-    tee = Tee("drop")
+    tee = Drop()
     cut = WITH_USAGE.index(USAGE_EVENT) + 20  # inside the usage event
     assert tee.feed(WITH_USAGE[:cut]) == WITH_USAGE[: cut - 20]
     assert tee.end() == WITH_USAGE[cut - 20 : cut]
@@ -105,7 +105,7 @@ def test_drop_holds_an_unfinished_event_and_end_flushes_it() -> None:
 
 
 def test_drop_of_a_stream_without_usage_changes_nothing() -> None:
-    tee = Tee("drop")
+    tee = Drop()
     assert b"".join(_run(tee, [NO_USAGE[:100], NO_USAGE[100:]])[0]) == NO_USAGE
     assert tee.usage() is None
 
@@ -120,7 +120,7 @@ def test_collect_passes_every_byte_unchanged_and_gathers_the_text(
     stream: bytes, usage: Usage | None
 ) -> None:
     for chunks in _two_way(stream):
-        tee = Tee("collect")
+        tee = Collect()
         # Nothing will be added to the stream, so nothing is held back: each chunk as it comes.
         assert _run(tee, chunks) == (chunks, b"")
         assert (tee.text, tee.usage()) == (TEXT, usage)
@@ -128,7 +128,7 @@ def test_collect_passes_every_byte_unchanged_and_gathers_the_text(
 
 def _synthesized(chunks: list[bytes]) -> tuple[bytes, Synth]:
     synth = Synth()
-    tee = Tee("collect", template=FIRST, synthesize=synth)
+    tee = CollectAddingUsage(FIRST, synth)
     out, tail = _run(tee, chunks)
     return b"".join(out) + tail, synth
 

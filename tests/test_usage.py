@@ -1,9 +1,10 @@
-"""Where a request's usage comes from: the tee mode per case, then stream, headers, estimate."""
+"""Where a request's usage comes from: the tee per case, then stream, headers, estimate."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -14,7 +15,7 @@ from proxy.api_request import ApiRequest, StreamOptionsAction
 from proxy.config import Target, Upstream, UsageHeaders
 from proxy.headers import Headers
 from proxy.metering.estimate import estimate_usage
-from proxy.metering.tee import Tee, TeeMode
+from proxy.metering.tee import Collect, CollectAddingUsage, Drop, Tee, Watch
 from proxy.metering.usage import tee_for, usage_of_body, usage_of_stream
 from proxy.mock.content import expected_content, stream_events
 from proxy.record import Usage
@@ -99,25 +100,25 @@ def _feed(tee: Tee, stream: bytes) -> bytes:
 
 # --- which tee ----------------------------------------------------------------------------
 
-# (client wants usage, action, header state) → (mode, adds a usage chunk) for an answer that
+# (client wants usage, action, header state) → (tee, adds a usage chunk) for an answer that
 # still streams. Header usage only matters to a client that did not ask for the usage chunk.
-STREAMING: list[tuple[bool, StreamOptionsAction, str, TeeMode, bool]] = [
-    *((True, "inject", h, "watch", False) for h in HEADER_CASES),
-    *((True, "pass", h, "watch", False) for h in HEADER_CASES),
-    *((True, "strip", h, "collect", True) for h in HEADER_CASES),
-    *((False, "inject", h, "drop", False) for h in HEADER_CASES),
-    (False, "pass", "no-headers", "collect", False),
-    (False, "pass", "headers-sent", "watch", False),
-    (False, "pass", "headers-absent", "collect", False),
-    (False, "strip", "no-headers", "collect", False),
-    (False, "strip", "headers-sent", "watch", False),
-    (False, "strip", "headers-absent", "collect", False),
+STREAMING: list[tuple[bool, StreamOptionsAction, str, type[Tee], bool]] = [
+    *((True, "inject", h, Watch, False) for h in HEADER_CASES),
+    *((True, "pass", h, Watch, False) for h in HEADER_CASES),
+    *((True, "strip", h, CollectAddingUsage, True) for h in HEADER_CASES),
+    *((False, "inject", h, Drop, False) for h in HEADER_CASES),
+    (False, "pass", "no-headers", Collect, False),
+    (False, "pass", "headers-sent", Watch, False),
+    (False, "pass", "headers-absent", Collect, False),
+    (False, "strip", "no-headers", Collect, False),
+    (False, "strip", "headers-sent", Watch, False),
+    (False, "strip", "headers-absent", Collect, False),
 ]
 # A complete answer (a converted JSON body, or a stream that ended before any content) is
 # small and already whole: collect it, so an answer without usage is estimated from its text.
 # (The conversion adds a usage chunk only when the client asked for one.)
 COMPLETE = [
-    (wants, action, h, "collect", False)
+    (wants, action, h, Collect, False)
     for wants, action, h in itertools.product(
         (True, False), ("inject", "pass", "strip"), HEADER_CASES
     )
@@ -127,7 +128,7 @@ TEE_CASES = [(w, a, h, False, (m, s)) for w, a, h, m, s in STREAMING] + [
 ]
 
 
-def _tee_id(case: tuple[bool, str, str, bool, tuple[str, bool]]) -> str:
+def _tee_id(case: tuple[bool, str, str, bool, tuple[type[Tee], bool]]) -> str:
     wants, action, headers, complete, _ = case
     return "-".join(
         ["wants" if wants else "unasked", action, headers, "complete" if complete else "streaming"]
@@ -144,12 +145,12 @@ def test_tee_for(
     action: StreamOptionsAction,
     header_case: str,
     complete: bool,
-    expected: tuple[TeeMode, bool],
+    expected: tuple[type[Tee], bool],
 ) -> None:
     upstream, headers = HEADER_CASES[header_case]
     answer = _answer(complete=complete, action=action, headers=headers)
     tee = tee_for(_request(wants), answer, upstream)
-    assert (tee.mode, tee.feed(DONE) != DONE) == expected  # (mode, adds a usage chunk)
+    assert (type(tee), tee.feed(DONE) != DONE) == expected  # (tee, adds a usage chunk)
 
 
 @pytest.mark.parametrize(
@@ -247,6 +248,7 @@ BODY_USAGE = {"prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27}
         (200, _completion(TEXT), "no-headers", estimate_usage(MESSAGES, TEXT)),
         (200, b"{not json", "no-headers", estimate_usage(MESSAGES, "")),
         (200, b'{"usage": null}', "no-headers", estimate_usage(MESSAGES, "")),
+        (200, b'{"choices": 5}', "no-headers", estimate_usage(MESSAGES, "")),
         (299, _completion(TEXT, BODY_USAGE), "no-headers", Usage(input=20, output=7)),
         (400, _completion(TEXT, BODY_USAGE), "headers-sent", None),
         (429, _completion(TEXT, BODY_USAGE), "no-headers", None),
@@ -261,6 +263,7 @@ BODY_USAGE = {"prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27}
         "estimate-from-the-message-text",
         "invalid-json-estimates-the-prompt",
         "null-usage-estimates",
+        "choices-not-a-list-estimates-the-prompt",
         "any-2xx",
         "error-400-is-not-metered",
         "error-429-is-not-metered",
@@ -284,3 +287,77 @@ def test_usage_of_body_estimates_over_every_choice() -> None:
     answer = _answer(complete=True, headers=[], head=orjson.dumps({"choices": choices}))
     usage = usage_of_body(_request(False, stream=False), answer, PLAIN)
     assert usage == estimate_usage(MESSAGES, "first second")
+
+
+# --- the same answer, streamed or whole, is estimated the same --------------------------------
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "track", "arguments": '{"o": 7}'}}
+MESSAGE = {
+    "role": "assistant",
+    "reasoning_content": "Think. ",
+    "content": "Ships.",
+    "tool_calls": [CALL],
+}
+ANSWER_TEXT = 'Think. Ships.track{"o": 7}'
+# How an upstream streams it: role first, then the text in pieces, the tool call's name with
+# the first piece of its arguments.
+DELTAS: list[dict[str, Any]] = [
+    {"role": "assistant", "content": ""},
+    {"reasoning_content": "Think"},
+    {"reasoning_content": ". "},
+    {"content": "Ships"},
+    {"content": "."},
+    {"tool_calls": [{**CALL, "index": 0, "function": {"name": "track", "arguments": '{"o"'}}]},
+    {"tool_calls": [{"index": 0, "function": {"arguments": ": 7}"}}]},
+]
+
+
+def _sse(payloads: list[dict[str, Any]]) -> bytes:
+    return b"".join(b"data: " + orjson.dumps(p) + b"\n\n" for p in payloads) + DONE
+
+
+def _deltas(index: int) -> list[dict[str, Any]]:
+    return [{"choices": [{"index": index, "delta": d, "finish_reason": None}]} for d in DELTAS]
+
+
+ONE = _sse(_deltas(0))
+# Two choices, their chunks interleaved as upstreams send them.
+TWO = _sse([c for pair in zip(_deltas(0), _deltas(1), strict=True) for c in pair])
+
+
+@pytest.mark.parametrize(("choices", "stream"), [(1, ONE), (2, TWO)], ids=["one", "two-choices"])
+def test_a_streamed_answer_and_the_same_answer_whole_are_estimated_alike(
+    choices: int, stream: bytes
+) -> None:
+    whole = [
+        {"index": i, "message": MESSAGE, "finish_reason": "tool_calls"} for i in range(choices)
+    ]
+    body = orjson.dumps({"id": "x", "choices": whole})
+    expected = estimate_usage(MESSAGES, ANSWER_TEXT * choices)
+    answer = _answer(complete=True, headers=[], head=body)
+    assert usage_of_body(_request(False, stream=False), answer, PLAIN) == expected
+    converted = completion_to_sse(body, with_usage=False)
+    assert converted is not None
+    for streamed, complete in ((stream, False), (converted, True)):
+        request = _request(False)
+        answer = _answer(complete=complete, action="pass", headers=[], head=streamed)
+        tee = tee_for(request, answer, PLAIN)
+        _feed(tee, streamed)
+        assert usage_of_stream(request, answer, PLAIN, tee) == expected
+
+
+@pytest.mark.parametrize(
+    ("wants", "action"), [(True, "pass"), (False, "inject")], ids=["watch", "drop"]
+)
+def test_a_cut_stream_whose_text_is_not_kept_counts_one_token_per_event(
+    wants: bool, action: StreamOptionsAction
+) -> None:
+    request, answer = _request(wants), _answer(action=action, headers=[])
+    tee = tee_for(request, answer, PLAIN)
+    assert not tee.keeps_text
+    cut = NO_USAGE[: -len(DONE)]  # role, content and finish events; no usage, no [DONE]
+    _feed(tee, cut)
+    # One role-only event, then about one token per event.
+    expected = replace(estimate_usage(MESSAGES, ""), output=cut.count(b"data:") - 1)
+    assert usage_of_stream(request, answer, PLAIN, tee) == expected
+    assert expected.output == TOKENS + 1  # the finish event counts too

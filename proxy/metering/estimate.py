@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
@@ -79,26 +79,51 @@ def tokenizer_available() -> bool:
     return _tokenizer() is not None
 
 
-def _texts(messages: Any) -> Iterable[str]:
-    if not isinstance(messages, list):
-        return
-    for message in messages:
-        if not isinstance(message, dict):
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            yield content
-        elif isinstance(content, list):  # text parts count; images and audio cannot offline
-            yield from (
-                p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
-            )
-        calls = message.get("tool_calls")
-        for call in calls if isinstance(calls, list) else ():
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict):
-                yield from (
-                    v for k in ("name", "arguments") if isinstance(v := function.get(k), str)
-                )
+def message_texts(message: Any) -> list[str]:
+    """The countable text of one chat message (the prompt's or the answer's), streamed delta
+    or completions choice: what a model reads or writes as tokens. That is its
+    `reasoning_content`, `content` (a string, or the `text` of its parts: images and audio
+    cannot be counted offline), `refusal`, a completions choice's `text`, and the name and
+    arguments of each tool call and of a legacy `function_call`; roles, ids and other fields
+    are framing, counted per message. In the order models write them, so the deltas of a
+    streamed answer, joined, give the text of the same answer sent whole."""
+    if not isinstance(message, dict):
+        return []
+    texts: list[str] = []
+    for key in _TEXT_KEYS:  # (a plain loop: this runs for every event a collecting tee reads)
+        value = message.get(key)
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):  # content parts
+            texts.extend(p["text"] for p in value if isinstance(p, dict) and _is_str(p, "text"))
+    if "tool_calls" in message or "function_call" in message:
+        texts.extend(_call_texts(message))
+    return texts
+
+
+_TEXT_KEYS = ("reasoning_content", "content", "refusal", "text")
+
+
+def _call_texts(message: dict[str, Any]) -> Iterator[str]:
+    calls = message.get("tool_calls")
+    calls = calls if isinstance(calls, list) else ()
+    functions = [call.get("function") for call in calls if isinstance(call, dict)]
+    for function in [*functions, message.get("function_call")]:
+        if isinstance(function, dict):
+            yield from (function[k] for k in ("name", "arguments") if _is_str(function, k))
+
+
+def choice_texts(choice: Any) -> list[str]:
+    """The text of one choice of an answer: its `message` (sent whole), its `delta` (one
+    stream chunk), or, in the completions API, the choice itself."""
+    if not isinstance(choice, dict):
+        return []
+    inner = choice.get("message", choice.get("delta"))
+    return message_texts(inner if isinstance(inner, dict) else choice)
+
+
+def _is_str(mapping: dict[str, Any], key: str) -> bool:
+    return isinstance(mapping.get(key), str)
 
 
 class _Counter:
@@ -124,7 +149,7 @@ def estimate_usage(prompt: Any, completion_text: str, *, chat: bool = True) -> U
     # First: output tokens cost more, so they get the exact counts.
     output = count(completion_text, prompt=False)
     if chat:
-        tokens = sum(count(text) for text in _texts(prompt))
+        tokens = sum(count(text) for text in _prompt_texts(prompt))
         if isinstance(prompt, list):
             tokens += PER_MESSAGE_TOKENS * len(prompt) + REPLY_PRIMING_TOKENS
     else:
@@ -140,3 +165,8 @@ def _prompts(prompt: Any) -> Iterable[str | list[Any]]:
         yield prompt  # one prompt given as token ids
     elif isinstance(prompt, list):
         yield from (p for p in prompt if isinstance(p, str | list))
+
+
+def _prompt_texts(messages: Any) -> Iterator[str]:
+    for message in messages if isinstance(messages, list) else ():
+        yield from message_texts(message)

@@ -1,20 +1,37 @@
-"""The streaming tee's usage scanner: raw relayed bytes searched with `bytes.find`, only the
-one event that carries usage parsed (pure)."""
+"""The tee's stream readers (pure), one per way of metering a stream, all framing events with
+`proxy.sse`'s blank lines and reading them with its `data:`-line joiner:
+
+- `UsageEventFinder` finds the usage event in relayed bytes without parsing the rest;
+- `UsageEventDropper` takes the usage event the proxy asked for out of the stream;
+- `ContentCollector` parses every event for the answer's text, for a token estimate.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
+from proxy.metering.estimate import choice_texts
 from proxy.metering.reported import usage_from_json
 from proxy.record import Usage
+from proxy.sse import (
+    BLANK_LINES,
+    DONE,
+    EventBuffer,
+    EventSplitter,
+    choices_of,
+    event_data,
+    event_ends,
+    last_blank_line_end,
+    parse,
+)
 
 # A non-null usage object, compact (OpenAI, orjson) or after ": " (Python's json.dumps).
 # `"usage":null`, which OpenAI puts in every chunk when include_usage is on, matches neither.
-_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _USAGE_KEY = b'"usage"'
-_DONE = b"[DONE]"
-_BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")  # an empty line, in each of SSE's line endings
-_OVERLAP = max(map(len, (*_USAGE_MARKERS, _DONE, *_BOUNDARIES))) - 1
+_OVERLAP = max(map(len, (*USAGE_MARKERS, DONE, *BLANK_LINES))) - 1
 _BLANKS = b" \t\r\n"
 # Past this, an unfinished event is cut to its tail: it bounds the tee's memory when an
 # upstream sends a huge event or no boundaries at all (a cut event just fails to parse).
@@ -48,7 +65,8 @@ class UsageEventFinder:
                 self._usage = parsed
         return self._usage
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> bytes:
+        """Scans the chunk; returns it unchanged, for a tee that relays it in the same call."""
         if self._carry:
             # Everything before `resume` was searched already; a marker or boundary may
             # straddle the join, hence the overlap.
@@ -60,16 +78,17 @@ class UsageEventFinder:
         if self._carry_marked or self._marked(data, resume):
             consumed = self._walk(data, resume)
             self._carry_marked = self._marked(data, consumed)
-        elif data.endswith(_BOUNDARIES):  # the usual chunk: whole events
-            consumed = len(data)
+        elif data.endswith(BLANK_LINES):  # the usual chunk: whole events
+            consumed = len(data)  # (a LF that completes a last CR comes as blank bytes next)
         else:
-            consumed = max(_last_end(data, b, resume) for b in _BOUNDARIES)
+            consumed = last_blank_line_end(data, resume)
         if data is self._carry:
             del self._carry[:consumed]
         elif consumed < len(data):
             self._carry += memoryview(chunk)[consumed:]
         if len(self._carry) > MAX_EVENT_BYTES:
             del self._carry[:-_OVERLAP]
+        return chunk
 
     def flush(self) -> None:
         """End of stream: an unterminated last event still counts."""
@@ -80,24 +99,17 @@ class UsageEventFinder:
 
     def _marked(self, data: bytes | bytearray, start: int) -> bool:
         return (
-            data.find(_USAGE_MARKERS[0], start) != -1
-            or data.find(_USAGE_MARKERS[1], start) != -1
-            or (not self.done and data.find(_DONE, start) != -1)
+            data.find(USAGE_MARKERS[0], start) != -1
+            or data.find(USAGE_MARKERS[1], start) != -1
+            or (not self.done and data.find(DONE, start) != -1)
         )
 
     def _walk(self, data: bytes | bytearray, resume: int) -> int:
         """Handles each complete event in `data`; returns where the unfinished rest starts."""
-        start, end = 0, len(data)
-        # The next occurrence of each boundary kind; -1 once `data` has none left.
-        ahead = [data.find(b, max(resume - _OVERLAP, 0)) for b in _BOUNDARIES]
-        while any(at != -1 for at in ahead):
-            at, kind = min((at, i) for i, at in enumerate(ahead) if at != -1)
-            self._event(data, start, at)
-            start = at + len(_BOUNDARIES[kind])
-            ahead = [
-                data.find(b, start, end) if 0 <= a < start else a
-                for a, b in zip(ahead, _BOUNDARIES, strict=True)
-            ]
+        start = 0
+        for end, after in event_ends(data, max(resume - _OVERLAP, 0)):
+            self._event(data, start, end)
+            start = after
         return start
 
     def _event(self, data: bytes | bytearray, start: int, end: int) -> None:
@@ -114,24 +126,115 @@ class UsageEventFinder:
                     self._candidate = bytes(data[start:end])
                     return
             key = data.find(_USAGE_KEY, key + 1, end)
-        if not self.done and data.find(_DONE, start, end) != -1:
-            self.done = _data_lines(bytes(data[start:end])) == [_DONE]
-
-
-def _last_end(data: bytes | bytearray, boundary: bytes, start: int) -> int:
-    at = data.rfind(boundary, start)
-    return 0 if at == -1 else at + len(boundary)
-
-
-def _data_lines(event: bytes) -> list[bytes]:
-    lines = event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-    return [line[6:] if line[5:6] == b" " else line[5:] for line in lines if line[:5] == b"data:"]
+        if not self.done and data.find(DONE, start, end) != -1:
+            text = event_data(bytes(data[start:end]))
+            self.done = text is not None and text.strip() == DONE
 
 
 def _parse_usage_event(event: bytes) -> Usage | None:
     try:
-        payload = orjson.loads(b"\n".join(_data_lines(event)))
+        payload = orjson.loads(event_data(event) or b"")
     except orjson.JSONDecodeError:
         return None
     usage = payload.get("usage") if isinstance(payload, dict) else None
     return usage_from_json(usage) if isinstance(usage, dict) else None
+
+
+class UsageEventDropper:
+    """Takes the usage-only event out of a stream; every other byte passes unchanged.
+
+    Used when the proxy asked the upstream for usage that the client did not ask for. Bytes
+    after the last complete event are held until that event completes, so a usage event
+    split across chunks is never half-forwarded; event-aligned chunks pass straight through.
+    """
+
+    __slots__ = ("_buffer", "usage")
+
+    def __init__(self) -> None:
+        self._buffer = EventBuffer()
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        # The relay's hot path: a few C-level scans, `_has_usage` inlined.
+        if (
+            not self._buffer.held
+            and chunk.endswith(b"\n\n")
+            and USAGE_MARKERS[0] not in chunk
+            and USAGE_MARKERS[1] not in chunk
+        ):
+            return chunk  # the common case: whole events, none of them the usage event
+        return self._drop(*self._buffer.take(chunk))
+
+    def flush(self) -> bytes:
+        """End of stream: the bytes still held (a usage event among them still taken out)."""
+        return self._drop(*self._buffer.take(b"", final=True)) + self._buffer.release()
+
+    def _drop(self, events: list[tuple[bytes, bytes]], complete: bytes) -> bytes:
+        if not _has_usage(complete):
+            return complete
+        kept: list[bytes] = []
+        for event, ending in events:
+            _, payload = parse(event)
+            if payload is not None and isinstance(payload.get("usage"), dict):
+                self.usage = payload["usage"]
+                if not payload.get("choices"):
+                    continue  # the usage-only event: the client did not ask for it
+            kept.append(event + ending)
+        return b"".join(kept)
+
+
+def _has_usage(data: bytes) -> bool:
+    return USAGE_MARKERS[0] in data or USAGE_MARKERS[1] in data
+
+
+class ContentCollector:
+    """Collects the answer's text and usage, parsing every event: the slow path, used only
+    when the upstream will not report usage and a token estimate is needed. The text is
+    `choice_texts` of every delta, kept per choice, so it equals that of the same answer
+    sent whole."""
+
+    __slots__ = ("_by_choice", "_splitter", "done", "usage")
+
+    def __init__(self) -> None:
+        self._splitter = EventSplitter()  # relayed bytes, cut into events
+        self._by_choice: dict[int, list[str]] = {}
+        self.usage: dict[str, Any] | None = None
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Observes the complete events in relayed bytes; returns the chunk unchanged."""
+        for event in self._splitter.feed(chunk):
+            self.observe(event)
+        return chunk
+
+    def flush(self) -> None:
+        """End of stream: see `EventSplitter.flush`."""
+        for event in self._splitter.flush():
+            self.observe(event)
+
+    def observe(self, event: bytes) -> None:
+        data = event_data(event)
+        if data is None:
+            return
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.done = self.done or data.strip() == DONE
+            return
+        if not isinstance(payload, dict):
+            return
+        if isinstance(usage := payload.get("usage"), dict):
+            self.usage = usage
+        for choice in choices_of(payload):
+            if texts := choice_texts(choice):
+                index = choice.get("index")
+                self._by_choice.setdefault(index if isinstance(index, int) else 0, []).extend(texts)
+
+    @property
+    def parts(self) -> list[str]:
+        """The text pieces, choice by choice."""
+        return [part for index in sorted(self._by_choice) for part in self._by_choice[index]]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)

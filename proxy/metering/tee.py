@@ -1,115 +1,146 @@
-"""The metering tee on the relay: watches the bytes for usage, and touches them only where
-the proxy's own stream_options handling requires it (pure, no I/O).
+"""The metering tee on the relay: one small strategy per way of metering a stream, chosen once
+per request when its answer commits (`usage.tee_for`), all with the interface of `Tee`:
 
-Three modes, decided once per request when its answer commits:
-- watch: the stream will carry usage the client asked for: a cheap marker scan finds it;
-- drop: the proxy added `include_usage` for its own metering: that usage event is taken out;
-- collect: the upstream will not report usage (stream_options stripped, or passed without
-  it): every event is parsed for the text of a token estimate and, if the client asked for
-  usage, one usage chunk is added before `data: [DONE]` (everything the proxy removes from
-  or adds to a stream is listed once, in docs/BEHAVIOUR.md). Only then are incomplete events
-  held back, so the chunk lands between whole events; otherwise each chunk is relayed as it
-  comes and parsed on the side.
+- `Watch`: the stream will carry usage the client asked for: a cheap marker scan finds it;
+- `Drop`: the proxy added `include_usage` for its own metering: that usage event is taken out;
+- `Collect`: the upstream will not report usage (stream_options stripped, or passed without
+  it): every event is parsed for the text of a token estimate, each chunk relayed as it comes;
+- `CollectAddingUsage`: as `Collect`, for a client that asked for usage the upstream will not
+  send: one usage chunk is added before `data: [DONE]` (everything the proxy removes from or
+  adds to a stream is listed once, in docs/BEHAVIOUR.md). Unlike `Collect`, it holds
+  incomplete events back, so the chunk lands between whole events.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 from proxy.metering.reported import usage_from_json
-from proxy.metering.scan import UsageEventFinder
+from proxy.metering.scan import ContentCollector, UsageEventDropper, UsageEventFinder
 from proxy.record import Usage
-from proxy.sse import ContentCollector, UsageEventDropper, split_complete, usage_chunk
-
-TeeMode = Literal["watch", "drop", "collect"]
+from proxy.sse import EventBuffer, usage_chunk
 
 
-class Tee:
-    __slots__ = (
-        "_collector",
-        "_dropper",
-        "_events",
-        "_finder",
-        "_held",
-        "_synth",
-        "_template",
-        "feed",
-        "mode",
-    )
+class Tee(ABC):
+    """What the relay calls for each chunk, and what metering asks once the stream ended.
 
-    def __init__(
-        self,
-        mode: TeeMode,
-        *,
-        template: dict[str, Any] | None = None,
-        synthesize: Callable[[str], dict[str, int]] | None = None,
-    ) -> None:
-        self.mode = mode
-        self._finder = UsageEventFinder() if mode == "watch" else None
-        self._dropper = UsageEventDropper() if mode == "drop" else None
-        self._collector = ContentCollector() if mode == "collect" else None
-        self._held = b""
-        self._template = template or {}
-        self._synth = synthesize  # completion text → usage dict, for the added chunk
-        self._events = 0
-        # The bytes to relay for each chunk: bound once, so the hot loop calls one function.
-        self.feed: Callable[[bytes], bytes] = (
-            self._watch
-            if self._finder is not None
-            else self._dropper.feed
-            if self._dropper is not None
-            else self._collect
-        )
+    Each strategy hands its reader's feed to this one `feed`, which counts the events for
+    every strategy: a bound call per chunk, no parsing beyond the strategy's own.
+    """
 
-    @property
-    def events(self) -> int:
-        """`data:` lines seen in watch/drop mode: a cut stream's only measure."""
-        return self._dropper.events if self._dropper is not None else self._events
+    __slots__ = ("_read", "events")
+    keeps_text: ClassVar[bool] = False  # whether `text` is the answer's, for an estimate
 
-    def _watch(self, chunk: bytes) -> bytes:
-        assert self._finder is not None
-        self._events += chunk.count(b"data:")
-        self._finder.feed(chunk)
-        return chunk
+    def __init__(self, read: Callable[[bytes], bytes]) -> None:
+        self._read = read
+        self.events = 0  # `data:` lines seen: a cut stream's only measure of its output
 
-    def _collect(self, chunk: bytes) -> bytes:
-        collector = self._collector
-        assert collector is not None
-        if self._synth is None:  # nothing to add to this stream: relay it as it comes
-            collector.feed(chunk)
-            return chunk
-        data = self._held + chunk if self._held else chunk
-        events, end = split_complete(data)
-        self._held = data[end:]
-        out: list[bytes] = []
-        for event, ending in events:
-            collector.observe(event)
-            if collector.done and self._synth is not None:
-                out.append(usage_chunk(self._template, self._synth(collector.text)))
-                self._synth = None
-            out.append(event + ending)
-        return b"".join(out)
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to relay for this chunk."""
+        self.events += chunk.count(b"data:")
+        return self._read(chunk)
 
+    @abstractmethod
     def end(self) -> bytes:
         """Bytes still held when the upstream stream ends."""
-        if self._finder is not None:
-            self._finder.flush()
-            return b""
-        if self._dropper is not None:
-            return self._dropper.flush()
-        held, self._held = self._held, b""  # (empty once the usage chunk has been added)
-        return held
 
+    @abstractmethod
     def usage(self) -> Usage | None:
         """Usage the stream itself reported, if any."""
-        if self._finder is not None:
-            return self._finder.usage
-        raw = self._dropper.usage if self._dropper is not None else None
-        if raw is None and self._collector is not None:
-            raw = self._collector.usage
-        return usage_from_json(raw) if raw is not None else None
 
     @property
     def text(self) -> str:
-        return self._collector.text if self._collector is not None else ""
+        """The answer's text, where `keeps_text`."""
+        return ""
+
+
+class Watch(Tee):
+    __slots__ = ("_finder",)
+
+    def __init__(self) -> None:
+        self._finder = UsageEventFinder()
+        super().__init__(self._finder.feed)
+
+    def end(self) -> bytes:
+        self._finder.flush()
+        return b""
+
+    def usage(self) -> Usage | None:
+        return self._finder.usage
+
+
+class Drop(Tee):
+    __slots__ = ("_dropper",)
+
+    def __init__(self) -> None:
+        self._dropper = UsageEventDropper()
+        super().__init__(self._dropper.feed)
+
+    def end(self) -> bytes:
+        return self._dropper.flush()
+
+    def usage(self) -> Usage | None:
+        return _reported(self._dropper.usage)
+
+
+class _Collecting(Tee):
+    __slots__ = ("_collector",)
+    keeps_text = True
+
+    def __init__(self, collector: ContentCollector, read: Callable[[bytes], bytes]) -> None:
+        super().__init__(read)
+        self._collector = collector
+
+    def usage(self) -> Usage | None:
+        return _reported(self._collector.usage)
+
+    @property
+    def text(self) -> str:
+        return self._collector.text
+
+
+class Collect(_Collecting):
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        collector = ContentCollector()
+        super().__init__(collector, collector.feed)
+
+    def end(self) -> bytes:
+        self._collector.flush()
+        return b""
+
+
+class CollectAddingUsage(_Collecting):
+    __slots__ = ("_added", "_buffer", "_synthesize", "_template")
+
+    def __init__(
+        self, template: dict[str, Any], synthesize: Callable[[str], dict[str, int]]
+    ) -> None:
+        super().__init__(ContentCollector(), self._add_usage)
+        self._template = template  # the answer's first event: the added chunk's identity
+        self._synthesize = synthesize  # completion text → usage dict, for the added chunk
+        self._buffer = EventBuffer()
+        self._added = False
+
+    def _add_usage(self, chunk: bytes) -> bytes:
+        return self._relay(self._buffer.take(chunk)[0])
+
+    def end(self) -> bytes:
+        return self._relay(self._buffer.take(b"", final=True)[0]) + self._buffer.release()
+
+    def _relay(self, events: list[tuple[bytes, bytes]]) -> bytes:
+        collector, out = self._collector, []
+        for event, ending in events:
+            collector.observe(event)
+            if collector.done and not self._added:
+                out.append(usage_chunk(self._template, self._synthesize(collector.text)))
+                self._added = True
+            out.append(event + ending)
+        return b"".join(out)
+
+
+def _reported(raw: dict[str, Any] | None) -> Usage | None:
+    return usage_from_json(raw) if raw is not None else None

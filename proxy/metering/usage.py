@@ -10,10 +10,11 @@ import orjson
 
 from proxy.api_request import CHAT, ApiRequest
 from proxy.config import Upstream
-from proxy.metering.estimate import estimate_usage
+from proxy.metering.estimate import choice_texts, estimate_usage
 from proxy.metering.reported import usage_from_headers, usage_from_json
-from proxy.metering.tee import Tee
+from proxy.metering.tee import Collect, CollectAddingUsage, Drop, Tee, Watch
 from proxy.record import Usage
+from proxy.sse import choices_of
 
 if TYPE_CHECKING:  # only the type: this module stays free of I/O imports
     from proxy.answer import Answer
@@ -21,22 +22,22 @@ if TYPE_CHECKING:  # only the type: this module stays free of I/O imports
 
 def tee_for(request: ApiRequest, answer: Answer, upstream: Upstream) -> Tee:
     if answer.next_chunk is None:  # complete already: a converted JSON answer, or no content at all
-        return Tee("collect")
+        return Collect()
     if answer.stream_options == "inject" and not request.wants_usage:
-        return Tee("drop")  # the usage event was requested by the proxy: the client never sees it
+        return Drop()  # the usage event was requested by the proxy: the client never sees it
     if request.wants_usage and answer.stream_options != "strip":
-        return Tee("watch")
+        return Watch()
     headers = _header_usage(answer, upstream)
     if headers is not None and not request.wants_usage:
-        return Tee("watch")
+        return Watch()
     if not request.wants_usage:
-        return Tee("collect")
+        return Collect()
     prompt, chat = request.prompt, request.api is CHAT
 
     def synthesize(text: str) -> dict[str, int]:
         return _openai_shape(headers or estimate_usage(prompt, text, chat=chat))
 
-    return Tee("collect", template=answer.first_event, synthesize=synthesize)
+    return CollectAddingUsage(answer.first_event or {}, synthesize)
 
 
 def usage_of_stream(request: ApiRequest, answer: Answer, upstream: Upstream, tee: Tee) -> Usage:
@@ -48,7 +49,7 @@ def usage_of_stream(request: ApiRequest, answer: Answer, upstream: Upstream, tee
     if reported is not None:
         return reported
     estimate = estimate_usage(request.prompt, tee.text, chat=request.api is CHAT)
-    if tee.mode != "collect":  # a stream cut before its usage event, text not kept:
+    if not tee.keeps_text:  # a stream cut before its usage event, text not kept:
         # upstreams stream about one token per event, after one role-only event
         estimate = replace(estimate, output=max(tee.events - 1, 0))
     return estimate
@@ -66,7 +67,7 @@ def usage_of_body(request: ApiRequest, answer: Answer, upstream: Upstream) -> Us
         body = orjson.loads(answer.head)
     except orjson.JSONDecodeError:
         body = None
-    return estimate_usage(request.prompt, _message_text(body), chat=request.api is CHAT)
+    return estimate_usage(request.prompt, _answer_text(body), chat=request.api is CHAT)
 
 
 def _header_usage(answer: Answer, upstream: Upstream) -> Usage | None:
@@ -76,19 +77,9 @@ def _header_usage(answer: Answer, upstream: Upstream) -> Usage | None:
     return usage_from_headers(answer.headers, names.prompt_tokens, names.completion_tokens)
 
 
-def _message_text(body: Any) -> str:
-    if not isinstance(body, dict):
-        return ""
-    parts = []
-    for choice in body.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        message = choice.get("message")
-        if isinstance(message, dict) and isinstance(message.get("content"), str):
-            parts.append(message["content"])
-        elif isinstance(choice.get("text"), str):  # the completions API
-            parts.append(choice["text"])
-    return "".join(parts)
+def _answer_text(body: Any) -> str:
+    choices = choices_of(body) if isinstance(body, dict) else []
+    return "".join(text for choice in choices for text in choice_texts(choice))
 
 
 def _openai_shape(usage: Usage) -> dict[str, int]:
