@@ -22,6 +22,7 @@ from proxy.asgi import ClientWatch, Send, send_body, send_error
 from proxy.errors import ProxyError, UpstreamTimeout
 from proxy.headers import Headers
 from proxy.metering.tee import Tee
+from proxy.sse import BLANK_LINES
 
 KEEPALIVE = b": keep-alive\n\n"
 
@@ -114,7 +115,9 @@ class Reply:
         )
         tail = tee.end()
         if result.failure is not None:
-            tail += sse_error_event(result.failure, at_boundary=(tail or last).endswith(b"\n\n"))
+            tail += sse_error_event(
+                result.failure, at_boundary=(tail or last).endswith(BLANK_LINES)
+            )
         await self._end_body(tail)
         return result
 
