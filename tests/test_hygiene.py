@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -44,3 +45,15 @@ def test_every_module_stays_small() -> None:
     assert {"app.py", "upstream.py", "knobs.py"} <= {p.name for p in modules}
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in modules}
     assert {name: n for name, n in sizes.items() if n > 400} == {}
+
+
+def test_each_package_is_imported_through_one_path() -> None:
+    """The config's types and loader are imported as `proxy.config` everywhere outside that
+    package, so there is one import path per concept (its submodules are its own business)."""
+    pattern = re.compile(r"^\s*(?:from|import)\s+proxy\.config\.\w+", re.MULTILINE)
+    files = [*(ROOT / "proxy").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]
+    files += list((ROOT / "bench").glob("*.py"))
+    outside = [p for p in files if "config" not in p.relative_to(ROOT).parts[1:-1]]
+    assert len(outside) > 50  # the walk found the tree
+    offenders = [str(p.relative_to(ROOT)) for p in outside if pattern.search(p.read_text())]
+    assert offenders == []
