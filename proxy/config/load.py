@@ -1,10 +1,5 @@
-"""routes.yaml → a frozen, typed Config, or a ConfigError listing every problem with its line.
-
-Two phases, as TensorZero does it: proxy.config_yaml turns the text into plain data plus a
-path → line map, then proxy.config_validate walks that data once and collects all issues
-instead of stopping at the first, so `sluicegate check` shows the whole list in one run.
-The types live in proxy.config_model and are re-exported here.
-"""
+"""Reads routes.yaml: `document` turns the text into data with lines, `validate` checks it
+into a `Config` or raises a ConfigError with every issue (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -12,38 +7,8 @@ import os
 from collections.abc import Mapping
 
 from proxy.config.document import YamlSyntaxError, compose
-from proxy.config.model import (
-    Config,
-    ConfigError,
-    ConfigIssue,
-    Price,
-    Route,
-    Secret,
-    ServerSettings,
-    StreamOptionsMode,
-    Target,
-    Timeouts,
-    Upstream,
-    UsageHeaders,
-)
+from proxy.config.model import Config, ConfigError, ConfigIssue
 from proxy.config.validate import Validator
-
-__all__ = [
-    "Config",
-    "ConfigError",
-    "ConfigIssue",
-    "Price",
-    "Route",
-    "Secret",
-    "ServerSettings",
-    "StreamOptionsMode",
-    "Target",
-    "Timeouts",
-    "Upstream",
-    "UsageHeaders",
-    "load_config",
-    "parse_config",
-]
 
 
 def load_config(
