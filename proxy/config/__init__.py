@@ -8,6 +8,8 @@ holds the types; `load` reads the file. Everything public is re-exported here.
 
 from proxy.config.load import load_config, parse_config
 from proxy.config.model import (
+    Budget,
+    BudgetPeriod,
     ClientKey,
     Config,
     ConfigError,
@@ -17,6 +19,7 @@ from proxy.config.model import (
     Route,
     Secret,
     ServerSettings,
+    StateSettings,
     StreamOptionsMode,
     Target,
     Timeouts,
@@ -25,6 +28,8 @@ from proxy.config.model import (
 )
 
 __all__ = [
+    "Budget",
+    "BudgetPeriod",
     "ClientKey",
     "Config",
     "ConfigError",
@@ -34,6 +39,7 @@ __all__ = [
     "Route",
     "Secret",
     "ServerSettings",
+    "StateSettings",
     "StreamOptionsMode",
     "Target",
     "Timeouts",
