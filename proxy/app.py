@@ -31,6 +31,7 @@ from proxy.catalog import model_entries
 from proxy.config import ConfigError, ServerSettings
 from proxy.endpoint import ApiEndpoint
 from proxy.errors import HeadersTooLarge, MethodNotAllowed, NotFound, ProxyError, error_body
+from proxy.fleet import open_store, watch_spend
 from proxy.health import Health
 from proxy.metering.estimate import tokenizer_available
 from proxy.observe.logs import LEVELS, access_log, get_logger
@@ -94,6 +95,7 @@ def create_app(
         scrape.token = state.config.server.metrics_token  # before /metrics can answer
         metrics.append(meter)
         runtime.health.on_cooldown = meter.set_cooldown
+        fleet = _open_fleet(runtime, ref, meter)
         runtime.observers = Observers(
             on_start=(meter.request_started,),
             on_finish=(_counted(access_log, meter), meter.request_finished, *observers),
@@ -112,10 +114,12 @@ def create_app(
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+            for task in (watcher, fleet):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            await runtime.store.aclose()
             await reloader.aclose()
 
     endpoints = {path: ApiEndpoint(ref, runtime, api) for path, api in APIS.items()}
@@ -138,6 +142,25 @@ def create_app(
     app.state.reloader = reloader
     app.state.render_metrics = scrape.render
     return app
+
+
+def _open_fleet(runtime: Runtime, ref: StateRef, meter: Metrics) -> asyncio.Task[None]:
+    """The state store (kept across reloads; `state:` is read at start-up) and the task that
+    shows each key's spend on /metrics."""
+    config = ref.get().config
+
+    def transition(up: bool, why: str) -> None:
+        meter.state_changed(up)
+        if up:
+            log.info("state_restored")
+        else:
+            log.warning("state_unavailable", error=why, on_unavailable=config.state.on_unavailable)
+
+    if config.state.url is not None:
+        runtime.store = open_store(config.state, transition, meter.state_failed)
+    return asyncio.ensure_future(
+        watch_spend(runtime.store, lambda: ref.get().config, meter.set_spend)
+    )
 
 
 def _small_routes(ref: StateRef, runtime: Runtime) -> list[Route]:

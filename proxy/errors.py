@@ -8,10 +8,16 @@
     ├── RequestTimeout              408     invalid_request_error   request_timeout
     ├── BodyTooLarge                413     invalid_request_error   request_too_large
     ├── HeadersTooLarge             431     invalid_request_error   headers_too_large
+    ├── BudgetExceeded              429     insufficient_quota      budget_exceeded
+    ├── StateUnavailable            503     server_error            state_unavailable
     ├── UpstreamUnreachable         502     upstream_error          upstream_unreachable
     ├── UpstreamProtocolError       502     upstream_error          upstream_protocol_error
     ├── UpstreamTimeout             504     upstream_error          upstream_timeout
     └── InternalError               500     server_error            internal_error
+
+(Admission's own errors, 401/403/429 rate_limit_exceeded, live in proxy.admission.)
+`headers()` is what an error adds to the response: BudgetExceeded says `x-should-retry:
+false` (openai-python then does not retry a spent budget), StateUnavailable `retry-after`.
 
 Errors that the upstream itself answered (4xx/5xx with a body) are not in this tree:
 the relay passes them on with the upstream's own status and body.
@@ -37,6 +43,9 @@ class ProxyError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, param=self.param, code=self.code)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return []
 
 
 class BadRequest(ProxyError):
@@ -78,6 +87,28 @@ class HeadersTooLarge(ProxyError):
     status = 431
     type = "invalid_request_error"
     code = "headers_too_large"
+
+
+class BudgetExceeded(ProxyError):
+    """The key has spent its budget for the period; retrying will not help until it resets."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"x-should-retry", b"false")]
+
+
+class StateUnavailable(ProxyError):
+    """`state.on_unavailable: closed` and the shared store cannot be reached."""
+
+    status = 503
+    type = "server_error"
+    code = "state_unavailable"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", b"1")]
 
 
 class UpstreamUnreachable(ProxyError):

@@ -1,0 +1,65 @@
+"""Fleet state: what every sluicegate process must agree on, kept in Redis when `state.url`
+is set, else in the process (`LocalStore`, exact for one process, as before).
+
+What is shared, and the consistency each limit gives:
+
+- **rpm and tpm** (per client key): token buckets updated by one Lua script per request on
+  the Redis server's clock, so the whole fleet takes from one bucket. Exact: concurrent
+  requests from any number of processes never both take the last token. tpm is charged with
+  the real usage when a request ends (as before), so requests admitted while the bucket was
+  above zero can overdraw it by their own usage.
+- **Budgets** (USD per UTC day, UTC month or in total): spend is kept in integer
+  micro-dollars and added atomically when a request ends; admission compares it with the
+  budget in the same script as the buckets (one round trip). Overshoot is bounded by the
+  requests already in flight when the budget runs out: each was admitted below the budget
+  and is charged what it really cost. A process holds back less than one micro-dollar of
+  rounding per key (`Carry`).
+- **Upstream health** (see `proxy.fleet.health`): consecutive failures, cooldowns and the
+  learnt "rejects stream_options" are shared within a refresh interval.
+
+While Redis cannot be reached (down, slower than `state.timeout`, restarted empty), see
+`proxy.fleet.shared`: `open` goes on with each process's own buckets, `closed` refuses keys
+that need the store; charges are kept and written back, so spend still equals the bill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from proxy.config import Config, StateSettings
+from proxy.fleet.local import LocalStore
+from proxy.fleet.periods import period_of
+from proxy.fleet.remote import RedisState
+from proxy.fleet.shared import FleetStore, Transition
+from proxy.fleet.store import Store
+
+SPEND_SECONDS = 2.0  # how often each process reads the keys' spend for /metrics
+
+__all__ = ["FleetStore", "LocalStore", "Store", "open_store", "watch_spend"]
+
+
+def open_store(
+    settings: StateSettings, on_transition: Transition, on_error: Callable[[], None]
+) -> Store:
+    """The store `settings` ask for. No connection is made here: redis-py connects on the
+    first call, and a Redis that is down at start-up is handled like one that went down."""
+    if settings.url is None:
+        return LocalStore()
+    return FleetStore(
+        RedisState(settings), settings, on_transition=on_transition, on_error=on_error
+    )
+
+
+async def watch_spend(
+    store: Store,
+    config: Callable[[], Config],
+    report: Callable[[dict[str, float], dict[str, str]], None],
+    every: float = SPEND_SECONDS,
+) -> None:
+    """Reports every configured key's spend this period, every `every` seconds, for ever."""
+    while True:
+        keys = config().keys
+        if keys:
+            report(await store.spend(keys), {key.name: period_of(key) for key in keys})
+        await asyncio.sleep(every)

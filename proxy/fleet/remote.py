@@ -1,0 +1,100 @@
+"""The one module that speaks Redis (redis-py's asyncio client, a pooled connection per
+concurrent call). Every call is one round trip: a Lua script (proxy.fleet.scripts) or one
+command. Redis's own errors become `StoreDown`, which says nothing of the URL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from proxy.config import StateSettings
+from proxy.fleet.scripts import ADMIT, CHARGE, MISMATCH, SYNC
+from proxy.fleet.store import StoreDown
+
+
+class RedisState:
+    def __init__(self, settings: StateSettings) -> None:
+        assert settings.url is not None
+        # No retries of its own: the caller's `timeout` bounds each call, and a failure
+        # falls back at once (see FleetStore) rather than waiting through a backoff.
+        self._redis = Redis.from_url(
+            settings.url.reveal(),
+            socket_timeout=max(settings.timeout, 1.0),
+            socket_connect_timeout=max(settings.timeout, 1.0),
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+        )
+        self._prefix = settings.key_prefix
+        self._admit = self._redis.register_script(ADMIT)
+        self._charge = self._redis.register_script(CHARGE)
+        self._sync = self._redis.register_script(SYNC)
+
+    def key(self, name: str, what: str) -> str:
+        """`{prefix}{name}:what`: a client key's Redis keys share one hash slot."""
+        return f"{self._prefix}{{{name}}}:{what}"
+
+    async def admit(
+        self, name: str, epoch: str, period: str, limits: tuple[int, int, int]
+    ) -> tuple[int, int, int]:
+        """(verdict or MISMATCH, milliseconds to wait, micro-USD spent); limits: rpm, tpm,
+        budget in micro-USD, each -1 for none."""
+        keys = [self.key(name, "rpm"), self.key(name, "tpm"), self.spend_key(name, period)]
+        reply = await self._call(self._admit, [*keys, self.key(name, "epoch")], [epoch, *limits])
+        verdict, wait, spent = reply
+        return int(verdict), int(wait), int(spent)
+
+    async def charge(
+        self, name: str, epoch: str, period: str, usage: tuple[int, int, int, int]
+    ) -> bool:
+        """usage: tokens, tpm (-1: none), micro-USD, retain seconds. False: epoch mismatch."""
+        keys = [self.key(name, "tpm"), self.spend_key(name, period), self.key(name, "epoch")]
+        return int(await self._call(self._charge, keys, [epoch, *usage])) != MISMATCH
+
+    async def sync(
+        self,
+        name: str,
+        epochs: tuple[str, str],
+        tokens: tuple[int, int],
+        spends: Sequence[tuple[str, int, int, int]],
+    ) -> str:
+        """epochs: seen, new; tokens: tpm, pending; spends: (period, all, pending, retain)."""
+        keys = [self.key(name, "epoch"), self.key(name, "tpm")]
+        args: list[str | int] = [*epochs, *tokens]
+        for period, full, pending, retain in spends:
+            keys.append(self.spend_key(name, period))
+            args += [full, pending, retain]
+        return str(await self._call(self._sync, keys, args))
+
+    def spend_key(self, name: str, period: str) -> str:
+        return self.key(name, f"spend:{period}")
+
+    async def spent(self, names_periods: Sequence[tuple[str, str]]) -> list[int]:
+        """Micro-USD spent, one MGET for every (key name, period)."""
+        if not names_periods:
+            return []
+        try:
+            values = await self._redis.mget([self.spend_key(n, p) for n, p in names_periods])
+        except (RedisError, OSError) as exc:
+            raise StoreDown(type(exc).__name__) from None
+        return [int(v) if v is not None else 0 for v in values]
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            raise StoreDown(type(exc).__name__) from None
+
+    async def _call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+        try:
+            return await script(keys, args)
+        except (RedisError, OSError) as exc:
+            raise StoreDown(type(exc).__name__) from None
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
