@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from proxy.config import BudgetPeriod, ClientKey
 
 MICROS = 1_000_000
+_EPSILON = 1e-6  # of a micro-dollar: float error, not money
 DEFAULT_PERIOD: BudgetPeriod = "day"  # what a key without a budget reports its spend for
 # Seconds a period's spend is kept in the store, by the length of its id; 0: for ever.
 _RETAIN = {len("2026-12-06"): 3 * 86_400, len("2026-12"): 93 * 86_400}
@@ -61,6 +62,6 @@ class Carry:
         if not usd or usd < 0:
             return 0
         total = self._rest.get(spend, 0.0) + usd * MICROS
-        whole = int(total)
+        whole = int(total + _EPSILON)  # 5 x 5.6 is 27.999999999999996 in binary floats
         self._rest[spend] = total - whole
         return whole
