@@ -31,7 +31,7 @@ from proxy.catalog import model_entries
 from proxy.config import ConfigError, ServerSettings
 from proxy.endpoint import ApiEndpoint
 from proxy.errors import HeadersTooLarge, MethodNotAllowed, NotFound, ProxyError, error_body
-from proxy.fleet import open_store, watch_spend
+from proxy.fleet import Fleet, open_fleet
 from proxy.health import Health
 from proxy.metering.estimate import tokenizer_available
 from proxy.observe.logs import LEVELS, access_log, get_logger
@@ -114,12 +114,11 @@ def create_app(
         try:
             yield
         finally:
-            for task in (watcher, fleet):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-            await runtime.store.aclose()
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await fleet.aclose()
             await reloader.aclose()
 
     endpoints = {path: ApiEndpoint(ref, runtime, api) for path, api in APIS.items()}
@@ -144,9 +143,9 @@ def create_app(
     return app
 
 
-def _open_fleet(runtime: Runtime, ref: StateRef, meter: Metrics) -> asyncio.Task[None]:
-    """The state store (kept across reloads; `state:` is read at start-up) and the task that
-    shows each key's spend on /metrics."""
+def _open_fleet(runtime: Runtime, ref: StateRef, meter: Metrics) -> Fleet:
+    """The state store (kept across reloads; `state:` is read at start-up), shared upstream
+    health, and the task that shows each key's spend on /metrics."""
     config = ref.get().config
 
     def transition(up: bool, why: str) -> None:
@@ -156,11 +155,13 @@ def _open_fleet(runtime: Runtime, ref: StateRef, meter: Metrics) -> asyncio.Task
         else:
             log.warning("state_unavailable", error=why, on_unavailable=config.state.on_unavailable)
 
-    if config.state.url is not None:
-        runtime.store = open_store(config.state, transition, meter.state_failed)
-    return asyncio.ensure_future(
-        watch_spend(runtime.store, lambda: ref.get().config, meter.set_spend)
-    )
+    if config.state.url is None:
+        fleet = Fleet(runtime.store)
+    else:
+        fleet = open_fleet(config.state, runtime.health, transition, meter.state_failed)
+        runtime.store = fleet.store
+    fleet.start(lambda: ref.get().config, meter.set_spend)
+    return fleet
 
 
 def _small_routes(ref: StateRef, runtime: Runtime) -> list[Route]:

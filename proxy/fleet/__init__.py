@@ -25,41 +25,64 @@ that need the store; charges are kept and written back, so spend still equals th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 from proxy.config import Config, StateSettings
+from proxy.fleet.health import FleetHealth
 from proxy.fleet.local import LocalStore
 from proxy.fleet.periods import period_of
 from proxy.fleet.remote import RedisState
 from proxy.fleet.shared import FleetStore, Transition
 from proxy.fleet.store import Store
+from proxy.health import Health
 
 SPEND_SECONDS = 2.0  # how often each process reads the keys' spend for /metrics
+SpendReport = Callable[[dict[str, float], dict[str, str]], None]
 
-__all__ = ["FleetStore", "LocalStore", "Store", "open_store", "watch_spend"]
-
-
-def open_store(
-    settings: StateSettings, on_transition: Transition, on_error: Callable[[], None]
-) -> Store:
-    """The store `settings` ask for. No connection is made here: redis-py connects on the
-    first call, and a Redis that is down at start-up is handled like one that went down."""
-    if settings.url is None:
-        return LocalStore()
-    return FleetStore(
-        RedisState(settings), settings, on_transition=on_transition, on_error=on_error
-    )
+__all__ = ["Fleet", "FleetStore", "LocalStore", "Store", "open_fleet"]
 
 
-async def watch_spend(
-    store: Store,
-    config: Callable[[], Config],
-    report: Callable[[dict[str, float], dict[str, str]], None],
-    every: float = SPEND_SECONDS,
-) -> None:
-    """Reports every configured key's spend this period, every `every` seconds, for ever."""
-    while True:
-        keys = config().keys
-        if keys:
-            report(await store.spend(keys), {key.name: period_of(key) for key in keys})
-        await asyncio.sleep(every)
+class Fleet:
+    """One process's state store, its shared upstream health, and their background tasks."""
+
+    def __init__(self, store: Store, health: FleetHealth | None = None) -> None:
+        self.store, self.health = store, health
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, config: Callable[[], Config], report: SpendReport) -> None:
+        self._tasks.append(asyncio.ensure_future(self._watch_spend(config, report)))
+        if self.health is not None:
+            self._tasks.append(asyncio.ensure_future(self.health.watch(config)))
+
+    async def _watch_spend(self, config: Callable[[], Config], report: SpendReport) -> None:
+        """Reports every configured key's spend this period, every SPEND_SECONDS."""
+        while True:
+            keys = config().keys
+            if keys:
+                report(await self.store.spend(keys), {key.name: period_of(key) for key in keys})
+            await asyncio.sleep(SPEND_SECONDS)
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.health is not None:
+            await self.health.aclose()
+        await self.store.aclose()
+
+
+def open_fleet(
+    settings: StateSettings,
+    health: Health,
+    on_transition: Transition,
+    on_error: Callable[[], None],
+) -> Fleet:
+    """Redis-backed state for `settings.url`, and `health` shared through it. No connection
+    is made here: redis-py connects on the first call, and a Redis that is down at start-up
+    is handled like one that went down."""
+    remote = RedisState(settings)
+    store = FleetStore(remote, settings, on_transition=on_transition, on_error=on_error)
+    health.shared = FleetHealth(remote, health, settings.timeout, lambda: store.up)
+    return Fleet(store, health.shared)

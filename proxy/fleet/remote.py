@@ -14,7 +14,14 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from proxy.config import StateSettings
-from proxy.fleet.scripts import ADMIT, CHARGE, MISMATCH, SYNC
+from proxy.fleet.scripts import (
+    ADMIT,
+    CHARGE,
+    MISMATCH,
+    SYNC,
+    UPSTREAM_FAILED,
+    UPSTREAM_STATES,
+)
 from proxy.fleet.store import StoreDown
 
 
@@ -34,6 +41,8 @@ class RedisState:
         self._admit = self._redis.register_script(ADMIT)
         self._charge = self._redis.register_script(CHARGE)
         self._sync = self._redis.register_script(SYNC)
+        self._failed = self._redis.register_script(UPSTREAM_FAILED)
+        self._states = self._redis.register_script(UPSTREAM_STATES)
 
     def key(self, name: str, what: str) -> str:
         """`{prefix}{name}:what`: a client key's Redis keys share one hash slot."""
@@ -83,6 +92,33 @@ class RedisState:
         except (RedisError, OSError) as exc:
             raise StoreDown(type(exc).__name__) from None
         return [int(v) if v is not None else 0 for v in values]
+
+    def upstream_key(self, name: str, what: str) -> str:
+        return f"{self._prefix}{{upstreams}}:{name}:{what}"  # one slot: read in one script
+
+    async def upstream_failed(
+        self, name: str, failures: int, cooldown_ms: int, probe: bool
+    ) -> bool:
+        keys = [self.upstream_key(name, "failures"), self.upstream_key(name, "cooldown")]
+        return bool(await self._call(self._failed, keys, [failures, cooldown_ms, int(probe)]))
+
+    async def upstream_succeeded(self, name: str) -> None:
+        try:
+            await self._redis.delete(self.upstream_key(name, "failures"))
+        except (RedisError, OSError) as exc:
+            raise StoreDown(type(exc).__name__) from None
+
+    async def upstream_states(
+        self, learnt: Sequence[tuple[str, bool]]
+    ) -> list[tuple[int, int, bool]]:
+        """(name, rejects stream_options here) → (failures, cooldown ms left, rejects)."""
+        keys = [
+            self.upstream_key(name, what)
+            for name, _ in learnt
+            for what in ("failures", "cooldown", "rejects_stream_options")
+        ]
+        reply = await self._call(self._states, keys, [int(flag) for _, flag in learnt])
+        return [(int(f), int(ms), bool(r)) for f, ms, r in reply]
 
     async def ping(self) -> None:
         try:

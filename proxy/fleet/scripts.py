@@ -95,3 +95,34 @@ end
 return epoch
 """
 )
+
+# Upstream health, shared (see proxy.fleet.health).
+# KEYS: failures, cooldown. ARGV: failures that open it, cooldown ms, 1 if the attempt was a
+# probe. → 1 when this opened the cooldown. While open, other processes' failures (those that
+# have not learnt it yet) neither count nor extend it; a failed probe opens it again.
+UPSTREAM_FAILED = """
+local probe = ARGV[3] == '1'
+if not probe and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], 3600000)
+if probe or n >= tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', tonumber(ARGV[2]))
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: per upstream: failures, cooldown, rejects_stream_options. ARGV: per upstream, 1 if
+# this process learnt that it rejects stream_options. Marks those, then
+# → per upstream {failures, cooldown ms left (<= 0: none), rejects stream_options}.
+UPSTREAM_STATES = """
+local out = {}
+for i = 1, #KEYS, 3 do
+  if ARGV[(i + 2) / 3] == '1' then redis.call('SET', KEYS[i + 2], '1', 'EX', 86400) end
+  local failures = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local rejects = redis.call('EXISTS', KEYS[i + 2])
+  table.insert(out, {failures, redis.call('PTTL', KEYS[i + 1]), rejects})
+end
+return out
+"""
