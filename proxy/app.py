@@ -95,7 +95,6 @@ def create_app(
         scrape.token = state.config.server.metrics_token  # before /metrics can answer
         metrics.append(meter)
         runtime.health.on_cooldown = meter.set_cooldown
-        fleet = _open_fleet(runtime, ref, meter)
         runtime.observers = Observers(
             on_start=(meter.request_started,),
             on_finish=(_counted(access_log, meter), meter.request_finished, *observers),
@@ -105,6 +104,7 @@ def create_app(
         # full collections that walk it cost tens of ms of stop-the-world under load.
         await asyncio.to_thread(tokenizer_available)
         gc.freeze()
+        fleet = _open_fleet(runtime, ref, meter)  # its first calls wait on nothing above
         log.info("ready", config=state.config.summary())
         if not state.config.keys:
             log.warning("open_proxy", hint="no `keys:` in the routes file: any client is served")

@@ -74,7 +74,7 @@ def test_the_ledger_holds_what_redis_has_not_seen_and_gives_it_back_on_failure()
     assert (taken.tokens, taken.micros) == (40, {"2026-12-31": 5})
     assert ledger.take("k").micros == {}  # taken once
     ledger.restore("k", taken)
-    assert ledger.pending_names() == ["k"]
+    assert ledger.names() == ["k"]
     assert sorted(ledger.spends("k", taken)) == [("2026-12-30", 7, 0), ("2026-12-31", 5, 5)]
     ledger.add("k", "2027-01-01", 1)  # a third period: the oldest is dropped
     assert sorted(p for p, _, _ in ledger.spends("k", ledger.take("k"))) == [

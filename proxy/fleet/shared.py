@@ -135,6 +135,9 @@ class FleetStore:
                 raise
 
     async def spend(self, keys: Sequence[ClientKey]) -> dict[str, float]:
+        """Called every few seconds for /metrics; first writes back (see `resync`)."""
+        if self.up:
+            await self.resync()
         if self.up:
             now = self._wall()
             wanted = [(key.name, period_id(period_of(key), now)) for key in keys]
@@ -149,6 +152,16 @@ class FleetStore:
                 }
         return await self.local.spend(keys)
 
+    async def resync(self) -> None:
+        """For every key this process charged: writes back what is held, or all of it if
+        Redis lost its state, even for keys no request has used since (one script each)."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                for name in self._ledger.names():
+                    await self._sync(name, self._ledger.tpm.get(name, -1))
+        except (StoreDown, TimeoutError) as exc:
+            self._down(exc)
+
     def _down(self, exc: BaseException) -> None:
         self._on_error()
         if self.up:
@@ -162,7 +175,7 @@ class FleetStore:
             try:
                 async with asyncio.timeout(PROBE_TIMEOUT):
                     await self._remote.ping()
-                    for name in self._ledger.pending_names():
+                    for name in self._ledger.names():
                         await self._sync(name, self._ledger.tpm.get(name, -1))
             except (StoreDown, TimeoutError):
                 self._on_error()
