@@ -287,3 +287,38 @@ def test_redis_killed_and_restarted_in_open_mode_loses_nothing(fleet: Fleet) -> 
         down = events.count("state_unavailable")
         assert 1 <= down <= (2 if path.name.endswith("2.log") else 1)
         assert events.count("state_restored") == down
+
+
+def test_closed_mode_refuses_keyed_requests_while_redis_is_down(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    config = tmp_path / "routes.yaml"
+    text = routes_yaml(_mock_url(fleet), _mock_url(fleet))
+    config.write_text(text.replace("timeout: 1.0}", "timeout: 1.0, on_unavailable: closed}"))
+    log = tmp_path / "serve.log"
+    with (
+        RedisServer(PASSWORD) as redis_server,
+        log.open("wb") as output,
+        sluicegate(
+            "serve", "--config", str(config), "--no-watch",
+            env={"REDIS_URL": redis_server.url}, output=output,
+        ) as (_, url),
+    ):  # fmt: skip
+        assert _chat(url, KEYS["steady"]).status_code == 200
+        redis_server.kill()
+        refused = [_chat(url, KEYS["steady"]) for _ in range(3)]
+        assert [r.status_code for r in refused] == [503] * 3
+        for response in refused:
+            assert response.json()["error"]["code"] == "state_unavailable"
+            assert response.headers["retry-after"] == "1"
+        assert _chat(url, KEYS["prober"]).status_code == 200  # no limits: needs no store
+        assert httpx.get(url + "/readyz").status_code == 200
+        samples = scrape(url)
+        assert total(samples, "sluicegate_state_up") == 0
+        assert total(samples, "sluicegate_state_errors_total") >= 1
+        redis_server.start()
+        assert wait_for(lambda: _chat(url, KEYS["steady"]).status_code == 200, 10)
+        assert total(scrape(url), "sluicegate_state_up") == 1
+    events = [orjson.loads(line)["event"] for line in log.read_bytes().splitlines()
+              if line.startswith(b"{")]  # fmt: skip
+    assert events.count("state_unavailable") == events.count("state_restored") == 1
