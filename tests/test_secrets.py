@@ -314,8 +314,8 @@ def test_no_secret_in_anything_a_run_produces(
     # The secrets were in play: each upstream got its own key (and echoed it), the proxy
     # logged requests, reloads and a traceback, and the metrics were read.
     sent = upstream.records[first:]
-    with redis_server.client() as client:  # the client key's rpm was kept in Redis
-        assert client.exists("sluicegate:{app}:rpm")
+    with redis_server.client() as client:  # the client key's rpm was checked in Redis
+        assert client.exists("sluicegate:{app}:epoch")
     used = {record.headers["authorization"] for record in sent}
     assert used == {f"Bearer {key.value}" for key in UPSTREAM_KEYS}
     for marker in ('"event":"request"', '"config_reloaded"', '"config_reload_refused"'):
