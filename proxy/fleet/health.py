@@ -96,6 +96,11 @@ class FleetHealth:
             if rejects:
                 self._health[name].rejects_stream_options = True
 
+    async def flush(self) -> None:
+        """Waits for the reports in flight to land (or fail)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks)
+
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()
