@@ -28,7 +28,7 @@ from proxy.admission import identify
 from proxy.api_request import APIS
 from proxy.asgi import send_error
 from proxy.catalog import model_entries
-from proxy.config import ConfigError, ServerSettings
+from proxy.config import Config, ConfigError
 from proxy.endpoint import ApiEndpoint
 from proxy.errors import HeadersTooLarge, MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.fleet import Fleet, open_fleet
@@ -70,7 +70,7 @@ def create_app(
     ref = StateRef()
     runtime = runtime or Runtime(health=Health())
     metrics: list[Metrics] = []  # the one per process, made when the config is first read
-    started: list[ServerSettings] = []  # as read at start-up; the metrics settings stay so
+    started: list[Config] = []  # as read at start-up; metrics settings and `state:` stay so
     scrape = MetricsEndpoint(functools.partial(_render, metrics))  # token: set at start-up
 
     def reloaded(ok: bool, error: ConfigError | None) -> None:
@@ -79,7 +79,7 @@ def create_app(
             meter.config_reloaded(ok, config if ok else None)
         if ok:
             log.info("config_reloaded", config=config.summary())
-            _warn_restart_needed(started, config.server)
+            _warn_restart_needed(started, config)
         else:
             log.error(
                 "config_reload_refused", errors=[str(i) for i in error.issues] if error else []
@@ -91,7 +91,7 @@ def create_app(
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         state = reloader.start()
         meter = Metrics(state.config)
-        started.append(state.config.server)
+        started.append(state.config)
         scrape.token = state.config.server.metrics_token  # before /metrics can answer
         metrics.append(meter)
         runtime.health.on_cooldown = meter.set_cooldown
@@ -194,8 +194,12 @@ def _render(metrics: list[Metrics]) -> tuple[bytes, str]:
     return metrics[0].render()
 
 
-def _warn_restart_needed(started: list[ServerSettings], now: ServerSettings) -> None:
-    if started and (stale := restart_needed(started[0], now)):
+def _warn_restart_needed(started: list[Config], now: Config) -> None:
+    if not started:
+        return
+    stale = restart_needed(started[0].server, now.server)
+    stale += ["state"] if started[0].state != now.state else []  # the store is built once
+    if stale:
         log.warning("restart_needed", settings=stale, hint="they apply at the next start")
 
 
