@@ -80,13 +80,15 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def serve_fleet(config: Path, logs_dir: Path, env: dict[str, str]) -> Iterator[list[str]]:
-    """Three serve processes on `config`, the last with `--workers 2`; logs to files."""
+def serve_fleet(
+    config: Path, logs_dir: Path, env: dict[str, str], workers: tuple[int, ...] = (1, 1, 2)
+) -> Iterator[list[str]]:
+    """A serve process on `config` for each entry of `workers`; logs to files."""
     with contextlib.ExitStack() as stack:
         urls = []
-        for i, extra in enumerate(((), (), ("--workers", "2"))):
+        for i, count in enumerate(workers):
             log = stack.enter_context((logs_dir / f"serve-{i}.log").open("wb"))
-            args = ("serve", "--config", str(config), "--no-watch", *extra)
+            args = ("serve", "--config", str(config), "--no-watch", "--workers", str(count))
             _, url = stack.enter_context(sluicegate(*args, env=env, output=log))
             urls.append(url)
         yield urls
@@ -141,8 +143,8 @@ def test_without_state_each_process_grants_the_limit_again(fleet: Fleet, tmp_pat
     config.write_text(routes_yaml(mock_url, mock_url, shared=False).replace(
         f"'{mock_url}/v1'", f"'{_mock_url(fleet)}/v1'", 1
     ))  # fmt: skip
-    with serve_fleet(config, tmp_path, {}) as urls:
-        admitted = sum(r.status_code == 200 for r in _hammer(urls[:2]))
+    with serve_fleet(config, tmp_path, {}, workers=(1, 1)) as urls:
+        admitted = sum(r.status_code == 200 for r in _hammer(urls))
     assert admitted == 90  # 2 processes x 60 > 90: the per-process limit never bites
 
 

@@ -200,7 +200,8 @@ class Config:
             f"{len(items)} {noun}{'' if len(items) == 1 else 's'}" for items, noun in counts
         )
         keys = len(self.keys)
-        return text + (f", {keys} client key{'' if keys == 1 else 's'}" if keys else ", open")
+        text += f", {keys} client key{'' if keys == 1 else 's'}" if keys else ", open"
+        return text + (", state shared in Redis" if self.state.url is not None else "")
 
 
 _NOUNS = ("upstream", "route", "priced model")

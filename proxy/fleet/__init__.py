@@ -60,7 +60,8 @@ class Fleet:
         while True:
             keys = config().keys
             if keys:
-                report(await self.store.spend(keys), {key.name: period_of(key) for key in keys})
+                spent = await self.store.spend(keys)  # never raises: the store falls back
+                report(spent, {key.name: period_of(key) for key in keys})
             await asyncio.sleep(SPEND_SECONDS)
 
     async def aclose(self) -> None:

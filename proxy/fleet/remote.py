@@ -1,17 +1,17 @@
 """The one module that speaks Redis (redis-py's asyncio client, a pooled connection per
 concurrent call). Every call is one round trip: a Lua script (proxy.fleet.scripts) or one
-command. Redis's own errors become `StoreDown`, which says nothing of the URL."""
+command. Any failure of a call (Redis's errors, the socket's, or the client's own after a
+call was cut short) becomes `StoreDown`, which says nothing of the URL."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 from proxy.config import StateSettings
 from proxy.fleet.scripts import (
@@ -87,10 +87,7 @@ class RedisState:
         """Micro-USD spent, one MGET for every (key name, period)."""
         if not names_periods:
             return []
-        try:
-            values = await self._redis.mget([self.spend_key(n, p) for n, p in names_periods])
-        except (RedisError, OSError) as exc:
-            raise StoreDown(type(exc).__name__) from None
+        values = await _guarded(self._redis.mget([self.spend_key(n, p) for n, p in names_periods]))
         return [int(v) if v is not None else 0 for v in values]
 
     def upstream_key(self, name: str, what: str) -> str:
@@ -103,10 +100,7 @@ class RedisState:
         return bool(await self._call(self._failed, keys, [failures, cooldown_ms, int(probe)]))
 
     async def upstream_succeeded(self, name: str) -> None:
-        try:
-            await self._redis.delete(self.upstream_key(name, "failures"))
-        except (RedisError, OSError) as exc:
-            raise StoreDown(type(exc).__name__) from None
+        await _guarded(self._redis.delete(self.upstream_key(name, "failures")))
 
     async def upstream_states(
         self, learnt: Sequence[tuple[str, bool]]
@@ -121,16 +115,17 @@ class RedisState:
         return [(int(f), int(ms), bool(r)) for f, ms, r in reply]
 
     async def ping(self) -> None:
-        try:
-            await self._redis.ping()
-        except (RedisError, OSError) as exc:
-            raise StoreDown(type(exc).__name__) from None
+        await _guarded(self._redis.ping())
 
     async def _call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
-        try:
-            return await script(keys, args)
-        except (RedisError, OSError) as exc:
-            raise StoreDown(type(exc).__name__) from None
+        return await _guarded(script(keys, args))
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+async def _guarded(call: Awaitable[Any]) -> Any:
+    try:
+        return await call
+    except Exception as exc:  # any failure of the client means the store is away
+        raise StoreDown(type(exc).__name__) from None

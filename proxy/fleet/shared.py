@@ -54,7 +54,6 @@ class FleetStore:
         self._on_transition, self._on_error = on_transition, on_error
         self._ledger = Ledger()
         self._epochs: dict[str, str] = {}  # per key name, as last seen in Redis
-        self._new_epoch = secrets.token_hex(8)
         self._locks: dict[str, asyncio.Lock] = {}
         self._probe: asyncio.Task[None] | None = None
 
@@ -125,7 +124,9 @@ class FleetStore:
                 (p, full, held, retain_seconds(p))
                 for p, full, held in self._ledger.spends(name, taken)
             ]
-            epochs = (self._epochs.get(name, ""), self._new_epoch)
+            # A new epoch each time: one this process set before a restart must not match
+            # again, or processes that knew it would take the emptied Redis for the same one.
+            epochs = (self._epochs.get(name, ""), secrets.token_hex(8))
             try:
                 self._epochs[name] = await self._remote.sync(
                     name, epochs, (tpm, taken.tokens), spends
