@@ -256,3 +256,25 @@ def test_a_slow_redis_costs_at_most_the_timeout(server: RedisServer) -> None:
     fleet = asyncio.run(run())
     assert fleet.transitions == [(False, "TimeoutError"), (True, "")]
     assert _spend(server, "spender") == 500
+
+
+def test_the_spend_read_finds_a_flushed_redis_and_writes_back(server: RedisServer) -> None:
+    """No call fails (FLUSHALL keeps connections): the periodic spend read sees the epochs
+    gone, and each process writes back what it charged, keys it has not used since too."""
+
+    async def run() -> dict[str, float]:
+        fleet = Fleet(server)
+        one, two = fleet.stores
+        await one.charge(SPENDER, 1, 0.0003)
+        await two.charge(SPENDER, 1, 0.0002)
+        with server.client() as client:
+            client.flushall()
+        assert await one.spend([RPM]) == {"rpm": 0.0}  # writes `spender` back all the same
+        await two.spend([RPM])
+        spent = await one.spend([SPENDER])
+        await fleet.aclose()
+        assert fleet.transitions == []
+        return spent
+
+    assert asyncio.run(run()) == {"spender": 0.0005}
+    assert _spend(server, "spender") == 500

@@ -45,6 +45,9 @@ class Ledger:
         for period, micros in taken.micros.items():
             held.micros[period] = held.micros.get(period, 0) + micros
 
+    def pending_names(self) -> list[str]:
+        return list(self._pending)
+
     def names(self) -> list[str]:
         """Every key name charged (in a period still kept), held or not."""
         return list(self._all.keys() | self._pending.keys())

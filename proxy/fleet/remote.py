@@ -85,10 +85,17 @@ class RedisState:
 
     async def spent(self, names_periods: Sequence[tuple[str, str]]) -> list[int]:
         """Micro-USD spent, one MGET for every (key name, period)."""
-        if not names_periods:
-            return []
-        values = await _guarded(self._redis.mget([self.spend_key(n, p) for n, p in names_periods]))
-        return [int(v) if v is not None else 0 for v in values]
+        return (await self.spent_and_epochs(names_periods, ()))[0]
+
+    async def spent_and_epochs(
+        self, names_periods: Sequence[tuple[str, str]], names: Sequence[str]
+    ) -> tuple[list[int], list[str | None]]:
+        """Micro-USD spent per (key name, period), and the epoch of each of `names`: one MGET."""
+        keys = [self.spend_key(n, p) for n, p in names_periods]
+        keys += [self.key(name, "epoch") for name in names]
+        values = await _guarded(self._redis.mget(keys)) if keys else []
+        spent = [int(v) if v is not None else 0 for v in values[: len(names_periods)]]
+        return spent, list(values[len(names_periods) :])
 
     def upstream_key(self, name: str, what: str) -> str:
         return f"{self._prefix}{{upstreams}}:{name}:{what}"  # one slot: read in one script

@@ -136,32 +136,39 @@ class FleetStore:
                 raise
 
     async def spend(self, keys: Sequence[ClientKey]) -> dict[str, float]:
-        """Called every few seconds for /metrics; first writes back (see `resync`)."""
-        if self.up:
-            await self.resync()
+        """Called every few seconds for /metrics. The same read tells whether Redis lost
+        the state of a key this process charged (its epoch changed): then, and for charges
+        still held, it writes back (`resync`)."""
         if self.up:
             now = self._wall()
             wanted = [(key.name, period_id(period_of(key), now)) for key in keys]
+            charged = self._ledger.names()
             try:
                 async with asyncio.timeout(self._timeout):
-                    values = await self._remote.spent(wanted)
+                    values, epochs = await self._remote.spent_and_epochs(wanted, charged)
             except (StoreDown, TimeoutError) as exc:
                 self._down(exc)
             else:
+                await self.resync(
+                    [n for n, e in zip(charged, epochs, strict=True) if e != self._epochs.get(n)]
+                )
                 return {
                     name: micros / MICROS for (name, _), micros in zip(wanted, values, strict=True)
                 }
         return await self.local.spend(keys)
 
-    async def resync(self) -> None:
-        """For every key this process charged: writes back what is held, or all of it if
-        Redis lost its state, even for keys no request has used since (one script each)."""
+    async def resync(self, names: Sequence[str] | None = None) -> None:
+        """Writes back what is held, and everything this process charged to `names` (None:
+        to every key, as after an outage); one script per key, none when all is in order."""
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
-                for name in self._ledger.names():
-                    await self._sync(name, self._ledger.tpm.get(name, -1))
+                await self._sync_each(self._ledger.names() if names is None else names)
         except (StoreDown, TimeoutError) as exc:
             self._down(exc)
+
+    async def _sync_each(self, names: Sequence[str]) -> None:
+        for name in dict.fromkeys([*names, *self._ledger.pending_names()]):
+            await self._sync(name, self._ledger.tpm.get(name, -1))
 
     def _down(self, exc: BaseException) -> None:
         self._on_error()
@@ -176,8 +183,7 @@ class FleetStore:
             try:
                 async with asyncio.timeout(PROBE_TIMEOUT):
                     await self._remote.ping()
-                    for name in self._ledger.names():
-                        await self._sync(name, self._ledger.tpm.get(name, -1))
+                    await self._sync_each(self._ledger.names())  # Redis may have lost all
             except (StoreDown, TimeoutError):
                 self._on_error()
                 continue
