@@ -33,6 +33,7 @@ class ProxyError(Exception):
     type: str = "server_error"
     code: str | None = None
     retryable: bool = False
+    extra_headers: tuple[tuple[bytes, bytes], ...] = ()  # what `headers()` adds to the answer
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -45,7 +46,7 @@ class ProxyError(Exception):
         return error_body(self.message, self.type, param=self.param, code=self.code)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return []
+        return list(self.extra_headers)
 
 
 class BadRequest(ProxyError):
@@ -95,9 +96,7 @@ class BudgetExceeded(ProxyError):
     status = 429
     type = "insufficient_quota"
     code = "budget_exceeded"
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"x-should-retry", b"false")]
+    extra_headers = ((b"x-should-retry", b"false"),)  # openai-python then does not retry
 
 
 class StateUnavailable(ProxyError):
@@ -106,9 +105,7 @@ class StateUnavailable(ProxyError):
     status = 503
     type = "server_error"
     code = "state_unavailable"
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"retry-after", b"1")]
+    extra_headers = ((b"retry-after", b"1"),)
 
 
 class UpstreamUnreachable(ProxyError):
