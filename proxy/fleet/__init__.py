@@ -17,6 +17,13 @@ What is shared, and the consistency each limit gives:
 - **Upstream health** (see `proxy.fleet.health`): consecutive failures, cooldowns and the
   learnt "rejects stream_options" are shared within a refresh interval.
 
+Round trips to Redis, for sizing: a request with a limited key costs 2 (the admission
+script before it goes upstream, the charge script after it ends; a key without rpm, tpm or
+budget skips the first); a process's first request for a key costs 2 more (it learns the
+key's epoch). In the background each process runs 1 script every REFRESH_SECONDS (0.25 s,
+upstream health) and 1 MGET every SPEND_SECONDS (2 s, spend for /metrics); a failed upstream
+attempt adds 1, sent without the request waiting for it.
+
 While Redis cannot be reached (down, slower than `state.timeout`, restarted empty), see
 `proxy.fleet.shared`: `open` goes on with each process's own buckets, `closed` refuses keys
 that need the store; charges are kept and written back, so spend still equals the bill.
