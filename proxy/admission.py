@@ -1,9 +1,10 @@
 """Client keys (pure): who is calling, which routes they may use, and how fast.
 
 A key is known by its SHA-256 only, so routes.yaml holds nothing worth stealing. Limits are
-token buckets per key and per process (each worker, each pod keeps its own): `rpm` admits a
-request per token; `tpm` admits while the bucket is above zero and is charged the request's
-real usage when it ends, so one long answer can overdraw it and later requests wait.
+token buckets per key; `Limits` keeps them in this process (proxy.fleet shares them across
+the fleet by the same rules): `rpm` admits a request per token; `tpm` admits while the
+bucket is above zero and is charged the request's real usage when it ends, so one long
+answer can overdraw it and later requests wait.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ from proxy.config import ClientKey, Config
 from proxy.errors import ModelNotAllowed, RateLimited, Unauthorized
 
 KEY_PREFIX = "sk-sg-"
+
+
+def rate_limited(key: ClientKey, kind: str, wait: float) -> RateLimited:
+    """`kind`: "requests" (rpm ran out) or "tokens" (tpm did); `wait`: seconds to a retry."""
+    limit = key.rpm if kind == "requests" else key.tpm
+    return RateLimited(
+        f"Rate limit reached for key '{key.name}': {limit} {kind} per minute.", kind, wait
+    )
 
 
 def hash_key(key: str) -> str:
@@ -84,19 +93,9 @@ class Limits:
         requests = self._bucket(self._requests, key.name, key.rpm, now)
         tokens = self._bucket(self._tokens, key.name, key.tpm, now)
         if requests is not None and key.rpm is not None and requests.level < 1:
-            wait = (1 - requests.level) * 60 / key.rpm
-            raise RateLimited(
-                f"Rate limit reached for key '{key.name}': {key.rpm} requests per minute.",
-                "requests",
-                wait,
-            )
+            raise rate_limited(key, "requests", (1 - requests.level) * 60 / key.rpm)
         if tokens is not None and key.tpm is not None and tokens.level <= 0:
-            wait = (1 - tokens.level) * 60 / key.tpm
-            raise RateLimited(
-                f"Rate limit reached for key '{key.name}': {key.tpm} tokens per minute.",
-                "tokens",
-                wait,
-            )
+            raise rate_limited(key, "tokens", (1 - tokens.level) * 60 / key.tpm)
         if requests is not None:
             requests.level -= 1
 

@@ -28,7 +28,7 @@ from proxy.admission import identify
 from proxy.api_request import APIS
 from proxy.asgi import send_error
 from proxy.catalog import model_entries
-from proxy.config import ConfigError, ServerSettings
+from proxy.config import Config, ConfigError
 from proxy.endpoint import ApiEndpoint
 from proxy.errors import (
     HeadersTooLarge,
@@ -38,6 +38,7 @@ from proxy.errors import (
     ProxyError,
     error_body,
 )
+from proxy.fleet import Fleet, open_fleet
 from proxy.health import Health
 from proxy.metering.estimate import tokenizer_available
 from proxy.observe.logs import LEVELS, access_log, get_logger
@@ -77,7 +78,7 @@ def create_app(
     ref = StateRef()
     runtime = runtime or Runtime(health=Health())
     metrics: list[Metrics] = []  # the one per process, made when the config is first read
-    started: list[ServerSettings] = []  # as read at start-up; the metrics settings stay so
+    started: list[Config] = []  # as read at start-up; metrics settings and `state:` stay so
     scrape = MetricsEndpoint(functools.partial(_render, metrics))  # token: set at start-up
 
     def reloaded(ok: bool, error: ConfigError | None) -> None:
@@ -86,7 +87,7 @@ def create_app(
             meter.config_reloaded(ok, config if ok else None)
         if ok:
             log.info("config_reloaded", config=config.summary())
-            _warn_restart_needed(started, config.server)
+            _warn_restart_needed(started, config)
         else:
             log.error(
                 "config_reload_refused", errors=[str(i) for i in error.issues] if error else []
@@ -98,7 +99,7 @@ def create_app(
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         state = reloader.start()
         meter = Metrics(state.config)
-        started.append(state.config.server)
+        started.append(state.config)
         scrape.token = state.config.server.metrics_token  # before /metrics can answer
         metrics.append(meter)
         runtime.health.on_cooldown = meter.set_cooldown
@@ -116,6 +117,7 @@ def create_app(
         # full collections that walk it cost tens of ms of stop-the-world under load.
         await asyncio.to_thread(tokenizer_available)
         gc.freeze()
+        fleet = _open_fleet(runtime, ref, meter)  # its first calls wait on nothing above
         log.info("ready", config=state.config.summary())
         if not state.config.keys:
             log.warning("open_proxy", hint="no `keys:` in the routes file: any client is served")
@@ -129,6 +131,7 @@ def create_app(
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+            await fleet.aclose()
             await reloader.aclose()
 
     endpoints = {path: ApiEndpoint(ref, runtime, api) for path, api in APIS.items()}
@@ -151,6 +154,27 @@ def create_app(
     app.state.reloader = reloader
     app.state.render_metrics = scrape.render
     return app
+
+
+def _open_fleet(runtime: Runtime, ref: StateRef, meter: Metrics) -> Fleet:
+    """The state store (kept across reloads; `state:` is read at start-up), shared upstream
+    health, and the task that shows each key's spend on /metrics."""
+    config = ref.get().config
+
+    def transition(up: bool, why: str) -> None:
+        meter.state_changed(up)
+        if up:
+            log.info("state_restored")
+        else:
+            log.warning("state_unavailable", error=why, on_unavailable=config.state.on_unavailable)
+
+    if config.state.url is None:
+        fleet = Fleet(runtime.store)
+    else:
+        fleet = open_fleet(config.state, runtime.health, transition, meter.state_failed)
+        runtime.store = fleet.store
+    fleet.start(lambda: ref.get().config, meter.set_spend)
+    return fleet
 
 
 def _small_routes(ref: StateRef, runtime: Runtime) -> list[Route]:
@@ -183,8 +207,12 @@ def _render(metrics: list[Metrics]) -> tuple[bytes, str]:
     return metrics[0].render()
 
 
-def _warn_restart_needed(started: list[ServerSettings], now: ServerSettings) -> None:
-    if started and (stale := restart_needed(started[0], now)):
+def _warn_restart_needed(started: list[Config], now: Config) -> None:
+    if not started:
+        return
+    stale = restart_needed(started[0].server, now.server)
+    stale += ["state"] if started[0].state != now.state else []  # the store is built once
+    if stale:
         log.warning("restart_needed", settings=stale, hint="they apply at the next start")
 
 

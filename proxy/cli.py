@@ -1,4 +1,4 @@
-"""The `sluicegate` command: serve, check, hash-key, mock-upstream."""
+"""The `sluicegate` command: serve, check, keys, hash-key, mock-upstream."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from proxy import __version__
 from proxy.admission import hash_key, new_key
 from proxy.app import CONFIG_ENV, LOG_LEVEL_ENV, METRICS_ROUTE_ENV, WATCH_ENV, create_app
 from proxy.config import ConfigError, load_config
+from proxy.fleet.report import key_rows, render
+from proxy.fleet.store import StoreDown
 from proxy.mock.upstream import Knobs, MockUpstream
 from proxy.mock.upstream import serve as serve_mock
 from proxy.observe import metrics_server
@@ -86,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     check.set_defaults(run=_check)
 
+    keys = sub.add_parser(
+        "keys", help="each client key's limits, spend this period and remaining budget"
+    )
+    keys.add_argument("--config", default="routes.yaml", help="routes file")
+    keys.add_argument("--json", action="store_true", help="JSON, for scripts")
+    keys.set_defaults(run=_keys)
+
     hashing = sub.add_parser(
         "hash-key",
         help="print the SHA-256 of a client key for `keys:` (the key is read from stdin)",
@@ -126,6 +135,19 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{args.path}: {len(exc.issues)} error(s)", file=sys.stderr)
         return 1
     print(f"ok: {config.summary()}")
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    try:
+        rows = key_rows(load_config(args.config))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except StoreDown as exc:  # the URL is a secret: the error's class only
+        print(f"sluicegate keys: cannot reach the state store ({exc})", file=sys.stderr)
+        return 1
+    print(render(rows, as_json=args.json))
     return 0
 
 

@@ -17,13 +17,12 @@ from proxy.errors import (
     ModelNotFound,
     Overloaded,
     ProxyError,
-    RateLimited,
     UpstreamProtocolError,
 )
 from proxy.headers import Headers, client_response_headers, request_id, upstream_request_headers
 from proxy.metering.cost import cost_usd
 from proxy.metering.usage import tee_for, usage_of_body, usage_of_stream
-from proxy.record import Observers, RequestRecord
+from proxy.record import Observers, RequestRecord, Usage
 from proxy.relay import Reply
 from proxy.state import AppState, Runtime, StateRef
 
@@ -102,12 +101,9 @@ class _RequestFlow:
                 )
                 raise ModelNotFound(message, param="model")
             check_model(key, route.model)
-            state.runtime.limits.admit(key, time.monotonic())
-        except RateLimited as exc:
-            await self._fail(exc, exc.headers())
-            return
+            await state.runtime.store.admit(key)
         except ProxyError as exc:
-            await self._fail(exc)
+            await self._fail(exc, exc.headers())
             return
         except ClientGone:
             self.record.client_disconnected = True
@@ -136,7 +132,7 @@ class _RequestFlow:
             self.record.client_disconnected |= watch.client_gone
             if key is not None and self.record.usage is not None:
                 used = self.record.usage.prompt + self.record.usage.completion
-                state.runtime.limits.charge(key, used, time.monotonic())
+                await state.runtime.store.charge(key, used, self.record.cost_usd)
 
     async def _respond(
         self, state: AppState, request: ApiRequest, result: Answer | Failure, reply: Reply
@@ -179,7 +175,7 @@ class _RequestFlow:
         if not request.stream:
             await reply.whole(answer.status, answer.head, headers)
             record.ttft_s = time.perf_counter() - self.arrived
-            record.usage = usage_of_body(request, answer, upstream)
+            self._meter(state, answer, usage_of_body(request, answer, upstream))
         else:
             tee = tee_for(request, answer, upstream)
             try:
@@ -188,10 +184,13 @@ class _RequestFlow:
                 if relayed.failure is not None:
                     record.stream_error = relayed.reason
                     record.error, record.message = relayed.failure.code, relayed.failure.message
-            finally:
-                record.usage = usage_of_stream(request, answer, upstream, tee)
+            finally:  # a client that left cancels the relay: its usage is priced all the same
+                self._meter(state, answer, usage_of_stream(request, answer, upstream, tee))
+
+    def _meter(self, state: AppState, answer: Answer, usage: Usage | None) -> None:
         price = state.config.pricing.get(answer.target.model)
-        record.cost_usd = cost_usd(record.usage, price) if record.usage is not None else None
+        self.record.usage = usage
+        self.record.cost_usd = cost_usd(usage, price) if usage is not None else None
 
     async def _fail(
         self, exc: ProxyError, extra: Headers | None = None, *, reply: Reply | None = None

@@ -12,15 +12,21 @@
     ├── BodyTooLarge                413     invalid_request_error   request_too_large
     ├── RateLimited                 429     requests|tokens         rate_limit_exceeded
     ├── Overloaded                  429     rate_limit_error        proxy_overloaded
+    ├── BudgetExceeded              429     insufficient_quota      budget_exceeded
     ├── HeadersTooLarge             431     invalid_request_error   headers_too_large
     ├── InternalError               500     server_error            internal_error
     ├── UpstreamUnreachable         502     upstream_error          upstream_unreachable
     ├── UpstreamProtocolError       502     upstream_error          upstream_protocol_error
     ├── NotReady                    503     server_error            not_ready
+    ├── StateUnavailable            503     server_error            state_unavailable
     └── UpstreamTimeout             504     upstream_error          upstream_timeout
 
 `(given)`: set where the error is raised (none if not given); `a|b`: one of them, per error.
 Every ProxyError subclass is defined here, and listed here (tests/test_errors.py checks both).
+`headers()` is what an error adds to the response: RateLimited `retry-after`, BudgetExceeded
+`x-should-retry: false` (openai-python then does not retry a spent budget), StateUnavailable
+`retry-after`.
+
 Errors that the upstream itself answered (4xx/5xx with a body) are not in this tree:
 the relay passes them on with the upstream's own status and body.
 
@@ -40,6 +46,7 @@ class ProxyError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    extra_headers: tuple[tuple[bytes, bytes], ...] = ()  # what `headers()` adds to the answer
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -50,6 +57,9 @@ class ProxyError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, param=self.param, code=self.code)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return list(self.extra_headers)
 
 
 class BadRequest(ProxyError):
@@ -132,6 +142,24 @@ class InternalError(ProxyError):
     status = 500
     type = "server_error"
     code = "internal_error"
+
+
+class BudgetExceeded(ProxyError):
+    """The key has spent its budget for the period; retrying will not help until it resets."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+    extra_headers = ((b"x-should-retry", b"false"),)  # openai-python then does not retry
+
+
+class StateUnavailable(ProxyError):
+    """`state.on_unavailable: closed` and the shared store cannot be reached."""
+
+    status = 503
+    type = "server_error"
+    code = "state_unavailable"
+    extra_headers = ((b"retry-after", b"1"),)
 
 
 class UpstreamUnreachable(ProxyError):

@@ -11,10 +11,20 @@ closes the circuit or opens it again.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from proxy.config import Cooldown
 
 CooldownObserver = Callable[[str, bool], None]
+
+
+class SharedHealth(Protocol):
+    """Told of every verdict, to share it with the fleet (proxy.fleet.health); must not block."""
+
+    def succeeded(self, name: str) -> None: ...
+
+    def failed(self, name: str, policy: Cooldown, probe: bool) -> None: ...
+
 
 # A burst allowance, so a quiet upstream can still retry; beyond it retries must be earned
 # by ordinary traffic at the configured ratio (Finagle's RetryBudget, without the clock).
@@ -48,6 +58,10 @@ class UpstreamHealth:
         self._period = 0.0  # the cooldown length in force, also the longest a probe may take
         self._budget = _BUDGET_RESERVE
 
+    @property
+    def probing(self) -> bool:
+        return self._probing
+
     def in_cooldown(self, now: float) -> bool:
         if self._open_until is None:
             return False
@@ -78,6 +92,15 @@ class UpstreamHealth:
             return not was_probe
         return False
 
+    def open_for(self, now: float, remaining: float, period: float) -> bool:
+        """A cooldown learnt from the fleet, `remaining` seconds of a `period`-long one.
+        Returns True when this opened the circuit; a probe in flight keeps its turn."""
+        if self._probing or (self._open_until is not None and self._open_until >= now + remaining):
+            return False
+        was_closed = self._open_until is None
+        self._open_until, self._period = now + remaining, period
+        return was_closed
+
     def release_probe(self) -> None:
         """The probe ended without a health verdict (a 4xx, a cancel): the circuit stays
         open as it was, and the next request may probe."""
@@ -101,6 +124,7 @@ class Health:
     def __init__(self, on_cooldown: CooldownObserver | None = None) -> None:
         self._by_name: dict[str, UpstreamHealth] = {}
         self.on_cooldown = on_cooldown
+        self.shared: SharedHealth | None = None  # set in the lifespan with `state.url`
 
     def __getitem__(self, name: str) -> UpstreamHealth:
         health = self._by_name.get(name)
@@ -117,9 +141,19 @@ class Health:
     def succeeded(self, name: str) -> None:
         if self[name].succeeded():
             self._notify(name, False)
+        if self.shared is not None:
+            self.shared.succeeded(name)
 
     def failed(self, name: str, now: float, policy: Cooldown) -> None:
-        if self[name].failed(now, policy):
+        health = self[name]
+        probe = health.probing
+        if health.failed(now, policy):
+            self._notify(name, True)
+        if self.shared is not None:
+            self.shared.failed(name, policy, probe)
+
+    def open_shared(self, name: str, now: float, remaining: float, period: float) -> None:
+        if self[name].open_for(now, remaining, period):
             self._notify(name, True)
 
     def _notify(self, name: str, active: bool) -> None:

@@ -1,7 +1,7 @@
 """The application state: built once at start-up, replaced whole on reload (never mutated).
 
 `AppState` pairs one config with the upstream clients built for it. What must outlive a
-reload (upstream health, the in-flight count for admission, the random source) lives in
+reload (upstream health, the state store, the in-flight count, the random source) lives in
 `Runtime`, made once per process and handed to every AppState.
 """
 
@@ -10,9 +10,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from proxy.admission import Limits
 from proxy.config import Config
 from proxy.errors import NotReady
+from proxy.fleet.local import LocalStore
+from proxy.fleet.store import Store
 from proxy.health import Health
 from proxy.record import Observers
 from proxy.upstream import UpstreamClients
@@ -25,7 +26,9 @@ class Runtime:
     inflight: int = 0  # requests being served by this process
     draining: bool = False  # SIGTERM seen: readiness goes false, in-flight work finishes
     observers: Observers = field(default_factory=Observers)  # set up in the lifespan
-    limits: Limits = field(default_factory=Limits)  # client keys' rpm/tpm buckets
+    store: Store = field(
+        default_factory=LocalStore
+    )  # keys' limits and spend; set up in the lifespan
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ it closes the upstream at once and counts an estimate, marked `usage_source="est
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from structlog.testing import capture_logs
 
+from proxy.admission import hash_key
 from proxy.app import create_app
+from proxy.config import Price, parse_config
+from proxy.metering.cost import cost_usd
 from proxy.mock.upstream import MockUpstream
 from proxy.mock.upstream import RequestRecord as MockRecord
 from proxy.record import RequestRecord
@@ -41,9 +46,9 @@ pricing:
 """
 
 
-def _abort_stream(url: str, model: str, after: int = 3, **extra: Any) -> int:
+def _abort_stream(url: str, model: str, after: int = 3, key: str = "k", **extra: Any) -> int:
     """Reads `after` chunks of a streamed answer, then hangs up; returns chunks read."""
-    client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+    client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
     stream = client.chat.completions.create(
         model=model, messages=MESSAGES, stream=True, extra_body=SLOW, **extra
     )
@@ -130,6 +135,35 @@ def test_by_default_the_upstream_is_closed_at_once_and_usage_estimated(
     # most what the upstream sent.
     assert read - 1 <= record.usage.output <= sent
     assert record.usage.input > 0
+
+
+def test_an_estimated_abort_is_priced_and_charged_to_the_keys_budget(
+    tmp_path: Path, mock_server: RunningServer
+) -> None:
+    """It used to count as unpriced tokens (`unpriced_model` logged for a priced model): the
+    relay's cancellation skipped the pricing. A budget must charge what the abort cost."""
+    key = "sk-sg-" + "YWJvcnRlZF9zdHJlYW1zX2FyZV9wcmljZWQ"
+    path = tmp_path / "routes.yaml"
+    keys = f"keys:\n  leaver: {{sha256: '{hash_key(key)}', budget: {{usd: 1, period: day}}}}\n"
+    path.write_text(_routes(mock_server.url, mock_server.url, "null") + keys)
+    finished: list[RequestRecord] = []
+    app = create_app(path, env={}, watch_interval=None, observers=(finished.append,))
+    with capture_logs() as logs, RunningServer(app) as proxy:
+        _abort_stream(proxy.url, "auto", after=5, key=key)
+        assert wait_for(lambda: len(finished) == 1)
+        samples = scrape(proxy.url)
+    record = finished[0]
+    assert record.usage is not None
+    assert record.usage.source == "estimated"
+    assert record.cost_usd == cost_usd(record.usage, Price(PRICE_IN, PRICE_OUT, PRICE_IN))
+    assert record.cost_usd is not None
+    assert record.cost_usd > 0
+    assert total(samples, "sluicegate_unpriced_tokens_total") == 0
+    assert total(samples, "sluicegate_cost_usd_total", key="leaver") == record.cost_usd
+    assert not [e for e in logs if e["event"] == "unpriced_model"]
+    store = app.state.runtime.store
+    spent = asyncio.run(store.spend([parse_config(path.read_text(), "r", {}).keys[0]]))
+    assert spent["leaver"] == pytest.approx(record.cost_usd, abs=1e-6)  # whole micro-dollars
 
 
 def test_a_grace_shorter_than_the_answer_still_closes_the_upstream(

@@ -38,6 +38,7 @@ from proxy.mock.upstream import MockUpstream
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
 from tests.helpers import ROOT, free_port, sluicegate, wait_for
+from tests.redis_server import RedisServer
 
 URLSAFE = string.ascii_letters + string.digits + "-_"
 WINDOW = 8  # characters: the shortest piece of a secret that counts as a leak
@@ -75,9 +76,13 @@ METRICS_TOKEN = Key("METRICS_TOKEN", _chars(43))
 CLIENT = Key("client", "sk-sg-" + _chars(43), "sk-sg-")  # as `sluicegate hash-key --new`
 NARROW = Key("narrow client", "sk-sg-" + _chars(43), "sk-sg-")
 COOKIE = Key("client cookie", "session=" + _chars(32), "session=")
+REDIS = Key("REDIS_URL's password", _chars(40))  # state.url: limits shared through Redis
 UPSTREAM_KEYS = (OPENAI, ANTHROPIC, DEEPSEEK, GEMINI)
-SECRETS = (*UPSTREAM_KEYS, PASTED, METRICS_TOKEN, CLIENT, NARROW, COOKIE)
+SECRETS = (*UPSTREAM_KEYS, PASTED, METRICS_TOKEN, CLIENT, NARROW, COOKIE, REDIS)
 ENV = {key.name: key.value for key in (OPENAI, ANTHROPIC, DEEPSEEK, GEMINI, METRICS_TOKEN)}
+# Nothing listens there (`check` never connects); `serve` gets a real redis-server's URL.
+ENV["REDIS_URL"] = f"redis://:{REDIS.value}@127.0.0.1:9/0"
+ENV["REDIS_BAD_URL"] = f"http://:{REDIS.value}@127.0.0.1:9/0"  # the wrong scheme
 ENV[PASTED.name] = PASTED.value + "\n"
 # Near misses: their difference from the real thing is at the end, so an echo of one shows
 # WINDOW-long pieces of the real key.
@@ -119,7 +124,9 @@ def routes_yaml(mock_url: str, dead_port: int, *, rpm: int = 1000, broken: bool 
     lines.append("pricing:")
     lines += [f"  m-{route}: {{input: 1, output: 2}}" for route in ROUTES]
     app_key = CLIENT.value if broken else _sha256(CLIENT)
+    redis_url = "${REDIS_BAD_URL}" if broken else "${REDIS_URL}"
     lines += [
+        f"state: {{url: '{redis_url}', timeout: 1}}",
         "keys:",
         f"  app: {{sha256: '{app_key}', rpm: {rpm}}}",
         f"  narrow: {{sha256: '{_sha256(NARROW)}', models: [gpt]}}",
@@ -177,6 +184,12 @@ class Recorder(httpx.BaseTransport):
 
     def close(self) -> None:
         self._inner.close()
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer(REDIS.value) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -259,14 +272,18 @@ def replace_file(path: Path, text: str, log: Path, event: str, workers: int) -> 
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "two-workers-and-metrics-port"])
 def test_no_secret_in_anything_a_run_produces(
-    tmp_path: Path, mock: tuple[MockUpstream, RunningServer], dead_port: int, workers: int
+    tmp_path: Path,
+    mock: tuple[MockUpstream, RunningServer],
+    dead_port: int,
+    workers: int,
+    redis_server: RedisServer,
 ) -> None:
     upstream, mock_server = mock
     seen = Seen()
     path, log = tmp_path / "routes.yaml", tmp_path / "proxy.log"
     path.write_text(routes_yaml(mock_server.url, dead_port))
     args = ["serve", "--config", str(path), "--log-level", "debug"]
-    env, metrics_port = dict(ENV), None
+    env, metrics_port = {**ENV, "REDIS_URL": redis_server.url}, None
     if workers > 1:
         metrics_port = free_port()
         args += ["--workers", str(workers), "--metrics-port", str(metrics_port)]
@@ -297,6 +314,8 @@ def test_no_secret_in_anything_a_run_produces(
     # The secrets were in play: each upstream got its own key (and echoed it), the proxy
     # logged requests, reloads and a traceback, and the metrics were read.
     sent = upstream.records[first:]
+    with redis_server.client() as client:  # the client key's rpm was checked in Redis
+        assert client.exists("sluicegate:{app}:epoch")
     used = {record.headers["authorization"] for record in sent}
     assert used == {f"Bearer {key.value}" for key in UPSTREAM_KEYS}
     for marker in ('"event":"request"', '"config_reloaded"', '"config_reload_refused"'):
@@ -330,6 +349,7 @@ def test_check_and_serve_refuse_broken_files_without_quoting_a_secret(
     port = str(free_port())
     runs = [
         ("check", str(good)),
+        ("keys", "--config", str(good)),  # Redis unreachable: says so, quoting no URL
         ("check", str(broken)),
         ("check", str(syntax)),
         ("serve", "--config", str(broken), "--port", port),
@@ -344,10 +364,11 @@ def test_check_and_serve_refuse_broken_files_without_quoting_a_secret(
             timeout=60,
             check=False,
         )
-        assert result.returncode == (0 if args[1] == str(good) else 1), result.stderr
+        assert result.returncode == (0 if args == ("check", str(good)) else 1), result.stderr
         seen.add(" ".join(args), result.stdout + result.stderr)
     text = seen.all()
-    for path in ("server.metrics_token", "upstreams.gpt.base_url", "keys.app.sha256"):
+    assert "cannot reach the state store" in text
+    for path in ("server.metrics_token", "upstreams.gpt.base_url", "keys.app.sha256", "state.url"):
         assert f": {path}: " in text  # the refusals were about the secrets' fields
     assert "invalid YAML" in text
     assert_nothing_leaked(seen)

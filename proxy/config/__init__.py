@@ -8,6 +8,8 @@ holds the types; `load` reads the file. Everything public is re-exported here.
 
 from proxy.config.load import load_config, parse_config
 from proxy.config.model import (
+    Budget,
+    BudgetPeriod,
     ClientKey,
     Config,
     ConfigError,
@@ -17,6 +19,7 @@ from proxy.config.model import (
     Route,
     Secret,
     ServerSettings,
+    StateSettings,
     Strategy,
     StreamOptionsMode,
     Target,
@@ -26,6 +29,8 @@ from proxy.config.model import (
 )
 
 __all__ = [
+    "Budget",
+    "BudgetPeriod",
     "ClientKey",
     "Config",
     "ConfigError",
@@ -35,6 +40,7 @@ __all__ = [
     "Route",
     "Secret",
     "ServerSettings",
+    "StateSettings",
     "Strategy",
     "StreamOptionsMode",
     "Target",

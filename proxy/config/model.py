@@ -105,6 +105,18 @@ class Price:  # USD per million tokens
     cached_input: float
 
 
+BudgetPeriod = Literal["day", "month", "total"]  # day and month: UTC calendar
+BUDGET_PERIODS: dict[str, BudgetPeriod] = {"day": "day", "month": "month", "total": "total"}
+OnUnavailable = Literal["open", "closed"]
+ON_UNAVAILABLE: dict[str, OnUnavailable] = {"open": "open", "closed": "closed"}
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    usd: float  # what the key may spend in one period
+    period: BudgetPeriod
+
+
 @dataclass(frozen=True, slots=True)
 class ClientKey:
     """A client's key, as stored: its SHA-256 only (`sluicegate hash-key` prints one)."""
@@ -112,8 +124,25 @@ class ClientKey:
     name: str  # shows in metrics and the access log; the key itself never does
     sha256: str  # lower-case hex
     models: tuple[str, ...] | None = None  # route models it may use; None: every route
-    rpm: int | None = None  # requests per minute, per process
-    tpm: int | None = None  # tokens per minute, per process
+    rpm: int | None = None  # requests per minute (per process without `state.url`)
+    tpm: int | None = None  # tokens per minute (per process without `state.url`)
+    budget: Budget | None = None  # USD per period, checked before a request goes upstream
+
+    @property
+    def limited(self) -> bool:
+        """Whether admission needs the state store for this key."""
+        return self.rpm is not None or self.tpm is not None or self.budget is not None
+
+
+@dataclass(frozen=True, slots=True)
+class StateSettings:
+    """Where limits, budgets and upstream health are kept. No `url`: in this process only
+    (exact for one process; N processes grant N times a limit)."""
+
+    url: Secret | None = None  # redis:// or rediss://, from the environment (it holds a password)
+    key_prefix: str = "sluicegate:"  # lets several deployments share one Redis
+    on_unavailable: OnUnavailable = "open"  # admit on local state, or refuse keyed requests
+    timeout: float = 0.05  # seconds for one state call before it counts as unavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +171,7 @@ class Config:
     pricing: Mapping[str, Price]
     source: str
     keys: tuple[ClientKey, ...] = ()  # none: the proxy is open to any client
+    state: StateSettings = StateSettings()
     _by_model: Mapping[str, Route] = field(init=False, repr=False, compare=False)
     _by_hash: Mapping[str, ClientKey] = field(init=False, repr=False, compare=False)
 
@@ -170,7 +200,8 @@ class Config:
             f"{len(items)} {noun}{'' if len(items) == 1 else 's'}" for items, noun in counts
         )
         keys = len(self.keys)
-        return text + (f", {keys} client key{'' if keys == 1 else 's'}" if keys else ", open")
+        text += f", {keys} client key{'' if keys == 1 else 's'}" if keys else ", open"
+        return text + (", state shared in Redis" if self.state.url is not None else "")
 
 
 _NOUNS = ("upstream", "route", "priced model")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, TypedDict
+from typing import TypedDict
 from urllib.parse import urlsplit
 
-from proxy.config.checks import Checks, Data
+from proxy.config.checks import Data
 from proxy.config.document import child_path
+from proxy.config.fleet import FleetChecks
 from proxy.config.model import (
     STRATEGIES,
     STREAM_OPTIONS_MODES,
@@ -24,10 +25,6 @@ from proxy.config.model import (
     UsageHeaders,
 )
 
-if TYPE_CHECKING:
-    pass
-
-
 _UP, _SERVER = Upstream("", ""), ServerSettings()  # where the validator finds defaults
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a metric label value
@@ -42,7 +39,7 @@ class _MetricsSettings(TypedDict):
     metrics_token: Secret | None
 
 
-class Validator(Checks):
+class Validator(FleetChecks):
     """The schema of routes.yaml, section by section, on top of the generic checks."""
 
     def config(self, raw: object) -> Config:
@@ -76,6 +73,7 @@ class Validator(Checks):
             pricing=self.pricing(top.get("pricing")),
             source=self.source,
             keys=self.keys(top.get("keys"), routes),
+            state=self.state(top.get("state")),
         )
 
     def metrics(self, server: Data) -> _MetricsSettings:
@@ -255,6 +253,7 @@ class Validator(Checks):
                 models=self.key_models(data.get("models"), child_path(path, "models"), known),
                 rpm=self.optional_int(data, "rpm", path),
                 tpm=self.optional_int(data, "tpm", path),
+                budget=self.budget(data.get("budget"), path),
             ))  # fmt: skip
         return tuple(keys)
 

@@ -17,7 +17,7 @@ import glob
 import os
 import re
 import tempfile
-from typing import get_args
+from typing import Literal, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -56,6 +56,7 @@ _SOURCES = frozenset(get_args(UsageSource))
 EXTRA_OBSERVER = "extra"  # the observers an embedder passes to create_app
 _OBSERVERS = frozenset({"metrics", "access_log", EXTRA_OBSERVER})
 _STREAM = {True: "true", False: "false", None: UNKNOWN}
+_PERIODS = frozenset({"day", "month", "total"})
 
 
 def _known(value: str | None, known: set[str] | frozenset[str]) -> str:
@@ -99,6 +100,7 @@ class Metrics:
         self._stream_errors = _Words()
         self._warned_unpriced: set[str] = set()
         self._warned_errors: set[type[BaseException]] = set()
+        self._shared_state = config.state.url is not None  # read at start-up, as the store is
         self._define(self.registry)
         self._learn(config)
 
@@ -180,10 +182,43 @@ class Metrics:
             ("observer",),
             registry=r,
         )
+        self._define_state(r)
         for result in ("ok", "error"):
             self._reloads.labels(result)
         for observer in sorted(_OBSERVERS):
             self._observer_errors.labels(observer)
+
+    def _define_state(self, r: CollectorRegistry) -> None:
+        # Spend read from a shared store is the same in every worker (max); kept in each
+        # process, each worker's is its own share (sum).
+        spend_mode: Literal["livemax", "livesum"] = "livemax" if self._shared_state else "livesum"
+        self._state_up = Gauge(
+            "sluicegate_state_up",
+            "1 while the state store answers (always 1 in-process; any worker down: 0).",
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self._state_errors = Counter(
+            "sluicegate_state_errors_total",
+            "State store calls that failed or timed out.",
+            registry=r,
+        )
+        self._spend = Gauge(
+            "sluicegate_key_spend_usd",
+            "USD a client key has spent in its current budget period (day without a budget).",
+            ("key", "period"),
+            multiprocess_mode=spend_mode,
+            registry=r,
+        )
+        self._budget = Gauge(
+            "sluicegate_key_budget_usd",
+            "A client key's configured budget per period.",
+            ("key",),
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self._state_up.set(1)
+        self._state_errors.inc(0)
 
     def _learn(self, config: Config) -> None:
         """Adds a config's names to the known label values. The sets only grow: requests that
@@ -193,6 +228,9 @@ class Metrics:
         targets = [t for route in config.routes for t in (*route.targets, *route.fallbacks)]
         self._models.update(t.model for t in targets)
         self._keys.update(key.name for key in config.keys)
+        for key in config.keys:
+            if key.budget is not None:
+                self._budget.labels(key.name).set(key.budget.usd)
         # Series that alerts compare over time start at 0, so their first increase is seen.
         for route in config.routes:
             self._inflight.labels(route.model)
@@ -229,6 +267,17 @@ class Metrics:
         if ok and config is not None:
             self._learn(config)
         self._reloads.labels("ok" if ok else "error").inc()
+
+    def state_changed(self, up: bool, _why: str = "") -> None:
+        self._state_up.set(1 if up else 0)
+
+    def state_failed(self) -> None:
+        self._state_errors.inc()
+
+    def set_spend(self, spend: dict[str, float], periods: dict[str, str]) -> None:
+        """USD per key name, read from the store; `periods`: each key's period word."""
+        for name, usd in spend.items():
+            self._spend.labels(_known(name, self._keys), _known(periods[name], _PERIODS)).set(usd)
 
     def set_cooldown(self, upstream: str, active: bool) -> None:
         self._cooldown.labels(_known(upstream, self._upstreams)).set(1 if active else 0)

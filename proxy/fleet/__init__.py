@@ -1,0 +1,96 @@
+"""Fleet state: what every sluicegate process must agree on, kept in Redis when `state.url`
+is set, else in the process (`LocalStore`, exact for one process, as before).
+
+What is shared, and the consistency each limit gives:
+
+- **rpm and tpm** (per client key): token buckets updated by one Lua script per request on
+  the Redis server's clock, so the whole fleet takes from one bucket. Exact: concurrent
+  requests from any number of processes never both take the last token. tpm is charged with
+  the real usage when a request ends (as before), so requests admitted while the bucket was
+  above zero can overdraw it by their own usage.
+- **Budgets** (USD per UTC day, UTC month or in total): spend is kept in integer
+  micro-dollars and added atomically when a request ends; admission compares it with the
+  budget in the same script as the buckets (one round trip). Overshoot is bounded by the
+  requests already in flight when the budget runs out: each was admitted below the budget
+  and is charged what it really cost. A process holds back less than one micro-dollar of
+  rounding per key (`Carry`).
+- **Upstream health** (see `proxy.fleet.health`): consecutive failures, cooldowns and the
+  learnt "rejects stream_options" are shared within a refresh interval.
+
+Round trips to Redis, for sizing: a request with a limited key costs 2 (the admission
+script before it goes upstream, the charge script after it ends; a key without rpm, tpm or
+budget skips the first); a process's first request for a key costs 2 more (it learns the
+key's epoch). In the background each process runs 1 script every REFRESH_SECONDS (0.25 s,
+upstream health) and 1 MGET every SPEND_SECONDS (2 s, spend for /metrics); a failed upstream
+attempt adds 1, sent without the request waiting for it.
+
+While Redis cannot be reached (down, slower than `state.timeout`, restarted empty), see
+`proxy.fleet.shared`: `open` goes on with each process's own buckets, `closed` refuses keys
+that need the store; charges are kept and written back, so spend still equals the bill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from proxy.config import Config, StateSettings
+from proxy.fleet.health import FleetHealth
+from proxy.fleet.local import LocalStore
+from proxy.fleet.periods import period_of
+from proxy.fleet.remote import RedisState
+from proxy.fleet.shared import FleetStore, Transition
+from proxy.fleet.store import Store
+from proxy.health import Health
+
+SPEND_SECONDS = 2.0  # how often each process reads the keys' spend for /metrics
+SpendReport = Callable[[dict[str, float], dict[str, str]], None]
+
+__all__ = ["Fleet", "FleetStore", "LocalStore", "Store", "open_fleet"]
+
+
+class Fleet:
+    """One process's state store, its shared upstream health, and their background tasks."""
+
+    def __init__(self, store: Store, health: FleetHealth | None = None) -> None:
+        self.store, self.health = store, health
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, config: Callable[[], Config], report: SpendReport) -> None:
+        self._tasks.append(asyncio.ensure_future(self._watch_spend(config, report)))
+        if self.health is not None:
+            self._tasks.append(asyncio.ensure_future(self.health.watch(config)))
+
+    async def _watch_spend(self, config: Callable[[], Config], report: SpendReport) -> None:
+        """Reports every configured key's spend this period, every SPEND_SECONDS."""
+        while True:
+            keys = config().keys
+            if keys:
+                spent = await self.store.spend(keys)  # never raises: the store falls back
+                report(spent, {key.name: period_of(key) for key in keys})
+            await asyncio.sleep(SPEND_SECONDS)
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.health is not None:
+            await self.health.aclose()
+        await self.store.aclose()
+
+
+def open_fleet(
+    settings: StateSettings,
+    health: Health,
+    on_transition: Transition,
+    on_error: Callable[[], None],
+) -> Fleet:
+    """Redis-backed state for `settings.url`, and `health` shared through it. No connection
+    is made here: redis-py connects on the first call, and a Redis that is down at start-up
+    is handled like one that went down."""
+    remote = RedisState(settings)
+    store = FleetStore(remote, settings, on_transition=on_transition, on_error=on_error)
+    health.shared = FleetHealth(remote, health, settings.timeout, lambda: store.up)
+    return Fleet(store, health.shared)

@@ -1,0 +1,138 @@
+"""The one module that speaks Redis (redis-py's asyncio client, a pooled connection per
+concurrent call). Every call is one round trip: a Lua script (proxy.fleet.scripts) or one
+command. Any failure of a call (Redis's errors, the socket's, or the client's own after a
+call was cut short) becomes `StoreDown`, which says nothing of the URL."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+
+from proxy.config import StateSettings
+from proxy.fleet.scripts import (
+    ADMIT,
+    CHARGE,
+    MISMATCH,
+    SYNC,
+    UPSTREAM_FAILED,
+    UPSTREAM_STATES,
+)
+from proxy.fleet.store import StoreDown
+
+
+class RedisState:
+    def __init__(self, settings: StateSettings) -> None:
+        assert settings.url is not None
+        # No retries of its own: the caller's `timeout` bounds each call, and a failure
+        # falls back at once (see FleetStore) rather than waiting through a backoff.
+        self._redis = Redis.from_url(
+            settings.url.reveal(),
+            socket_timeout=max(settings.timeout, 1.0),
+            socket_connect_timeout=max(settings.timeout, 1.0),
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+        )
+        self._prefix = settings.key_prefix
+        self._admit = self._redis.register_script(ADMIT)
+        self._charge = self._redis.register_script(CHARGE)
+        self._sync = self._redis.register_script(SYNC)
+        self._failed = self._redis.register_script(UPSTREAM_FAILED)
+        self._states = self._redis.register_script(UPSTREAM_STATES)
+
+    def key(self, name: str, what: str) -> str:
+        """`{prefix}{name}:what`: a client key's Redis keys share one hash slot."""
+        return f"{self._prefix}{{{name}}}:{what}"
+
+    async def admit(
+        self, name: str, epoch: str, period: str, limits: tuple[int, int, int]
+    ) -> tuple[int, int, int]:
+        """(verdict or MISMATCH, milliseconds to wait, micro-USD spent); limits: rpm, tpm,
+        budget in micro-USD, each -1 for none."""
+        keys = [self.key(name, "rpm"), self.key(name, "tpm"), self.spend_key(name, period)]
+        reply = await self._call(self._admit, [*keys, self.key(name, "epoch")], [epoch, *limits])
+        verdict, wait, spent = reply
+        return int(verdict), int(wait), int(spent)
+
+    async def charge(
+        self, name: str, epoch: str, period: str, usage: tuple[int, int, int, int]
+    ) -> bool:
+        """usage: tokens, tpm (-1: none), micro-USD, retain seconds. False: epoch mismatch."""
+        keys = [self.key(name, "tpm"), self.spend_key(name, period), self.key(name, "epoch")]
+        return int(await self._call(self._charge, keys, [epoch, *usage])) != MISMATCH
+
+    async def sync(
+        self,
+        name: str,
+        epochs: tuple[str, str],
+        tokens: tuple[int, int],
+        spends: Sequence[tuple[str, int, int, int]],
+    ) -> str:
+        """epochs: seen, new; tokens: tpm, pending; spends: (period, all, pending, retain)."""
+        keys = [self.key(name, "epoch"), self.key(name, "tpm")]
+        args: list[str | int] = [*epochs, *tokens]
+        for period, full, pending, retain in spends:
+            keys.append(self.spend_key(name, period))
+            args += [full, pending, retain]
+        return str(await self._call(self._sync, keys, args))
+
+    def spend_key(self, name: str, period: str) -> str:
+        return self.key(name, f"spend:{period}")
+
+    async def spent(self, names_periods: Sequence[tuple[str, str]]) -> list[int]:
+        """Micro-USD spent, one MGET for every (key name, period)."""
+        return (await self.spent_and_epochs(names_periods, ()))[0]
+
+    async def spent_and_epochs(
+        self, names_periods: Sequence[tuple[str, str]], names: Sequence[str]
+    ) -> tuple[list[int], list[str | None]]:
+        """Micro-USD spent per (key name, period), and the epoch of each of `names`: one MGET."""
+        keys = [self.spend_key(n, p) for n, p in names_periods]
+        keys += [self.key(name, "epoch") for name in names]
+        values = await _guarded(self._redis.mget(keys)) if keys else []
+        spent = [int(v) if v is not None else 0 for v in values[: len(names_periods)]]
+        return spent, list(values[len(names_periods) :])
+
+    def upstream_key(self, name: str, what: str) -> str:
+        return f"{self._prefix}{{upstreams}}:{name}:{what}"  # one slot: read in one script
+
+    async def upstream_failed(
+        self, name: str, failures: int, cooldown_ms: int, probe: bool
+    ) -> bool:
+        keys = [self.upstream_key(name, "failures"), self.upstream_key(name, "cooldown")]
+        return bool(await self._call(self._failed, keys, [failures, cooldown_ms, int(probe)]))
+
+    async def upstream_succeeded(self, name: str) -> None:
+        await _guarded(self._redis.delete(self.upstream_key(name, "failures")))
+
+    async def upstream_states(
+        self, learnt: Sequence[tuple[str, bool]]
+    ) -> list[tuple[int, int, bool]]:
+        """(name, rejects stream_options here) → (failures, cooldown ms left, rejects)."""
+        keys = [
+            self.upstream_key(name, what)
+            for name, _ in learnt
+            for what in ("failures", "cooldown", "rejects_stream_options")
+        ]
+        reply = await self._call(self._states, keys, [int(flag) for _, flag in learnt])
+        return [(int(f), int(ms), bool(r)) for f, ms, r in reply]
+
+    async def ping(self) -> None:
+        await _guarded(self._redis.ping())
+
+    async def _call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+        return await _guarded(script(keys, args))
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+async def _guarded(call: Awaitable[Any]) -> Any:
+    try:
+        return await call
+    except Exception as exc:  # any failure of the client means the store is away
+        raise StoreDown(type(exc).__name__) from None
