@@ -25,12 +25,14 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from proxy import cli
 from proxy.config import (
+    Budget,
     ClientKey,
     Config,
     Cooldown,
     Price,
     Route,
     ServerSettings,
+    StateSettings,
     Target,
     Timeouts,
     Upstream,
@@ -108,6 +110,8 @@ SECTIONS: dict[str, type[object]] = {
     "routes[].fallbacks[]": Target,
     "pricing.MODEL": Price,
     "keys.NAME": ClientKey,
+    "keys.NAME.budget": Budget,
+    "state": StateSettings,
 }
 
 
