@@ -1,20 +1,16 @@
 """An OpenAI-compatible fake upstream: a raw ASGI app with knobs for every misbehaviour the
-proxy must survive (slow first token, keep-alive comments, stalls, resets, split UTF-8, errors).
-
-Knobs come from the server-wide defaults, then the request body's `"mock": {...}`, then the
-`x-mock` header (same JSON object; header wins). Answers are deterministic per `seed`, so a
-direct and a proxied body can be compared byte for byte.
+proxy must survive (slow first token, keep-alive comments, stalls, resets, split UTF-8, CRLF
+framing, errors), each set per request (`proxy.mock.knobs`). Answers are deterministic per
+`seed`, so a direct and a proxied body can be compared byte for byte.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import math
 import time
-import types
 import typing
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +23,16 @@ from proxy.mock.content import (
     COOKIE_HEADERS,
     CREATED,
     MODELS,
+    NEWLINES,
     Invalid,
     Plan,
     completion_body,
     count_prompt_tokens,
+    cut_mid_event,
     echo_headers,
     embeddings_body,
     expected_content,
+    frame,
     injected_error_body,
     plan_request,
     split_event,
@@ -41,6 +40,7 @@ from proxy.mock.content import (
     text_completion_body,
     text_stream_events,
 )
+from proxy.mock.knobs import Knobs, knobs_for
 from proxy.serving import RunningServer, fastest_http, fastest_loop
 
 __all__ = [
@@ -55,27 +55,6 @@ __all__ = [
 ]
 
 KEEPALIVE = b": keep-alive\n\n"
-SPLIT_GAP = 0.001  # long enough that each piece leaves as its own TCP segment
-
-
-@dataclass(frozen=True, slots=True)
-class Knobs:
-    ttft: float = 0.05
-    tokens: int = 16
-    delay: float = 0.005
-    keepalives: int = 0
-    pause_after_first: float = 0.0
-    reject_stream_options: bool = False
-    usage_headers: bool = False
-    split_utf8: bool = False
-    split_pause: float = SPLIT_GAP  # seconds between a split event's pieces
-    reset_after: int | None = None
-    json_for_stream: bool = False
-    status: int | None = None
-    retry_after: float | None = None
-    stall: float = 0.0
-    echo_auth: bool = False  # an injected error quotes the Authorization header it got
-    set_cookie: bool = False  # every answer carries set-cookie and a hop-by-hop header
 
 
 @dataclass
@@ -88,6 +67,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     sent_tokens: int = 0  # content events actually written (fewer on reset or disconnect)
+    peer: tuple[str, int] | None = None  # the client's address: which connection carried it
 
 
 class MockReset(Exception):
@@ -101,57 +81,6 @@ class _HideResets(logging.Filter):
 
 
 logging.getLogger("uvicorn.error").addFilter(_HideResets())
-
-
-def _knob_kinds() -> dict[str, tuple[type, bool]]:
-    kinds = {}
-    for name, hint in typing.get_type_hints(Knobs).items():
-        args = typing.get_args(hint)
-        base = next(a for a in args if a is not types.NoneType) if args else hint
-        kinds[name] = (base, types.NoneType in args)
-    return kinds
-
-
-_KNOB_KINDS = _knob_kinds()
-_KIND_WORDS = {bool: "a boolean", int: "a non-negative integer", float: "a non-negative number"}
-
-
-def _knob(name: str, value: Any) -> Any:
-    if name not in _KNOB_KINDS:
-        raise Invalid(f"Unknown mock knob: {name!r}", f"mock.{name}")
-    base, optional = _KNOB_KINDS[name]
-    if value is None and optional:
-        return None
-    if base is bool:
-        ok = isinstance(value, bool)
-    elif base is int:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        ok = ok and (name != "status" or 400 <= value <= 599)
-    else:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        ok = ok and math.isfinite(value) and value >= 0
-    if not ok:
-        want = "an HTTP error status (400-599)" if name == "status" else _KIND_WORDS[base]
-        raise Invalid(f"Invalid mock knob {name!r}: expected {want}", f"mock.{name}")
-    return float(value) if base is float else value
-
-
-def _overrides(source: Any, where: str) -> dict[str, Any]:
-    if not isinstance(source, dict):
-        raise Invalid(f"{where} must be a JSON object of mock knobs", where)
-    return {name: _knob(name, value) for name, value in source.items()}
-
-
-def knobs_for(defaults: Knobs, body: dict[str, Any], headers: dict[str, str]) -> Knobs:
-    """The knobs one request runs with; raises `Invalid` naming a bad knob."""
-    overrides = _overrides(body["mock"], "mock") if "mock" in body else {}
-    if "x-mock" in headers:
-        try:
-            from_header = orjson.loads(headers["x-mock"])
-        except orjson.JSONDecodeError:
-            from_header = None
-        overrides.update(_overrides(from_header, "x-mock"))
-    return dataclasses.replace(defaults, **overrides) if overrides else defaults
 
 
 _JSON = (b"content-type", b"application/json")
@@ -222,7 +151,7 @@ class MockUpstream:
         for raw_name, raw_value in scope["headers"]:
             name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        record = RequestRecord(headers, body, started)
+        record = RequestRecord(headers, body, started, peer=scope.get("client"))
         self.records.append(record)
         try:
             knobs = knobs_for(self.defaults, body, headers)
@@ -307,11 +236,12 @@ async def _stream(
 ) -> None:
     shape = text_stream_events if plan.api == "completions" else stream_events
     events = shape(plan.seed, plan.model, plan.tokens, plan.finish, plan.include_usage)
-    split = knobs.split_utf8
+    split, newline = knobs.split_utf8, NEWLINES[knobs.newline]
 
     async def write(event: bytes, more: bool = True) -> None:
         if not event:  # the completions API has no role event
             return
+        event = frame(event, newline)
         if split:
             *head, event = split_event(event)
             for piece in head:
@@ -319,32 +249,16 @@ async def _stream(
                 await asyncio.sleep(knobs.split_pause)
         await send({"type": "http.response.body", "body": event, "more_body": more})
 
-    start = {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + extra}
-    # Without keep-alives the headers wait for the first token, as real upstreams' do; with
-    # them the headers go at once so the comments have a response to ride on.
-    if knobs.keepalives:
-        await send(start)
-        if knobs.stall:
-            await asyncio.sleep(knobs.stall)
-        gap = knobs.ttft / (knobs.keepalives + 1)
-        for _ in range(knobs.keepalives):
-            await asyncio.sleep(gap)
-            await write(KEEPALIVE)
-        await asyncio.sleep(gap)
-    else:
-        if knobs.ttft:
-            await asyncio.sleep(knobs.ttft)
-        await send(start)
-        if knobs.stall:
-            await asyncio.sleep(knobs.stall)
-
+    await _open(send, knobs, _SSE_HEADERS + extra, lambda: write(KEEPALIVE))
     reset = -1 if knobs.reset_after is None else knobs.reset_after
     await write(events.role)
     for i, event in enumerate(events.content):
-        if i == reset:
-            break
         if i and knobs.delay:
             await asyncio.sleep(knobs.delay)
+        if i == reset:
+            if knobs.reset_mid_event:
+                await write(cut_mid_event(event))
+            break
         await write(event)
         record.sent_tokens = i + 1
         if i == 0 and knobs.pause_after_first:
@@ -358,6 +272,26 @@ async def _stream(
         await write(events.usage_event(plan.prompt_tokens, plan.tokens))
     record.finished = time.monotonic()
     await write(events.done, more=False)
+
+
+async def _open(
+    send: Send, knobs: Knobs, headers: Headers, keepalive: Callable[[], Awaitable[None]]
+) -> None:
+    """The stream's response headers, its keep-alive comments and the wait for its first
+    token. Without keep-alives the headers wait for the first token, as real upstreams' do;
+    with them the headers go at once so the comments have a response to ride on."""
+    start = {"type": "http.response.start", "status": 200, "headers": headers}
+    if knobs.ttft and not knobs.keepalives:
+        await asyncio.sleep(knobs.ttft)
+    await send(start)
+    if knobs.stall:
+        await asyncio.sleep(knobs.stall)
+    if knobs.keepalives:
+        gap = knobs.ttft / (knobs.keepalives + 1)
+        for _ in range(knobs.keepalives):
+            await asyncio.sleep(gap)
+            await keepalive()
+        await asyncio.sleep(gap)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -1,0 +1,103 @@
+"""The mock upstream's knobs: what each request may ask the mock to do, and their checks.
+
+Knobs come from the server-wide defaults, then the request body's `"mock": {...}`, then the
+`x-mock` header (same JSON object; header wins). A bad knob is a 400 naming it (pure, no I/O).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from proxy.mock.content import NEWLINES, Invalid
+
+SPLIT_GAP = 0.001  # long enough that each piece leaves as its own TCP segment
+
+
+@dataclass(frozen=True, slots=True)
+class Knobs:
+    ttft: float = 0.05
+    tokens: int = 16
+    delay: float = 0.005
+    keepalives: int = 0
+    pause_after_first: float = 0.0
+    reject_stream_options: bool = False
+    usage_headers: bool = False
+    split_utf8: bool = False
+    split_pause: float = SPLIT_GAP  # seconds between a split event's pieces
+    reset_after: int | None = None
+    reset_mid_event: bool = False  # with reset_after: the drop falls inside the next event
+    json_for_stream: bool = False
+    status: int | None = None
+    retry_after: float | None = None
+    stall: float = 0.0
+    echo_auth: bool = False  # an injected error quotes the Authorization header it got
+    set_cookie: bool = False  # every answer carries set-cookie and a hop-by-hop header
+    newline: str = "lf"  # the SSE line ending: lf, crlf or cr (a key of NEWLINES)
+
+
+def _knob_kinds() -> dict[str, tuple[type, bool]]:
+    kinds = {}
+    for name, hint in typing.get_type_hints(Knobs).items():
+        args = typing.get_args(hint)
+        base = next(a for a in args if a is not types.NoneType) if args else hint
+        kinds[name] = (base, types.NoneType in args)
+    return kinds
+
+
+_KNOB_KINDS = _knob_kinds()
+_KIND_WORDS = {bool: "a boolean", int: "a non-negative integer", float: "a non-negative number"}
+_CHOICES = {"newline": tuple(NEWLINES)}  # the string knobs and the words each accepts
+
+
+def _knob(name: str, value: Any) -> Any:
+    if name not in _KNOB_KINDS:
+        raise Invalid(f"Unknown mock knob: {name!r}", f"mock.{name}")
+    base, optional = _KNOB_KINDS[name]
+    if value is None and optional:
+        return None
+    if base is str:
+        ok = value in _CHOICES[name]
+    elif base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        ok = ok and (name != "status" or 400 <= value <= 599)
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and value >= 0
+    if not ok:
+        raise Invalid(f"Invalid mock knob {name!r}: expected {_wanted(name, base)}", f"mock.{name}")
+    return float(value) if base is float else value
+
+
+def _wanted(name: str, base: type) -> str:
+    if name == "status":
+        return "an HTTP error status (400-599)"
+    if base is str:
+        return "one of " + ", ".join(_CHOICES[name])
+    return _KIND_WORDS[base]
+
+
+def _overrides(source: Any, where: str) -> dict[str, Any]:
+    if not isinstance(source, dict):
+        raise Invalid(f"{where} must be a JSON object of mock knobs", where)
+    return {name: _knob(name, value) for name, value in source.items()}
+
+
+def knobs_for(defaults: Knobs, body: dict[str, Any], headers: dict[str, str]) -> Knobs:
+    """The knobs one request runs with; raises `Invalid` naming a bad knob."""
+    overrides = _overrides(body["mock"], "mock") if "mock" in body else {}
+    if "x-mock" in headers:
+        try:
+            from_header = orjson.loads(headers["x-mock"])
+        except orjson.JSONDecodeError:
+            from_header = None
+        overrides.update(_overrides(from_header, "x-mock"))
+    return dataclasses.replace(defaults, **overrides) if overrides else defaults
