@@ -13,13 +13,9 @@ import pytest
 from proxy.mock.content import NEWLINES, stream_events
 from proxy.mock.upstream import MockUpstream, expected_content
 from proxy.serving import RunningServer
+from tests.helpers import FRAMINGS, LONE_CR
 
 MESSAGES = [{"role": "user", "content": "有哪些优惠? 🎉"}]
-# Some upstreams frame SSE with CRLF (servers behind Java and .NET stacks); a lone CR is SSE too.
-# The proxy does not yet see a lone CR's blank line (`\r\r`) as the end of an event, so it never
-# finds the first token. Strict: once the framing is fixed these pass, and the marks must go.
-LONE_CR = pytest.mark.xfail(strict=True, reason="a lone-CR blank line does not end an event yet")
-FRAMINGS = pytest.mark.parametrize("newline", ["lf", "crlf", pytest.param("cr", marks=LONE_CR)])
 
 
 def _body(model: str, **extra: Any) -> dict[str, Any]:
