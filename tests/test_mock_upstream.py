@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +20,6 @@ from proxy.mock.upstream import (
     expected_content,
 )
 from proxy.serving import RunningServer
-from tests.helpers import wait_for
 
 # Any: the SDK wants its TypedDicts, count_prompt_tokens plain dicts.
 MESSAGES: Any = [
@@ -457,43 +455,3 @@ def test_invalid_json_is_400(url: str, content: bytes) -> None:
 def test_bad_seed_is_400(url: str) -> None:
     r = _post(url, _body(seed="x"))
     assert (r.status_code, r.json()["error"]["param"]) == (400, "seed")
-
-
-# -- serving ----------------------------------------------------------------------------------
-
-
-def test_running_server_waits_for_lifespan_startup() -> None:
-    state: dict[str, bool] = {}
-
-    async def lifespan_app(scope: Any, receive: Any, send: Any) -> None:
-        assert scope["type"] == "lifespan"
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await asyncio.sleep(0.2)
-                state["ready"] = True
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                state["down"] = True
-                return
-
-    server = RunningServer(lifespan_app)
-    assert server.port > 0
-    assert server.url == f"http://127.0.0.1:{server.port}"
-    with server:
-        assert state.get("ready")
-    assert state.get("down")
-
-
-def test_running_server_lists_its_open_connections_and_a_record_names_its_own(
-    url: str, app: MockUpstream, mock: tuple[MockUpstream, RunningServer]
-) -> None:
-    server = mock[1]
-    with httpx.Client(timeout=10) as client:
-        assert client.post(url + "/v1/chat/completions", json=_body()).status_code == 200
-        peer = app.records[-1].peer
-        assert peer is not None
-        assert peer[0] == "127.0.0.1"
-        assert peer in server.peers()  # kept alive after the answer
-    assert wait_for(lambda: peer not in server.peers(), 5)
