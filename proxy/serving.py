@@ -80,6 +80,14 @@ class RunningServer:
             time.sleep(0.005)
         return self
 
+    def peers(self) -> set[tuple[str, int]]:
+        """The client addresses of the connections open right now, idle keep-alive ones too:
+        what a test reads to see that a client closed its connections."""
+        connections = list(self.server.server_state.connections)  # one copy, under the GIL
+        # Every HTTP protocol records its peer as `client` (not all declare it).
+        addresses = (getattr(c, "client", None) for c in connections)
+        return {address for address in addresses if address is not None}
+
     def stop(self) -> None:
         self.server.should_exit = True
         if self._thread.is_alive():

@@ -1,5 +1,5 @@
-"""Small helpers shared by the tests: polling instead of sleeping, free ports, and the
-`sluicegate` command run as a real subprocess."""
+"""Small helpers shared by the tests: polling instead of sleeping, free ports, the SSE
+framings streams are run over, and the `sluicegate` command run as a real subprocess."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Some upstreams frame SSE with CRLF (servers behind Java and .NET stacks); a lone CR is SSE too.
+FRAMINGS = pytest.mark.parametrize("newline", ["lf", "crlf", "cr"])
 
 
 def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:

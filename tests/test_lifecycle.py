@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from proxy.app import create_app
 from proxy.mock.upstream import MockUpstream, expected_content
+from proxy.mock.upstream import RequestRecord as MockRecord
 from proxy.reload import Reloader
 from proxy.serving import RunningServer
 from tests.helpers import sluicegate, wait_for
+from tests.test_metrics import samples, value
 
 ROOT = Path(__file__).resolve().parent.parent
+HI = {"role": "user", "content": "hi"}
 
 
 def _config(mock_url: str, *models: str) -> str:
@@ -68,6 +74,7 @@ def test_an_invalid_edit_is_refused_and_the_old_config_keeps_serving(
     # >= 1: the watcher may also catch the file half-written, which is refused too.
     assert wait_for(lambda: reloader.refused >= 1)
     assert reloader.applied == 0
+    assert _reloads(server.url) == {"error": reloader.refused, "ok": 0}
     assert _models(server.url) == ["bot"]
     body = {"model": "bot", "messages": [{"role": "user", "content": "hi"}]}
     assert httpx.post(server.url + "/v1/chat/completions", json=body).status_code == 200
@@ -92,34 +99,111 @@ def test_a_configmap_style_symlink_swap_is_seen(tmp_path: Path, mock_server: Run
 
 
 def test_reload_under_load_loses_no_request(
-    watched: tuple[RunningServer, Path, Reloader], mock_server: RunningServer
+    watched: tuple[RunningServer, Path, Reloader],
+    mock_server: RunningServer,
+    mock_app: MockUpstream,
 ) -> None:
     server, path, reloader = watched
+    knobs = {"tokens": 32, "delay": 0.02, "pause_after_first": 0.5}
+    seen = len(mock_app.records)
+
+    async def run() -> list[str]:
+        async with _streams(server.url, range(200), knobs) as tasks:
+            # Every stream has its first token before the edit, and none has ended when the
+            # reload lands: it happened under load, not before or after it.
+            assert await _until(lambda: _started(mock_app.records[seen:]) == 200)
+            path.write_text(_config(mock_server.url, "bot", "bot-2"))
+            assert await _until(lambda: reloader.applied == 1)
+            assert [r.finished for r in mock_app.records[seen:]] == [None] * 200
+            return await asyncio.gather(*tasks)
+
+    bodies = asyncio.run(run())
+    assert _reloads(server.url) == {"error": reloader.refused, "ok": 1}
+    for seed, body in enumerate(bodies):
+        assert body.endswith("data: [DONE]\n\n")
+        assert expected_content(seed, 32) in _text(body)
+    assert len(bodies) == 200
+
+
+@pytest.mark.parametrize("change", ["base_url", "timeouts"])
+def test_a_replaced_upstream_client_drains_its_streams_then_closes(
+    tmp_path: Path, mock_server: RunningServer, mock_app: MockUpstream, change: str
+) -> None:
+    """An edit that changes `mock`'s definition gives it a new client. Streams already running
+    on the old one must all complete, and the old client closes its connections once the
+    drain is over, not before and not never."""
+    other_app = MockUpstream()
+    with RunningServer(other_app) as other:
+        path = tmp_path / "routes.yaml"
+        drain = "server: {drain_seconds: 2}\n"
+        path.write_text(drain + _config(mock_server.url, "bot"))
+        app = create_app(path, env={}, watch_interval=0.05)
+        edited = _config(other.url if change == "base_url" else mock_server.url, "bot")
+        if change == "timeouts":
+            edited = edited.replace("/v1'}", "/v1', timeouts: {connect: 3, read: 30}}")
+        knobs = {"tokens": 8, "delay": 0.02, "pause_after_first": 0.5}
+        seen = len(mock_app.records)
+        with RunningServer(app) as server:
+
+            async def run() -> list[str]:
+                async with _streams(server.url, range(20), knobs) as tasks:
+                    assert await _until(lambda: _started(mock_app.records[seen:]) == 20)
+                    path.write_text(drain + edited)
+                    assert await _until(lambda: app.state.reloader.applied == 1)
+                    assert [r.finished for r in mock_app.records[seen:]] == [None] * 20
+                    # Their connections, open while they run, are what the drain must close.
+                    assert {r.peer for r in mock_app.records[seen:]} <= mock_server.peers()
+                    return await asyncio.gather(*tasks)
+
+            bodies = asyncio.run(run())
+            for seed, body in enumerate(bodies):
+                assert body.endswith("data: [DONE]\n\n")
+                assert expected_content(seed, 8) in _text(body)
+            old = {r.peer for r in mock_app.records[seen:]}
+            assert wait_for(lambda: not old & mock_server.peers(), 10)  # closed by the drain
+            # A new request goes over the new client: to the other server, or a new connection.
+            body = {"model": "bot", "messages": [HI]}
+            assert httpx.post(server.url + "/v1/chat/completions", json=body).status_code == 200
+            assert (other_app if change == "base_url" else mock_app).records[-1].peer not in old
+
+
+@contextlib.asynccontextmanager
+async def _streams(
+    url: str, seeds: range, knobs: dict[str, Any]
+) -> AsyncIterator[list[asyncio.Future[str]]]:
+    """One streamed `bot` request per seed, all at once; each task gives the body read."""
 
     async def one(client: httpx.AsyncClient, seed: int) -> str:
-        body = {
-            "model": "bot",
-            "stream": True,
-            "seed": seed,
-            "messages": [{"role": "user", "content": "hi"}],
-            "mock": {"tokens": 32, "delay": 0.02},
-        }
+        body = {"model": "bot", "stream": True, "seed": seed, "messages": [HI], "mock": knobs}
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             return (await r.aread()).decode()
 
-    async def run() -> list[str]:
-        limits = httpx.Limits(max_connections=300)
-        async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
-            tasks = [asyncio.ensure_future(one(client, s)) for s in range(200)]
-            await asyncio.sleep(0.3)
-            path.write_text(_config(mock_server.url, "bot", "bot-2"))  # mid-flight
-            return await asyncio.gather(*tasks)
+    limits = httpx.Limits(max_connections=len(seeds) + 100)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        yield [asyncio.ensure_future(one(client, s)) for s in seeds]
 
-    bodies = asyncio.run(run())
-    assert reloader.applied >= 1
-    assert all(b.endswith("data: [DONE]\n\n") for b in bodies)
-    assert len(bodies) == 200
+
+async def _until(predicate: Callable[[], bool]) -> bool:
+    """`wait_for` off the event loop, so the streams keep being read meanwhile."""
+    return await asyncio.to_thread(wait_for, predicate)
+
+
+def _started(records: list[MockRecord]) -> int:
+    return sum(r.sent_tokens >= 1 for r in records)
+
+
+def _text(body: str) -> str:
+    chunks = [orjson.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+    return "".join(c["delta"].get("content") or "" for p in chunks for c in p["choices"])
+
+
+def _reloads(url: str) -> dict[str, float]:
+    got = samples(httpx.get(url + "/metrics", timeout=5).content)
+    return {
+        result: value(got, "sluicegate_config_reloads_total", result=result) or 0.0
+        for result in ("error", "ok")
+    }
 
 
 @pytest.fixture

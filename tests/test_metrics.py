@@ -411,6 +411,17 @@ def test_prepare_multiprocess_dir_empties_the_operators(
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
-def test_mark_process_dead_without_multiprocess_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mark_process_dead_without_multiprocess_is_a_no_op(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A worker's files are left alone while this process has no multiprocess dir; with the
+    dir set, the same call takes the worker's live gauges out (so there was work to skip)."""
+    names = ["counter_4242.db", "gauge_livesum_4242.db", "gauge_livemax_4242.db"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"worker 4242")
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    mark_process_dead(os.getpid())
+    mark_process_dead(4242)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    mark_process_dead(4242)
+    assert [p.name for p in tmp_path.iterdir()] == ["counter_4242.db"]

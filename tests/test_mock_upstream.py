@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.mock.content import MULTIBYTE, draw_tokens
+from proxy.mock.content import MULTIBYTE, NEWLINES, draw_tokens, stream_events
 from proxy.mock.upstream import (
     Knobs,
     MockUpstream,
@@ -193,6 +192,42 @@ def test_keepalives_precede_the_first_content_event(url: str) -> None:
     raw = b"".join(chunks)
     assert raw.startswith(b": keep-alive\n\n" * 3 + b"data: {")
     assert raw.count(b": keep-alive") == 3
+
+
+@pytest.mark.parametrize("newline", ["crlf", "cr"])
+def test_newline_frames_every_line_and_keepalive_with_crlf_or_cr(url: str, newline: str) -> None:
+    knobs = {"tokens": 4, "keepalives": 2, "ttft": 0.02}
+    body = _body(stream=True, seed=6, stream_options={"include_usage": True}, mock=knobs)
+    _, lf = _raw(url, body)
+    _, framed = _raw(url, {**body, "mock": {**knobs, "newline": newline}})
+    nl = NEWLINES[newline]
+    assert b"".join(framed) == b"".join(lf).replace(b"\n", nl)
+    assert b"".join(framed).startswith(b": keep-alive" + nl * 2)
+    assert b"".join(framed).endswith(b"data: [DONE]" + nl * 2)
+    if newline == "cr":
+        assert b"\n" not in b"".join(framed)
+
+
+@pytest.mark.parametrize("newline", ["lf", "crlf"])
+def test_reset_mid_event_drops_the_connection_before_an_event_ends(
+    url: str, app: MockUpstream, newline: str
+) -> None:
+    """The third content event's data line arrives whole; the blank line that would end the
+    event never does."""
+    received: list[bytes] = []
+    knobs = {"reset_after": 2, "reset_mid_event": True, "tokens": 10, "newline": newline}
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream(
+            "POST", url + "/v1/chat/completions", json=_body(stream=True, seed=2, mock=knobs)
+        ) as r,
+    ):
+        received.extend(r.iter_raw())
+    events = stream_events(2, "mock-gpt-4o", 10, "stop", False)
+    whole = events.role + events.content[0] + events.content[1] + events.content[2][:-1]
+    assert b"".join(received) == whole.replace(b"\n", NEWLINES[newline])
+    assert app.records[-1].sent_tokens == 2
+    assert app.records[-1].disconnected is None
 
 
 def test_stall_holds_the_body_after_the_headers(url: str) -> None:
@@ -381,6 +416,8 @@ def test_knobs_via_body_and_header_header_wins(url: str, app: MockUpstream) -> N
         ({"status": 200}, None, "mock.status"),
         ([1, 2], None, "mock"),
         (None, '{"split_utf8": 1}', "mock.split_utf8"),
+        ({"newline": "lfcr"}, None, "mock.newline"),
+        ({"newline": True}, None, "mock.newline"),
         (None, "not json", "x-mock"),
     ],
 )
@@ -447,30 +484,3 @@ def test_invalid_json_is_400(url: str, content: bytes) -> None:
 def test_bad_seed_is_400(url: str) -> None:
     r = _post(url, _body(seed="x"))
     assert (r.status_code, r.json()["error"]["param"]) == (400, "seed")
-
-
-# -- serving ----------------------------------------------------------------------------------
-
-
-def test_running_server_waits_for_lifespan_startup() -> None:
-    state: dict[str, bool] = {}
-
-    async def lifespan_app(scope: Any, receive: Any, send: Any) -> None:
-        assert scope["type"] == "lifespan"
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await asyncio.sleep(0.2)
-                state["ready"] = True
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                state["down"] = True
-                return
-
-    server = RunningServer(lifespan_app)
-    assert server.port > 0
-    assert server.url == f"http://127.0.0.1:{server.port}"
-    with server:
-        assert state.get("ready")
-    assert state.get("down")

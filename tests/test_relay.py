@@ -7,10 +7,13 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
-from proxy.mock.upstream import MockUpstream
+from proxy.mock.content import NEWLINES, stream_events
+from proxy.mock.upstream import MockUpstream, expected_content
 from proxy.serving import RunningServer
+from tests.helpers import FRAMINGS
 
 MESSAGES = [{"role": "user", "content": "有哪些优惠? 🎉"}]
 
@@ -32,8 +35,11 @@ def _raw(url: str, body: dict[str, Any]) -> tuple[httpx.Headers, bytes]:
         {"split_utf8": True},
         {"keepalives": 3, "ttft": 0.06},
         {"tokens": 200, "delay": 0},
+        {"newline": "crlf", "keepalives": 2, "ttft": 0.04},
+        {"newline": "cr", "keepalives": 2, "ttft": 0.04},
+        {"newline": "crlf", "split_utf8": True},
     ],
-    ids=["plain", "split-utf8", "keepalives", "fast-200-tokens"],
+    ids=["plain", "split-utf8", "keepalives", "fast-200-tokens", "crlf", "cr", "crlf-split"],
 )
 @pytest.mark.parametrize("usage", [True, False], ids=["usage", "no-usage"])
 def test_sse_body_is_byte_identical_to_direct(
@@ -56,22 +62,28 @@ def test_sse_body_is_byte_identical_to_direct(
     assert "content-length" not in headers
 
 
+@FRAMINGS
 def test_usage_requested_for_metering_is_hidden_from_a_client_that_did_not_ask(
-    proxy: RunningServer, mock_server: RunningServer, mock_app: MockUpstream
+    proxy: RunningServer, mock_server: RunningServer, mock_app: MockUpstream, newline: str
 ) -> None:
-    _, via = _raw(proxy.url, _body("support-bot"))
+    knobs = {"mock": {"newline": newline}}
+    _, via = _raw(proxy.url, _body("support-bot", **knobs))
     assert mock_app.records[-1].body["stream_options"] == {"include_usage": True}
-    _, direct = _raw(mock_server.url, _body("mock-chat", stream_options={"include_usage": True}))
-    events = direct.split(b"\n\n")
+    usage = {"include_usage": True}
+    _, direct = _raw(mock_server.url, _body("mock-chat", stream_options=usage, **knobs))
+    boundary = NEWLINES[newline] * 2
+    events = direct.split(boundary)
     usage_events = [e for e in events if b'"choices":[]' in e and b'"usage":{' in e]
     assert len(usage_events) == 1
-    assert via == b"\n\n".join(e for e in events if e not in usage_events)
+    assert via == boundary.join(e for e in events if e not in usage_events)
 
 
+@FRAMINGS
 def test_first_chunk_reaches_client_while_upstream_is_still_paused(
-    proxy: RunningServer, mock_app: MockUpstream
+    proxy: RunningServer, mock_app: MockUpstream, newline: str
 ) -> None:
-    body = _body("support-bot", mock={"pause_after_first": 1.0, "tokens": 4})
+    knobs = {"pause_after_first": 1.0, "tokens": 4, "newline": newline}
+    body = _body("support-bot", mock=knobs)
     with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=body, timeout=10) as r:
         chunks = r.iter_raw()
         first = b""
@@ -82,7 +94,7 @@ def test_first_chunk_reaches_client_while_upstream_is_still_paused(
         assert record.finished is None
         assert record.body["model"] == "mock-chat"
         rest = b"".join(chunks)
-    assert rest.endswith(b"data: [DONE]\n\n")
+    assert rest.endswith(b"data: [DONE]" + NEWLINES[newline] * 2)
     assert record.finished is not None
 
 
@@ -162,8 +174,12 @@ def test_upstream_stall_mid_stream_past_read_timeout_is_an_error_event(
 ) -> None:
     proxy = make_proxy(read_timeout=0.5)
     _, via = _raw(proxy.url, _body("support-bot", mock={"pause_after_first": 3.0}))
-    assert via.rstrip().endswith(b"}}")
-    assert b"upstream_timeout" in via.split(b"\n\n")[-2]
+    assert _cut_after_first_token(via) == {
+        "message": "upstream 'mock' timed out while streaming the response",
+        "type": "upstream_error",
+        "param": None,
+        "code": "upstream_timeout",
+    }
 
 
 def test_silence_after_content_longer_than_idle_ends_with_an_error_event(make_proxy: Any) -> None:
@@ -171,6 +187,46 @@ def test_silence_after_content_longer_than_idle_ends_with_an_error_event(make_pr
     started = time.monotonic()
     _, via = _raw(proxy.url, _body("support-bot", mock={"pause_after_first": 5.0}))
     assert time.monotonic() - started < 4  # the idle limit, not the read timeout, cut it
-    last = via.split(b"\n\n")[-2]
-    assert last.startswith(b'data: {"error":')
-    assert b"upstream_timeout" in last
+    assert _cut_after_first_token(via)["code"] == "upstream_timeout"
+
+
+def _cut_after_first_token(via: bytes) -> Any:
+    """The `error` of a support-bot stream (seed 5) cut after its first content event: the
+    upstream's role and first content events, unchanged, then the error as an event of its own."""
+    upstream = stream_events(5, "mock-chat", 16, "stop", True)  # the proxy asks for usage
+    *relayed, error, end = via.split(b"\n\n")
+    assert relayed == [upstream.role[:-2], upstream.content[0][:-2]]
+    assert end == b""
+    assert error.startswith(b"data: ")
+    got = orjson.loads(error.removeprefix(b"data: "))
+    assert list(got) == ["error"]
+    return got["error"]
+
+
+@pytest.mark.parametrize("newline", ["lf", "crlf"])
+@pytest.mark.parametrize("model", ["support-bot", "verbatim"])
+def test_a_cut_inside_an_event_is_ended_before_the_error_event(
+    proxy: RunningServer, model: str, newline: str
+) -> None:
+    """The upstream drops the connection after the third content event's data line but before
+    the blank line that would end it. The proxy ends that event first, so the SDK reads it and
+    then raises the proxy's error, not a JSON error from two data lines run together."""
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+    knobs = {"reset_after": 2, "reset_mid_event": True, "newline": newline}
+    stream = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        seed=5,
+        extra_body={"mock": knobs},
+    )
+    texts: list[str] = []
+
+    def read() -> None:
+        for chunk in stream:
+            texts.extend(c.delta.content or "" for c in chunk.choices)
+
+    with pytest.raises(openai.APIError, match="closed the connection while streaming") as caught:
+        read()
+    assert caught.value.code == "upstream_protocol_error"
+    assert "".join(texts) == expected_content(5, 3)  # the event whose data line arrived whole

@@ -213,6 +213,23 @@ def text_stream_events(
     )
 
 
+# Knob `newline`: the line ending an upstream frames its SSE with. Servers behind Java and .NET
+# stacks write CRLF; a lone CR is legal SSE too.
+NEWLINES = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
+
+
+def frame(event: bytes, newline: bytes) -> bytes:
+    """An LF-framed event with every line ending written as `newline`: the JSON inside
+    never holds a raw LF (orjson escapes it), so each LF is a line ending."""
+    return event if newline == b"\n" else event.replace(b"\n", newline)
+
+
+def cut_mid_event(event: bytes) -> bytes:
+    """An LF-framed event without the line ending that would end it (knob
+    `reset_mid_event`): its data line is whole, the blank line after it never comes."""
+    return event[:-1]
+
+
 @lru_cache(maxsize=4096)
 def split_event(event: bytes) -> tuple[bytes, ...]:
     """Cut one event into pieces at odd offsets: after the first byte, between the two newlines

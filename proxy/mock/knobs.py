@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from proxy.mock.content import Invalid
+from proxy.mock.content import NEWLINES, Invalid
 
 SPLIT_GAP = 0.001  # long enough that each piece leaves as its own TCP segment
 Fields = tuple[str, ...]  # the body fields a mock reads knobs from, in order
@@ -38,12 +38,14 @@ class Knobs:
     split_utf8: bool = False
     split_pause: float = SPLIT_GAP  # seconds between a split event's pieces
     reset_after: int | None = None
+    reset_mid_event: bool = False  # with reset_after: the drop falls inside the next event
     json_for_stream: bool = False
     status: int | None = None
     retry_after: float | None = None
     stall: float = 0.0
     echo_auth: bool = False  # an injected error quotes the Authorization header it got
     set_cookie: bool = False  # every answer carries set-cookie and a hop-by-hop header
+    newline: str = "lf"  # the SSE line ending: lf, crlf or cr (a key of NEWLINES)
 
 
 DEFAULTS = Knobs()
@@ -60,6 +62,7 @@ def _knob_kinds() -> dict[str, tuple[type, bool]]:
 
 _KNOB_KINDS = _knob_kinds()
 _KIND_WORDS = {bool: "a boolean", int: "a non-negative integer", float: "a non-negative number"}
+_CHOICES = {"newline": tuple(NEWLINES)}  # the string knobs and the words each accepts
 
 
 def _knob(name: str, value: Any, field: str) -> Any:
@@ -68,7 +71,9 @@ def _knob(name: str, value: Any, field: str) -> Any:
     base, optional = _KNOB_KINDS[name]
     if value is None and optional:
         return None
-    if base is bool:
+    if base is str:
+        ok = value in _CHOICES[name]
+    elif base is bool:
         ok = isinstance(value, bool)
     elif base is int:
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
@@ -77,9 +82,18 @@ def _knob(name: str, value: Any, field: str) -> Any:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         ok = ok and math.isfinite(value) and value >= 0
     if not ok:
-        want = "an HTTP error status (400-599)" if name == "status" else _KIND_WORDS[base]
-        raise Invalid(f"Invalid mock knob {name!r}: expected {want}", f"{field}.{name}")
+        raise Invalid(
+            f"Invalid mock knob {name!r}: expected {_wanted(name, base)}", f"{field}.{name}"
+        )
     return float(value) if base is float else value
+
+
+def _wanted(name: str, base: type) -> str:
+    if name == "status":
+        return "an HTTP error status (400-599)"
+    if base is str:
+        return "one of " + ", ".join(_CHOICES[name])
+    return _KIND_WORDS[base]
 
 
 def _overrides(source: Any, where: str, field: str) -> dict[str, Any]:

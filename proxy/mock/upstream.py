@@ -1,9 +1,7 @@
 """An OpenAI-compatible fake upstream: a raw ASGI app with knobs for every misbehaviour the
-proxy must survive (slow first token, keep-alive comments, stalls, resets, split UTF-8, errors).
-
-Knobs (proxy/mock/knobs.py) come from the server-wide defaults, then the request body's
-`"mock": {...}`, then the `x-mock` header (same JSON object; header wins). Answers are
-deterministic per `seed`, so a direct and a proxied body can be compared byte for byte.
+proxy must survive (slow first token, keep-alive comments, stalls, resets, split UTF-8, CRLF
+framing, errors), each set per request (`proxy.mock.knobs`). Answers are deterministic per
+`seed`, so a direct and a proxied body can be compared byte for byte.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ import asyncio
 import logging
 import time
 import typing
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +23,16 @@ from proxy.mock.content import (
     COOKIE_HEADERS,
     CREATED,
     MODELS,
+    NEWLINES,
     Invalid,
     Plan,
     completion_body,
     count_prompt_tokens,
+    cut_mid_event,
     echo_headers,
     embeddings_body,
     expected_content,
+    frame,
     injected_error_body,
     plan_request,
     split_event,
@@ -65,6 +67,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     sent_tokens: int = 0  # content events actually written (fewer on reset or disconnect)
+    peer: tuple[str, int] | None = None  # the client's address: which connection carried it
 
 
 class MockReset(Exception):
@@ -156,7 +159,7 @@ class MockUpstream:
         for raw_name, raw_value in scope["headers"]:
             name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        record = RequestRecord(headers, body, started)
+        record = RequestRecord(headers, body, started, peer=scope.get("client"))
         self._record(record)
         try:
             knobs = knobs_for(self.defaults, body, headers, self.fields)
@@ -247,11 +250,12 @@ async def _stream(
 ) -> None:
     shape = text_stream_events if plan.api == "completions" else stream_events
     events = shape(plan.seed, plan.model, plan.tokens, plan.finish, plan.include_usage)
-    split = knobs.split_utf8
+    split, newline = knobs.split_utf8, NEWLINES[knobs.newline]
 
     async def write(event: bytes, more: bool = True) -> None:
         if not event:  # the completions API has no role event
             return
+        event = frame(event, newline)
         if split:
             *head, event = split_event(event)
             for piece in head:
@@ -259,32 +263,16 @@ async def _stream(
                 await asyncio.sleep(knobs.split_pause)
         await send({"type": "http.response.body", "body": event, "more_body": more})
 
-    start = {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + extra}
-    # Without keep-alives the headers wait for the first token, as real upstreams' do; with
-    # them the headers go at once so the comments have a response to ride on.
-    if knobs.keepalives:
-        await send(start)
-        if knobs.stall:
-            await asyncio.sleep(knobs.stall)
-        gap = knobs.ttft / (knobs.keepalives + 1)
-        for _ in range(knobs.keepalives):
-            await asyncio.sleep(gap)
-            await write(KEEPALIVE)
-        await asyncio.sleep(gap)
-    else:
-        if knobs.ttft:
-            await asyncio.sleep(knobs.ttft)
-        await send(start)
-        if knobs.stall:
-            await asyncio.sleep(knobs.stall)
-
+    await _open(send, knobs, _SSE_HEADERS + extra, lambda: write(KEEPALIVE))
     reset = -1 if knobs.reset_after is None else knobs.reset_after
     await write(events.role)
     for i, event in enumerate(events.content):
-        if i == reset:
-            break
         if i and knobs.delay:
             await asyncio.sleep(knobs.delay)
+        if i == reset:
+            if knobs.reset_mid_event:
+                await write(cut_mid_event(event))
+            break
         await write(event)
         record.sent_tokens = i + 1
         if i == 0 and knobs.pause_after_first:
@@ -298,6 +286,26 @@ async def _stream(
         await write(events.usage_event(plan.prompt_tokens, plan.tokens))
     record.finished = time.monotonic()
     await write(events.done, more=False)
+
+
+async def _open(
+    send: Send, knobs: Knobs, headers: Headers, keepalive: Callable[[], Awaitable[None]]
+) -> None:
+    """The stream's response headers, its keep-alive comments and the wait for its first
+    token. Without keep-alives the headers wait for the first token, as real upstreams' do;
+    with them the headers go at once so the comments have a response to ride on."""
+    start = {"type": "http.response.start", "status": 200, "headers": headers}
+    if knobs.ttft and not knobs.keepalives:
+        await asyncio.sleep(knobs.ttft)
+    await send(start)
+    if knobs.stall:
+        await asyncio.sleep(knobs.stall)
+    if knobs.keepalives:
+        gap = knobs.ttft / (knobs.keepalives + 1)
+        for _ in range(knobs.keepalives):
+            await asyncio.sleep(gap)
+            await keepalive()
+        await asyncio.sleep(gap)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
