@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import (
+    MAX_YAML_VALUES,
     Config,
     ConfigError,
     ConfigIssue,
@@ -576,6 +577,18 @@ def test_aliases_are_followed() -> None:
     )
     config = parse_config(text, "routes.yaml", {})
     assert config.upstreams["gemini"].timeouts == Timeouts(read=90.0)
+
+
+def test_alias_expansion_is_bounded_and_refused_at_the_entry_using_it() -> None:
+    # Each level multiplies by nine: 9 ** 5 = 59049 values in a4, some 66000 in all.
+    levels = ["a0: &a0 [" + ", ".join(["x"] * 9) + "]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 5)]
+    small = "\n".join(levels) + "\n"
+    assert "aliases" not in str(_issues(BASE + small))  # within the budget: only unknown keys
+    (issue,) = _issues(BASE + small + "big: [*a4, *a4]\n")
+    assert issue.line == 15
+    assert issue.path.startswith("big[")
+    assert issue.message == f"invalid YAML: aliases expand to more than {MAX_YAML_VALUES} values"
 
 
 def test_route_lookup_and_summary() -> None:

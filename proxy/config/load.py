@@ -72,7 +72,7 @@ def parse_config(
     try:
         doc = compose(text, env)
     except YamlSyntaxError as exc:
-        raise ConfigError([ConfigIssue(source, exc.line, "", exc.message)]) from None
+        raise ConfigError([ConfigIssue(source, exc.line, exc.path, exc.message)]) from None
     v = Validator(source, doc, main_port)
     config = v.config(doc.data)
     if v.issues:

@@ -1,0 +1,140 @@
+"""Hostile configs and hostile clients, against real `sluicegate` processes and raw sockets:
+each is refused with a clear message while a well-behaved client goes on being served.
+
+The well-behaved client (`Prober`) streams through the openai SDK in a thread of its own the
+whole time; its slowest time to first token is the real assertion: the event loop was never
+pinned. The bound is generous (TTFT_BOUND) against the mock's 0 s TTFT, and what each attack
+cost on the code before its fix is noted with the test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from proxy.config import MAX_YAML_VALUES
+from proxy.mock.upstream import Knobs, MockUpstream
+from proxy.serving import RunningServer
+from tests.helpers import ROOT, sluicegate, wait_for
+
+TTFT_BOUND = 1.0  # seconds; the mock answers at once, so this is the proxy's own delay
+HI: Any = [{"role": "user", "content": "hi"}]
+
+
+def yaml_bomb(levels: int, width: int = 9) -> str:
+    """`width ** levels` values from a few hundred bytes of nested aliases."""
+    lines = [f"a0: &a0 [{', '.join(['x'] * width)}]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+class Prober(threading.Thread):
+    """Streams one short chat after another until stopped, timing each first token."""
+
+    def __init__(self, url: str, model: str = "bot") -> None:
+        super().__init__(daemon=True)
+        self._client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        self._model = model
+        self._halt = threading.Event()
+        self.ttfts: list[float] = []
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            started = time.perf_counter()
+            try:
+                stream = self._client.chat.completions.create(
+                    model=self._model, messages=HI, stream=True, timeout=30
+                )
+                first = next(chunk for chunk in stream if chunk.choices)
+                self.ttfts.append(time.perf_counter() - started)
+                assert first.choices[0].delta.content is not None
+                stream.close()
+            except Exception as exc:  # kept and asserted on by the test
+                self.errors.append(exc)
+
+    def __enter__(self) -> Prober:
+        self.start()
+        assert wait_for(lambda: len(self.ttfts) >= 3, 30), self.errors
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._halt.set()
+        self.join(30)
+
+    def assert_served(self, served_before: int) -> None:
+        assert not self.errors, self.errors
+        assert len(self.ttfts) > served_before + 1, "the client was not served during the attack"
+        assert max(self.ttfts) < TTFT_BOUND, f"slowest TTFT {max(self.ttfts):.2f} s"
+
+
+@pytest.fixture(scope="module")
+def mock() -> Iterator[RunningServer]:
+    with RunningServer(MockUpstream(Knobs(ttft=0.0, delay=0.0, tokens=2))) as server:
+        yield server
+
+
+def _routes(mock_url: str) -> str:
+    return (
+        f"upstreams:\n  mock: {{base_url: '{mock_url}/v1'}}\n"
+        "routes:\n  - {model: bot, targets: [{upstream: mock, model: m}]}\n"
+    )
+
+
+def test_a_yaml_alias_bomb_reloaded_is_refused_while_clients_are_served(
+    tmp_path: Path, mock: RunningServer
+) -> None:
+    """Before the fix, this 345-byte file blocked the loop for ~3 s (a 619-byte one: 49 s,
+    then the process died); now it is refused in a quarter second, off the loop."""
+    path, log = tmp_path / "routes.yaml", tmp_path / "proxy.log"
+    path.write_text(_routes(mock.url))
+    args = ["serve", "--config", str(path)]
+    with (
+        log.open("wb") as sink,
+        sluicegate(*args, output=sink) as (proc, url),
+        Prober(url) as probe,
+    ):
+        served = len(probe.ttfts)
+        path.write_text(_routes(mock.url) + yaml_bomb(6, 10))
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: '"config_reload_refused"' in log.read_text(), 30)
+        after = len(probe.ttfts)
+        assert wait_for(lambda: len(probe.ttfts) > after + 2, 30)  # the ones sent meanwhile too
+        probe.assert_served(served)
+    text = log.read_text()
+    assert f"aliases expand to more than {MAX_YAML_VALUES} values" in text
+    assert '"config_reloaded"' not in text  # the old config kept serving
+
+
+def test_check_refuses_a_yaml_alias_bomb_promptly_with_file_line_and_path(
+    tmp_path: Path,
+) -> None:
+    """The issue's 619-byte bomb (9 ** 12 values): before the fix `check` ran out of memory."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text("upstreams:\n  x:\n    base_url: http://h\n" + yaml_bomb(12))
+    assert len(path.read_bytes()) < 700
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+        env={**os.environ},
+    )
+    assert time.monotonic() - started < 20
+    assert result.returncode == 1
+    message = f"invalid YAML: aliases expand to more than {MAX_YAML_VALUES} values"
+    assert f"{path}:9: a5[" in result.stdout + result.stderr  # at `a5: &a5 [...]`, 9 ** 6
+    assert message in result.stdout + result.stderr
