@@ -28,7 +28,7 @@ from proxy.admission import identify
 from proxy.api_request import APIS
 from proxy.asgi import send_error
 from proxy.catalog import model_entries
-from proxy.config import ConfigError, ServerSettings
+from proxy.config import Config, ConfigError, ServerSettings
 from proxy.endpoint import ApiEndpoint
 from proxy.errors import (
     HeadersTooLarge,
@@ -86,6 +86,7 @@ def create_app(
             meter.config_reloaded(ok, config if ok else None)
         if ok:
             log.info("config_reloaded", config=config.summary())
+            _log_warnings(config)
             _warn_restart_needed(started, config.server)
         else:
             log.error(
@@ -117,6 +118,7 @@ def create_app(
         await asyncio.to_thread(tokenizer_available)
         gc.freeze()
         log.info("ready", config=state.config.summary())
+        _log_warnings(state.config)
         if not state.config.keys:
             log.warning("open_proxy", hint="no `keys:` in the routes file: any client is served")
         reloader.install_sighup()
@@ -181,6 +183,11 @@ def _render(metrics: list[Metrics]) -> tuple[bytes, str]:
     if not metrics:
         raise NotReady("sluicegate is starting")
     return metrics[0].render()
+
+
+def _log_warnings(config: Config) -> None:
+    for warning in config.warnings:
+        log.warning("config_warning", issue=str(warning))
 
 
 def _warn_restart_needed(started: list[ServerSettings], now: ServerSettings) -> None:

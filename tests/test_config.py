@@ -721,3 +721,49 @@ def test_broken_fixture_files(name: str) -> None:
     for issue, (_, _, fragment) in zip(issues, FIXTURES[name], strict=True):
         assert fragment in issue.message
         assert str(issue).startswith(f"{path}:{issue.line}: ")  # what `sluicegate check` prints
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["sk-a\nb", "sk-ab\n\n", "sk-a\x07b", "sk-a b", "sk-ab\t", "sk-\u00e9b", "\n"],
+    ids=["newline-inside", "two-newlines", "bell", "space", "tab", "non-ascii", "only-newline"],
+)
+def test_an_api_key_that_no_header_can_carry_is_refused_without_echoing(key: str) -> None:
+    text = _edit("/v1\n  gemini", "/v1\n    api_key: ${KEY}\n  gemini")
+    issue = _one(_issues(text, {"KEY": key}), "upstreams.deepseek.api_key")
+    assert issue.line == 4
+    assert "expected printable ASCII without spaces, line breaks or controls" in issue.message
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_one_trailing_newline_is_trimmed_from_an_api_key_with_a_warning(ending: str) -> None:
+    text = _edit("/v1\n  gemini", "/v1\n    api_key: ${KEY}\n  gemini")
+    config = parse_config(text, "routes.yaml", {"KEY": KEY + ending})
+    assert config.upstreams["deepseek"].api_key == Secret(KEY)
+    (warning,) = config.warnings
+    assert str(warning) == (
+        "routes.yaml:4: upstreams.deepseek.api_key: a trailing newline was trimmed from the key"
+    )
+    assert parse_config(BASE, "routes.yaml", {}).warnings == ()
+
+
+def test_credentials_in_base_url_and_an_api_key_are_refused_together() -> None:
+    url = "https://user:hunter2@api.deepseek.com/v1"
+    both = _edit("https://api.deepseek.com/v1", f"{url}\n    api_key: {KEY}")
+    issue = _one(_issues(both), "upstreams.deepseek.api_key")
+    assert issue.message == "base_url carries credentials (user:pass@) too: keep one of them"
+    assert "hunter2" not in str(issue)
+    assert KEY not in str(issue)
+    alone = parse_config(_edit("https://api.deepseek.com/v1", url), "routes.yaml", {})
+    assert alone.upstreams["deepseek"].base_url == url  # one way to authenticate is fine
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://user:hunter2@h/v1", "http://user:hunter2@h:99999/v1", "http://user:hunter2@/v1?x=1"],
+    ids=["scheme", "port", "no-host"],
+)
+def test_an_invalid_base_url_never_shows_its_password(url: str) -> None:
+    issue = _one(_issues(_edit("https://api.deepseek.com/v1", url)), "upstreams.deepseek.base_url")
+    assert "hunter2" not in issue.message
+    assert "user:***@" in issue.message

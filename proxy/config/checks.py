@@ -34,10 +34,14 @@ class Checks:
         # A value YAML could not read or expand is reported once, not again as the wrong type.
         self.flagged = {p.path for p in doc.problems}
         self.declared: tuple[str, ...] | None = None  # upstream names, once known
+        self.warnings: list[ConfigIssue] = []  # accepted, but worth a word to the operator
 
     def issue(self, path: str, message: str) -> None:
         if path not in self.flagged:
             self.issues.append(ConfigIssue(self.source, self.lines.get(path), path, message))
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(ConfigIssue(self.source, self.lines.get(path), path, message))
 
     def shown(self, path: str, value: object, *, bare: bool = False) -> str:
         template = self.templates.get(path)

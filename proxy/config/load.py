@@ -78,4 +78,5 @@ def parse_config(
     if v.issues:
         # Unlocated issues (none are expected) go last; otherwise file order.
         raise ConfigError(sorted(v.issues, key=lambda i: (i.line is None, i.line or 0)))
+    object.__setattr__(config, "warnings", tuple(v.warnings))
     return config

@@ -142,6 +142,8 @@ class Config:
     pricing: Mapping[str, Price]
     source: str
     keys: tuple[ClientKey, ...] = ()  # none: the proxy is open to any client
+    # Accepted, but worth a word (`check` prints them, serve and reload log them).
+    warnings: tuple[ConfigIssue, ...] = field(default=(), init=False, compare=False)
     _by_model: Mapping[str, Route] = field(init=False, repr=False, compare=False)
     _by_hash: Mapping[str, ClientKey] = field(init=False, repr=False, compare=False)
 

@@ -117,7 +117,8 @@ class Validator(Checks):
         problem = _url_problem(url) if url else None
         if problem:
             url_path = child_path(path, "base_url")
-            self.issue(url_path, f"{problem}, got {self.shown(url_path, url, bare=True)}")
+            got = self.shown(url_path, _without_password(url), bare=True)
+            self.issue(url_path, f"{problem}, got {got}")
         mode = self.string(data, "stream_options", path) or "auto"
         if mode not in STREAM_OPTIONS_MODES:
             mode_path = child_path(path, "stream_options")
@@ -125,7 +126,7 @@ class Validator(Checks):
             self.issue(mode_path, f"expected one of auto, pass, strip, got {got}")
         tpath = child_path(path, "timeouts")
         timeouts = self.section(_optional(data.get("timeouts")), tpath, Timeouts)
-        api_key = self.string(data, "api_key", path, empty=True, secret=True)
+        api_key = self.api_key(data, path, url)
         pool = self.number(data, "max_connections", path, _UP.max_connections, "count")
         return Upstream(
             name=name,
@@ -142,6 +143,21 @@ class Validator(Checks):
             max_connections=int(pool),
             cooldown=self.cooldown(_optional(data.get("cooldown")), child_path(path, "cooldown")),
         )
+
+    def api_key(self, data: Data, path: str, url: str) -> str:
+        """The key, checked like metrics_token; never echoed. A single trailing newline (a
+        Secret made with `kubectl --from-file`) is trimmed, with a warning."""
+        key = self.string(data, "api_key", path, empty=True, secret=True)
+        kpath = child_path(path, "api_key")
+        trimmed = key.removesuffix("\n").removesuffix("\r") if key.endswith("\n") else key
+        if key and trimmed != key and _TOKEN.fullmatch(trimmed):
+            self.warn(kpath, "a trailing newline was trimmed from the key")
+            key = trimmed
+        if key and not _TOKEN.fullmatch(key):
+            self.issue(kpath, "expected printable ASCII without spaces, line breaks or controls")
+        if key and _has_userinfo(url):
+            self.issue(kpath, "base_url carries credentials (user:pass@) too: keep one of them")
+        return key
 
     def cooldown(self, raw: object, path: str) -> Cooldown:
         data = self.section(raw, path, Cooldown)
@@ -274,6 +290,20 @@ class Validator(Checks):
 def _optional(value: object) -> object:
     """An optional section left empty (`pricing:`, entries all commented out) reads as null."""
     return {} if value is None else value
+
+
+def _has_userinfo(url: str) -> bool:
+    return "@" in urlsplit(url).netloc if _url_problem(url) is None else False
+
+
+def _without_password(url: str) -> str:
+    """The URL as a message may show it: a password in `user:pass@` becomes `***`."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
 
 
 def _url_problem(url: str) -> str | None:
