@@ -105,6 +105,15 @@ def _post(*headers: bytes, body: bytes = b"") -> bytes:
 
 NO_MODEL, TOO_LARGE = "model_not_found", "request_too_large"
 MSG = b'"messages": [{"role": "user", "content": "hi"}]'
+
+
+def _deep(levels: int) -> bytes:
+    """A valid request with a value `levels` deep, the body object counted."""
+    return (
+        b'{"model": "bot", ' + MSG + b', "x": ' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+    )
+
+
 BODIES = [
     ("empty-body", b"", 400, "invalid_json", None),
     ("truncated-json", b'{"model": "bot", "messages": [', 400, "invalid_json", None),
@@ -112,6 +121,8 @@ BODIES = [
     ("two-documents", OK + OK, 400, "invalid_json", None),
     ("nan-literal", b'{"model": "bot", "n": NaN, ' + MSG + b"}", 400, "invalid_json", None),
     ("nested-5000-deep", b"[" * 5000 + b"]" * 5000, 400, "invalid_json", None),
+    ("nested-255-deep", _deep(255), 400, "invalid_json", None),  # orjson writes 254 at most
+    ("nested-1023-deep", _deep(1023), 400, "invalid_json", None),  # orjson reads this deep
     ("invalid-utf8-in-string", OK.replace(b"hi", b"h\xffi"), 400, "invalid_json", None),
     ("lone-surrogate-escape", OK.replace(b"hi", b"\\ud800"), 400, "invalid_json", None),
     ("utf16-body", OK.decode().encode("utf-16"), 400, "invalid_json", None),
