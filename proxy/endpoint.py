@@ -19,6 +19,7 @@ from proxy.errors import (
     ProxyError,
     RateLimited,
     UpstreamProtocolError,
+    clipped,
 )
 from proxy.headers import Headers, client_response_headers, request_id, upstream_request_headers
 from proxy.metering.cost import cost_usd
@@ -97,9 +98,8 @@ class _RequestFlow:
             request = parse_request(body, self.api)
             route = config.route(request.model)
             if route is None:
-                message = (
-                    f"The model '{request.model}' does not exist or you do not have access to it."
-                )
+                model = clipped(request.model, server.max_echoed_chars)
+                message = f"The model '{model}' does not exist or you do not have access to it."
                 raise ModelNotFound(message, param="model")
             check_model(key, route.model)
             state.runtime.limits.admit(key, time.monotonic())

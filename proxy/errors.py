@@ -165,3 +165,11 @@ def error_body(
     return orjson.dumps(
         {"error": {"message": message, "type": type_, "param": param, "code": code}}
     )
+
+
+def clipped(text: str, limit: int) -> str:
+    """A client's string as an error message or a log line quotes it: at most `limit`
+    characters of it, so one request cannot write megabytes to the logs."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"

@@ -767,3 +767,9 @@ def test_an_invalid_base_url_never_shows_its_password(url: str) -> None:
     issue = _one(_issues(_edit("https://api.deepseek.com/v1", url)), "upstreams.deepseek.base_url")
     assert "hunter2" not in issue.message
     assert "user:***@" in issue.message
+
+
+def test_max_echoed_chars_defaults_to_200_and_must_be_a_count() -> None:
+    assert parse_config(BASE, "routes.yaml", {}).server.max_echoed_chars == 200
+    issue = _one(_issues("server: {max_echoed_chars: 0}\n" + BASE), "server.max_echoed_chars")
+    assert (issue.line, issue.message) == (1, "must be 1 or more, got number 0")

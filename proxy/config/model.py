@@ -120,6 +120,7 @@ class ClientKey:
 class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout: float = 30.0  # seconds a client may take to send its request body
+    max_echoed_chars: int = 200  # of a client's string quoted in an error or a log line
     max_inflight: int | None = None  # per process; beyond it, 429 with Retry-After
     drain_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may finish
     retry_budget: float = 0.2  # re-attempts on an upstream, as a share of its recent requests

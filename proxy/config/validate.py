@@ -60,6 +60,11 @@ class Validator(Checks):
                 body_timeout=self.number(
                     server, "body_timeout", "server", _SERVER.body_timeout, "positive"
                 ),
+                max_echoed_chars=int(
+                    self.number(
+                        server, "max_echoed_chars", "server", _SERVER.max_echoed_chars, "count"
+                    )
+                ),
                 max_inflight=self.optional_int(server, "max_inflight", "server"),
                 drain_seconds=self.number(
                     server, "drain_seconds", "server", _SERVER.drain_seconds, "non-negative"
