@@ -44,6 +44,7 @@ from proxy.observe.logs import LEVELS, access_log, get_logger
 from proxy.observe.logs import configure as configure_logs
 from proxy.observe.metrics import EXTRA_OBSERVER, Metrics
 from proxy.observe.metrics_server import MetricsEndpoint, restart_needed
+from proxy.origin import UNCHECKED_HOST_PATHS, check_host
 from proxy.playground import playground
 from proxy.record import Observer, Observers
 from proxy.reload import POLL_SECONDS, Reloader
@@ -141,6 +142,7 @@ def create_app(
     ]
     app = _Proxy(
         endpoints,
+        ref,
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -216,9 +218,10 @@ class _Proxy(Starlette):
     """Starlette for everything but the hot path: POST to the generation APIs goes straight
     to their raw ASGI endpoints, so no middleware wraps `send` for every streamed chunk."""
 
-    def __init__(self, endpoints: Mapping[str, ApiEndpoint], **kwargs: Any) -> None:
+    def __init__(self, endpoints: Mapping[str, ApiEndpoint], ref: StateRef, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._endpoints = endpoints
+        self._ref = ref
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -239,6 +242,13 @@ class _Proxy(Starlette):
         ):
             await send_error(send, HeadersTooLarge("request headers are too large"))
             return
+        state = self._ref.current
+        if state is not None and scope["path"] not in UNCHECKED_HOST_PATHS:
+            try:
+                check_host(headers, state.config.server)
+            except ProxyError as exc:
+                await send_error(send, exc)
+                return
         endpoint = self._endpoints.get(scope["path"])
         if endpoint is not None and scope["method"] == "POST":
             await endpoint(scope, receive, send)

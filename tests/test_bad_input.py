@@ -29,6 +29,7 @@ from tests.test_metering import PROFILE
 
 LIMIT = 10_000
 OK = b'{"model": "bot", "messages": [{"role": "user", "content": "hi"}]}'
+JSON = {"content-type": "application/json"}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -67,7 +68,7 @@ def _assert_openai_error(r: httpx.Response, status: int, code: str | None) -> di
 
 def _assert_still_serving(proxy: Proxy, rid: str = "still-serving") -> None:
     assert httpx.get(proxy.url + "/healthz", timeout=5).json() == {"status": "ok"}
-    headers = {"x-request-id": rid}
+    headers = {"x-request-id": rid, **JSON}
     r = httpx.post(proxy.url + "/v1/chat/completions", content=OK, headers=headers, timeout=5)
     assert r.status_code == 200
     assert r.json()["choices"][0]["message"]["content"] == expected_content(0, 16)
@@ -153,7 +154,10 @@ def test_a_bad_body_gets_a_clear_4xx_in_openai_shape_and_is_counted_once(
 ) -> None:
     rid = f"bad-{time.monotonic_ns()}"
     r = httpx.post(
-        proxy.url + "/v1/chat/completions", content=body, headers={"x-request-id": rid}, timeout=5
+        proxy.url + "/v1/chat/completions",
+        content=body,
+        headers={"x-request-id": rid, **JSON},
+        timeout=5,
     )
     assert _assert_openai_error(r, status, code)["param"] == param
     assert r.headers["x-request-id"] == rid
@@ -164,13 +168,13 @@ def test_a_bad_body_gets_a_clear_4xx_in_openai_shape_and_is_counted_once(
 def test_a_body_exactly_at_the_limit_is_served(proxy: Proxy) -> None:
     body = OK[:-1] + b" " * (LIMIT - len(OK)) + b"}"
     assert len(body) == LIMIT
-    r = httpx.post(proxy.url + "/v1/chat/completions", content=body, timeout=5)
+    r = httpx.post(proxy.url + "/v1/chat/completions", content=body, headers=JSON, timeout=5)
     assert r.status_code == 200
 
 
 def test_a_chunked_body_over_the_limit_is_413(proxy: Proxy) -> None:
     chunks = (b" " * 1000 for _ in range(1000))  # 1 MB without a length, 100x the limit
-    r = httpx.post(proxy.url + "/v1/chat/completions", content=chunks, timeout=5)
+    r = httpx.post(proxy.url + "/v1/chat/completions", content=chunks, headers=JSON, timeout=5)
     _assert_openai_error(r, 413, "request_too_large")
     _assert_still_serving(proxy)
 

@@ -773,3 +773,37 @@ def test_max_echoed_chars_defaults_to_200_and_must_be_a_count() -> None:
     assert parse_config(BASE, "routes.yaml", {}).server.max_echoed_chars == 200
     issue = _one(_issues("server: {max_echoed_chars: 0}\n" + BASE), "server.max_echoed_chars")
     assert (issue.line, issue.message) == (1, "must be 1 or more, got number 0")
+
+
+def test_cors_origins_and_allowed_hosts_are_read_lower_case() -> None:
+    server = "server:\n  cors_origins: [HTTPS://App.example, 'http://[::1]:8080']\n"
+    config = parse_config(server + "  allowed_hosts: [Proxy.example, '[::1]']\n" + BASE, "r", {})
+    assert config.server.cors_origins == {"https://app.example", "http://[::1]:8080"}
+    assert config.server.allowed_hosts == {"proxy.example", "::1"}
+    default = parse_config(BASE, "r", {}).server
+    assert (default.cors_origins, default.allowed_hosts) == (frozenset(), None)
+
+
+@pytest.mark.parametrize(
+    ("value", "path", "fragment"),
+    [
+        ("cors_origins: [https://app.example/]", "server.cors_origins[0]", "scheme://host[:port]"),
+        ("cors_origins: ['*']", "server.cors_origins[0]", "scheme://host[:port]"),
+        ("cors_origins: [app.example]", "server.cors_origins[0]", "scheme://host[:port]"),
+        (
+            "cors_origins: [1]",
+            "server.cors_origins[0]",
+            "expected a non-empty string, got number 1",
+        ),
+        ("allowed_hosts: ['localhost:8080']", "server.allowed_hosts[0]", "without a port"),
+        ("allowed_hosts: ['a b']", "server.allowed_hosts[0]", "without a port"),
+        ("allowed_hosts: []", "server.allowed_hosts", "at least one host name"),
+        ("allowed_hosts: localhost", "server.allowed_hosts", "expected a list"),
+    ],
+)
+def test_bad_cors_origins_and_allowed_hosts_are_refused(
+    value: str, path: str, fragment: str
+) -> None:
+    issue = _one(_issues(f"server:\n  {value}\n" + BASE), path)
+    assert issue.line == 2
+    assert fragment in issue.message

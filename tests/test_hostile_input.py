@@ -19,9 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
+from proxy.app import create_app
 from proxy.config import MAX_YAML_VALUES
 from proxy.mock.upstream import Knobs, MockUpstream
 from proxy.serving import RunningServer
@@ -78,9 +80,12 @@ class Prober(threading.Thread):
         assert max(self.ttfts) < TTFT_BOUND, f"slowest TTFT {max(self.ttfts):.2f} s"
 
 
+MOCK = MockUpstream(Knobs(ttft=0.0, delay=0.0, tokens=2))
+
+
 @pytest.fixture(scope="module")
 def mock() -> Iterator[RunningServer]:
-    with RunningServer(MockUpstream(Knobs(ttft=0.0, delay=0.0, tokens=2))) as server:
+    with RunningServer(MOCK) as server:
         yield server
 
 
@@ -160,3 +165,90 @@ def test_a_megabyte_model_name_is_clipped_in_the_error_and_the_access_log(
     text = log.read_text()
     assert text.count('"status":404') == 20
     assert len(text) < 20_000
+
+
+# --- web pages: cross-site requests and DNS rebinding -----------------------------------------
+
+PAGE = "https://app.example"
+BROWSER_BODY = b'{"model": "bot", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+@pytest.fixture(scope="module")
+def browsers(
+    tmp_path_factory: pytest.TempPathFactory, mock: RunningServer
+) -> Iterator[tuple[RunningServer, RunningServer]]:
+    """An open proxy that lists one page and its own names; and the same with a client key."""
+    tmp = tmp_path_factory.mktemp("browsers")
+    server = f"server: {{cors_origins: ['{PAGE}'], allowed_hosts: [127.0.0.1, localhost]}}\n"
+    key = "keys: {app: {sha256: '%s'}}\n" % ("0" * 64)
+    (tmp / "open.yaml").write_text(server + _routes(mock.url))
+    (tmp / "keyed.yaml").write_text(server + _routes(mock.url) + key)
+    apps = (
+        create_app(tmp / f"{name}.yaml", env={}, watch_interval=None) for name in ("open", "keyed")
+    )
+    with RunningServer(next(apps)) as open_, RunningServer(next(apps)) as keyed:
+        yield open_, keyed
+
+
+def _browser_post(url: str, **headers: str) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", content=BROWSER_BODY, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "code"),
+    [
+        ({"content-type": "text/plain;charset=UTF-8"}, 415, "unsupported_content_type"),
+        ({"content-type": "application/x-www-form-urlencoded"}, 415, "unsupported_content_type"),
+        ({}, 415, "unsupported_content_type"),  # fetch() with a Blob body: no type at all
+        ({"content-type": "application/json", "origin": "https://evil.example"}, 403, None),
+        ({"content-type": "application/json", "origin": "null"}, 403, None),  # sandboxed frame
+        ({"content-type": "application/json", "host": "evil.example"}, 421, "host_not_allowed"),
+        ({"content-type": "application/json", "host": "localhost.evil.example"}, 421, None),
+    ],
+    ids=["text-plain", "form", "no-type", "other-origin", "null-origin", "rebound", "suffix"],
+)
+def test_what_a_web_page_can_send_to_an_open_proxy_is_refused_before_any_upstream(
+    browsers: tuple[RunningServer, RunningServer],
+    headers: dict[str, str],
+    status: int,
+    code: str | None,
+) -> None:
+    """Before the fix, every one of these reached the upstream and got its answer."""
+    before = len(MOCK.records)
+    r = _browser_post(browsers[0].url, **headers)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == (code or {403: "origin_not_allowed", 421: "host_not_allowed"}[status])
+    assert len(MOCK.records) == before
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"content-type": "application/json; charset=utf-8"},
+        {"content-type": "Application/JSON", "origin": PAGE},  # listed
+        {"content-type": "application/json", "origin": "{own}"},  # the playground's own page
+        {"content-type": "application/json", "host": "localhost:{port}"},
+    ],
+    ids=["charset", "listed-origin", "same-origin", "allowed-host"],
+)
+def test_json_from_the_proxy_s_own_page_or_a_listed_one_is_served(
+    browsers: tuple[RunningServer, RunningServer], headers: dict[str, str]
+) -> None:
+    proxy = browsers[0]
+    own = {k: v.format(own=proxy.url, port=proxy.port) for k, v in headers.items()}
+    r = _browser_post(proxy.url, **own)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"]
+
+
+def test_probes_answer_any_host_and_a_keyed_proxy_takes_any_origin(
+    browsers: tuple[RunningServer, RunningServer],
+) -> None:
+    open_, keyed = browsers
+    for path in ("/healthz", "/readyz"):
+        assert httpx.get(open_.url + path, headers={"host": "10.1.2.3:8080"}).status_code == 200
+    assert httpx.get(open_.url + "/v1/models", headers={"host": "evil.example"}).status_code == 421
+    # With client keys a page cannot call the proxy without one: its Origin is not checked.
+    r = _browser_post(keyed.url, **{"content-type": "application/json", "origin": "https://x.y"})
+    assert r.status_code == 401

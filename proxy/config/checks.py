@@ -90,6 +90,17 @@ class Checks:
             return [(key, child_path(path, key), value) for key, value in raw.items()]
         return [(str(i), f"{path}[{i}]", value) for i, value in enumerate(raw)]
 
+    def strings(self, data: Data, key: str, path: str, what: str) -> list[tuple[str, str]]:
+        """(path, value) of each entry of a list of non-empty strings; none if absent."""
+        path = child_path(path, key)
+        found = []
+        for _, item_path, value in self.entries(data.get(key), path, list, what):
+            if not isinstance(value, str) or not value:
+                self.issue(item_path, f"expected a non-empty string, got {describe(value)}")
+            else:
+                found.append((item_path, value))
+        return found
+
     def string(
         self, data: Data, key: str, path: str, *, empty: bool = False, secret: bool = False
     ) -> str:

@@ -34,6 +34,12 @@ _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a metric label val
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HOST = re.compile(r"[0-9A-Za-z.:%_-]+")  # a name, an IPv4 or a bare IPv6 address
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # what survives in a header: no spaces, no line breaks
+_ORIGIN = re.compile(r"https?://(\[[0-9a-f:.]+\]|[0-9a-z.-]+)(:[0-9]{1,5})?", re.I)  # no path
+
+
+class _BrowserSettings(TypedDict):
+    cors_origins: frozenset[str]
+    allowed_hosts: frozenset[str] | None
 
 
 class _MetricsSettings(TypedDict):
@@ -75,6 +81,7 @@ class Validator(Checks):
                 else _SERVER.keepalive_seconds,
                 finish_after_abort=self.optional_seconds(server, "finish_after_abort", "server"),
                 **self.metrics(server),
+                **self.browsers(server),
             ),
             upstreams=upstreams,
             routes=routes,
@@ -106,6 +113,24 @@ class Validator(Checks):
             "metrics_port": port if port is not None and port <= 65535 else None,
             "metrics_host": host,
             "metrics_token": Secret(token) if token else None,
+        }
+
+    def browsers(self, server: Data) -> _BrowserSettings:
+        origins = self.strings(server, "cors_origins", "server", "origin")
+        for opath, origin in origins:
+            if not _ORIGIN.fullmatch(origin):
+                got = self.shown(opath, origin, bare=True)
+                self.issue(opath, f"expected scheme://host[:port] as a browser sends it, got {got}")
+        hosts = self.strings(server, "allowed_hosts", "server", "host name")
+        for hpath, host in hosts:
+            if not _HOST.fullmatch(host.strip("[]")) or host.count(":") == 1:  # name:port
+                got = self.shown(hpath, host, bare=True)
+                self.issue(hpath, f"expected a host name or IP address, without a port, got {got}")
+        return {
+            "cors_origins": frozenset(origin.lower() for _, origin in origins),
+            "allowed_hosts": frozenset(h.lower().strip("[]") for _, h in hosts)
+            if server.get("allowed_hosts") is not None
+            else None,
         }
 
     def upstreams(self, raw: object) -> dict[str, Upstream]:
