@@ -17,6 +17,9 @@ from proxy.errors import BadRequest
 
 # pass: as the client sent it; strip: without stream_options; inject: ask for usage too.
 StreamOptionsAction = Literal["pass", "strip", "inject"]
+# orjson reads JSON nested up to 1023 levels but writes at most this many, and every attempt
+# re-serialises the body: deeper bodies are refused here, not with a 500 later.
+MAX_DEPTH = 254
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,8 @@ def parse_request(body: bytes, api: Api = CHAT) -> ApiRequest:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH:  # only then can it be that deep
+        _check_depth(payload)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("you must provide a model parameter (a string)", param="model")
@@ -90,3 +95,11 @@ def parse_request(body: bytes, api: Api = CHAT) -> ApiRequest:
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", param="stream")
     return ApiRequest(model=model, stream=stream, payload=payload, api=api)
+
+
+def _check_depth(payload: dict[str, Any]) -> None:
+    try:
+        orjson.dumps(payload)  # in C: cheaper than walking the structure in Python
+    except orjson.JSONEncodeError:
+        message = f"request body is nested more than {MAX_DEPTH} levels deep"
+        raise BadRequest(message, code="invalid_json") from None

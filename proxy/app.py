@@ -45,6 +45,7 @@ from proxy.observe.logs import LEVELS, access_log, get_logger
 from proxy.observe.logs import configure as configure_logs
 from proxy.observe.metrics import EXTRA_OBSERVER, Metrics
 from proxy.observe.metrics_server import MetricsEndpoint, restart_needed
+from proxy.origin import UNCHECKED_HOST_PATHS, check_host
 from proxy.playground import playground
 from proxy.record import Observer, Observers
 from proxy.reload import POLL_SECONDS, Reloader
@@ -87,6 +88,7 @@ def create_app(
             meter.config_reloaded(ok, config if ok else None)
         if ok:
             log.info("config_reloaded", config=config.summary())
+            _log_warnings(config)
             _warn_restart_needed(started, config)
         else:
             log.error(
@@ -119,6 +121,7 @@ def create_app(
         gc.freeze()
         fleet = _open_fleet(runtime, ref, meter)  # its first calls wait on nothing above
         log.info("ready", config=state.config.summary())
+        _log_warnings(state.config)
         if not state.config.keys:
             log.warning("open_proxy", hint="no `keys:` in the routes file: any client is served")
         reloader.install_sighup()
@@ -142,6 +145,7 @@ def create_app(
     ]
     app = _Proxy(
         endpoints,
+        ref,
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -207,6 +211,11 @@ def _render(metrics: list[Metrics]) -> tuple[bytes, str]:
     return metrics[0].render()
 
 
+def _log_warnings(config: Config) -> None:
+    for warning in config.warnings:
+        log.warning("config_warning", issue=str(warning))
+
+
 def _warn_restart_needed(started: list[Config], now: Config) -> None:
     if not started:
         return
@@ -237,9 +246,10 @@ class _Proxy(Starlette):
     """Starlette for everything but the hot path: POST to the generation APIs goes straight
     to their raw ASGI endpoints, so no middleware wraps `send` for every streamed chunk."""
 
-    def __init__(self, endpoints: Mapping[str, ApiEndpoint], **kwargs: Any) -> None:
+    def __init__(self, endpoints: Mapping[str, ApiEndpoint], ref: StateRef, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._endpoints = endpoints
+        self._ref = ref
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -260,6 +270,13 @@ class _Proxy(Starlette):
         ):
             await send_error(send, HeadersTooLarge("request headers are too large"))
             return
+        state = self._ref.current
+        if state is not None and scope["path"] not in UNCHECKED_HOST_PATHS:
+            try:
+                check_host(headers, state.config.server)
+            except ProxyError as exc:
+                await send_error(send, exc)
+                return
         endpoint = self._endpoints.get(scope["path"])
         if endpoint is not None and scope["method"] == "POST":
             await endpoint(scope, receive, send)

@@ -134,6 +134,8 @@ def _check(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         print(f"{args.path}: {len(exc.issues)} error(s)", file=sys.stderr)
         return 1
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {config.summary()}")
     return 0
 

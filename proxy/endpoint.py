@@ -18,10 +18,12 @@ from proxy.errors import (
     Overloaded,
     ProxyError,
     UpstreamProtocolError,
+    clipped,
 )
 from proxy.headers import Headers, client_response_headers, request_id, upstream_request_headers
 from proxy.metering.cost import cost_usd
 from proxy.metering.usage import tee_for, usage_of_body, usage_of_stream
+from proxy.origin import check_api_request
 from proxy.record import Observers, RequestRecord, Usage
 from proxy.relay import Reply
 from proxy.state import AppState, Runtime, StateRef
@@ -90,15 +92,15 @@ class _RequestFlow:
             key = identify(config, self.scope["headers"])  # before the body: 401 costs nothing
             self.record.key_name = key.name if key is not None else None
             server = config.server
+            check_api_request(self.scope["headers"], server, open_proxy=not config.keys)
             body = await read_body(
                 self.scope, self.receive, server.max_body_bytes, server.body_timeout
             )
             request = parse_request(body, self.api)
             route = config.route(request.model)
             if route is None:
-                message = (
-                    f"The model '{request.model}' does not exist or you do not have access to it."
-                )
+                model = clipped(request.model, server.max_echoed_chars)
+                message = f"The model '{model}' does not exist or you do not have access to it."
                 raise ModelNotFound(message, param="model")
             check_model(key, route.model)
             await state.runtime.store.admit(key)

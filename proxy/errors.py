@@ -5,11 +5,14 @@
     ├── Unauthorized                401     invalid_request_error   invalid_api_key
     │   └── MetricsUnauthorized     401     invalid_request_error   invalid_api_key
     ├── ModelNotAllowed             403     invalid_request_error   model_not_allowed
+    ├── OriginNotAllowed            403     invalid_request_error   origin_not_allowed
     ├── ModelNotFound               404     invalid_request_error   model_not_found
     ├── NotFound                    404     invalid_request_error   not_found
     ├── MethodNotAllowed            405     invalid_request_error   method_not_allowed
     ├── RequestTimeout              408     invalid_request_error   request_timeout
     ├── BodyTooLarge                413     invalid_request_error   request_too_large
+    ├── UnsupportedMediaType        415     invalid_request_error   unsupported_content_type
+    ├── HostNotAllowed              421     invalid_request_error   host_not_allowed
     ├── RateLimited                 429     requests|tokens         rate_limit_exceeded
     ├── Overloaded                  429     rate_limit_error        proxy_overloaded
     ├── BudgetExceeded              429     insufficient_quota      budget_exceeded
@@ -83,6 +86,12 @@ class ModelNotAllowed(ProxyError):
     code = "model_not_allowed"
 
 
+class OriginNotAllowed(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "origin_not_allowed"
+
+
 class ModelNotFound(ProxyError):
     status = 404
     type = "invalid_request_error"
@@ -111,6 +120,18 @@ class BodyTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_type"  # OpenAI's code
+
+
+class HostNotAllowed(ProxyError):
+    status = 421  # Misdirected Request: not a host this server answers for
+    type = "invalid_request_error"
+    code = "host_not_allowed"
 
 
 class RateLimited(ProxyError):
@@ -193,3 +214,11 @@ def error_body(
     return orjson.dumps(
         {"error": {"message": message, "type": type_, "param": param, "code": code}}
     )
+
+
+def clipped(text: str, limit: int) -> str:
+    """A client's string as an error message or a log line quotes it: at most `limit`
+    characters of it, so one request cannot write megabytes to the logs."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"

@@ -55,7 +55,8 @@ class Reloader:
         async with self._lock:
             self._stamp = _stamp(self._path)
             try:
-                config = load_config(self._path, self._env)
+                # Off the event loop: a big or hostile file must not stall the requests.
+                config = await asyncio.to_thread(load_config, self._path, self._env)
             except ConfigError as exc:
                 self.refused += 1
                 self._on_reload(False, exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from proxy.api_request import parse_request
+from proxy.api_request import MAX_DEPTH, parse_request
 from proxy.errors import BadRequest
 
 
@@ -32,3 +32,29 @@ def test_stream_null_means_false() -> None:
 def test_rejects(body: bytes) -> None:
     with pytest.raises(BadRequest):
         parse_request(body)
+
+
+def _nested(levels: int) -> bytes:
+    """A valid request whose deepest value sits `levels` deep, the body object counted."""
+    inner = levels - 1
+    return b'{"model":"m","messages":[{}],"x":' + b"[" * inner + b"]" * inner + b"}"
+
+
+@pytest.mark.parametrize(
+    ("body", "served"),
+    [
+        (_nested(MAX_DEPTH), True),
+        (_nested(MAX_DEPTH + 1), False),
+        (_nested(1023), False),  # as deep as orjson reads
+        (b'{"model":"m","messages":[' + b",".join([b"{}"] * 2000) + b"]}", True),  # wide
+    ],
+    ids=["at-the-limit", "one-past", "deepest-json-read", "many-brackets-shallow"],
+)
+def test_bodies_deeper_than_the_serialiser_writes_are_refused(body: bytes, served: bool) -> None:
+    if served:
+        assert orjson.loads(parse_request(body).upstream_body("x"))["model"] == "x"
+        return
+    with pytest.raises(BadRequest) as refused:
+        parse_request(body)
+    assert refused.value.code == "invalid_json"
+    assert refused.value.message == f"request body is nested more than {MAX_DEPTH} levels deep"

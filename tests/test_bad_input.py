@@ -29,6 +29,7 @@ from tests.test_metering import PROFILE
 
 LIMIT = 10_000
 OK = b'{"model": "bot", "messages": [{"role": "user", "content": "hi"}]}'
+JSON = {"content-type": "application/json"}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -67,7 +68,7 @@ def _assert_openai_error(r: httpx.Response, status: int, code: str | None) -> di
 
 def _assert_still_serving(proxy: Proxy, rid: str = "still-serving") -> None:
     assert httpx.get(proxy.url + "/healthz", timeout=5).json() == {"status": "ok"}
-    headers = {"x-request-id": rid}
+    headers = {"x-request-id": rid, **JSON}
     r = httpx.post(proxy.url + "/v1/chat/completions", content=OK, headers=headers, timeout=5)
     assert r.status_code == 200
     assert r.json()["choices"][0]["message"]["content"] == expected_content(0, 16)
@@ -105,6 +106,15 @@ def _post(*headers: bytes, body: bytes = b"") -> bytes:
 
 NO_MODEL, TOO_LARGE = "model_not_found", "request_too_large"
 MSG = b'"messages": [{"role": "user", "content": "hi"}]'
+
+
+def _deep(levels: int) -> bytes:
+    """A valid request with a value `levels` deep, the body object counted."""
+    return (
+        b'{"model": "bot", ' + MSG + b', "x": ' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+    )
+
+
 BODIES = [
     ("empty-body", b"", 400, "invalid_json", None),
     ("truncated-json", b'{"model": "bot", "messages": [', 400, "invalid_json", None),
@@ -112,6 +122,8 @@ BODIES = [
     ("two-documents", OK + OK, 400, "invalid_json", None),
     ("nan-literal", b'{"model": "bot", "n": NaN, ' + MSG + b"}", 400, "invalid_json", None),
     ("nested-5000-deep", b"[" * 5000 + b"]" * 5000, 400, "invalid_json", None),
+    ("nested-255-deep", _deep(255), 400, "invalid_json", None),  # orjson writes 254 at most
+    ("nested-1023-deep", _deep(1023), 400, "invalid_json", None),  # orjson reads this deep
     ("invalid-utf8-in-string", OK.replace(b"hi", b"h\xffi"), 400, "invalid_json", None),
     ("lone-surrogate-escape", OK.replace(b"hi", b"\\ud800"), 400, "invalid_json", None),
     ("utf16-body", OK.decode().encode("utf-16"), 400, "invalid_json", None),
@@ -142,7 +154,10 @@ def test_a_bad_body_gets_a_clear_4xx_in_openai_shape_and_is_counted_once(
 ) -> None:
     rid = f"bad-{time.monotonic_ns()}"
     r = httpx.post(
-        proxy.url + "/v1/chat/completions", content=body, headers={"x-request-id": rid}, timeout=5
+        proxy.url + "/v1/chat/completions",
+        content=body,
+        headers={"x-request-id": rid, **JSON},
+        timeout=5,
     )
     assert _assert_openai_error(r, status, code)["param"] == param
     assert r.headers["x-request-id"] == rid
@@ -153,13 +168,13 @@ def test_a_bad_body_gets_a_clear_4xx_in_openai_shape_and_is_counted_once(
 def test_a_body_exactly_at_the_limit_is_served(proxy: Proxy) -> None:
     body = OK[:-1] + b" " * (LIMIT - len(OK)) + b"}"
     assert len(body) == LIMIT
-    r = httpx.post(proxy.url + "/v1/chat/completions", content=body, timeout=5)
+    r = httpx.post(proxy.url + "/v1/chat/completions", content=body, headers=JSON, timeout=5)
     assert r.status_code == 200
 
 
 def test_a_chunked_body_over_the_limit_is_413(proxy: Proxy) -> None:
     chunks = (b" " * 1000 for _ in range(1000))  # 1 MB without a length, 100x the limit
-    r = httpx.post(proxy.url + "/v1/chat/completions", content=chunks, timeout=5)
+    r = httpx.post(proxy.url + "/v1/chat/completions", content=chunks, headers=JSON, timeout=5)
     _assert_openai_error(r, 413, "request_too_large")
     _assert_still_serving(proxy)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import (
+    MAX_YAML_VALUES,
     Config,
     ConfigError,
     ConfigIssue,
@@ -578,6 +579,18 @@ def test_aliases_are_followed() -> None:
     assert config.upstreams["gemini"].timeouts == Timeouts(read=90.0)
 
 
+def test_alias_expansion_is_bounded_and_refused_at_the_entry_using_it() -> None:
+    # Each level multiplies by nine: 9 ** 5 = 59049 values in a4, some 66000 in all.
+    levels = ["a0: &a0 [" + ", ".join(["x"] * 9) + "]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 5)]
+    small = "\n".join(levels) + "\n"
+    assert "aliases" not in str(_issues(BASE + small))  # within the budget: only unknown keys
+    (issue,) = _issues(BASE + small + "big: [*a4, *a4]\n")
+    assert issue.line == 15
+    assert issue.path.startswith("big[")
+    assert issue.message == f"invalid YAML: aliases expand to more than {MAX_YAML_VALUES} values"
+
+
 def test_route_lookup_and_summary() -> None:
     config = parse_config(EXAMPLE, "routes.yaml", {"DEEPSEEK_API_KEY": KEY})
     route = config.route("support-bot")
@@ -708,3 +721,89 @@ def test_broken_fixture_files(name: str) -> None:
     for issue, (_, _, fragment) in zip(issues, FIXTURES[name], strict=True):
         assert fragment in issue.message
         assert str(issue).startswith(f"{path}:{issue.line}: ")  # what `sluicegate check` prints
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["sk-a\nb", "sk-ab\n\n", "sk-a\x07b", "sk-a b", "sk-ab\t", "sk-\u00e9b", "\n"],
+    ids=["newline-inside", "two-newlines", "bell", "space", "tab", "non-ascii", "only-newline"],
+)
+def test_an_api_key_that_no_header_can_carry_is_refused_without_echoing(key: str) -> None:
+    text = _edit("/v1\n  gemini", "/v1\n    api_key: ${KEY}\n  gemini")
+    issue = _one(_issues(text, {"KEY": key}), "upstreams.deepseek.api_key")
+    assert issue.line == 4
+    assert "expected printable ASCII without spaces, line breaks or controls" in issue.message
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_one_trailing_newline_is_trimmed_from_an_api_key_with_a_warning(ending: str) -> None:
+    text = _edit("/v1\n  gemini", "/v1\n    api_key: ${KEY}\n  gemini")
+    config = parse_config(text, "routes.yaml", {"KEY": KEY + ending})
+    assert config.upstreams["deepseek"].api_key == Secret(KEY)
+    (warning,) = config.warnings
+    assert str(warning) == (
+        "routes.yaml:4: upstreams.deepseek.api_key: a trailing newline was trimmed from the key"
+    )
+    assert parse_config(BASE, "routes.yaml", {}).warnings == ()
+
+
+def test_credentials_in_base_url_and_an_api_key_are_refused_together() -> None:
+    url = "https://user:hunter2@api.deepseek.com/v1"
+    both = _edit("https://api.deepseek.com/v1", f"{url}\n    api_key: {KEY}")
+    issue = _one(_issues(both), "upstreams.deepseek.api_key")
+    assert issue.message == "base_url carries credentials (user:pass@) too: keep one of them"
+    assert "hunter2" not in str(issue)
+    assert KEY not in str(issue)
+    alone = parse_config(_edit("https://api.deepseek.com/v1", url), "routes.yaml", {})
+    assert alone.upstreams["deepseek"].base_url == url  # one way to authenticate is fine
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://user:hunter2@h/v1", "http://user:hunter2@h:99999/v1", "http://user:hunter2@/v1?x=1"],
+    ids=["scheme", "port", "no-host"],
+)
+def test_an_invalid_base_url_never_shows_its_password(url: str) -> None:
+    issue = _one(_issues(_edit("https://api.deepseek.com/v1", url)), "upstreams.deepseek.base_url")
+    assert "hunter2" not in issue.message
+    assert "user:***@" in issue.message
+
+
+def test_max_echoed_chars_defaults_to_200_and_must_be_a_count() -> None:
+    assert parse_config(BASE, "routes.yaml", {}).server.max_echoed_chars == 200
+    issue = _one(_issues("server: {max_echoed_chars: 0}\n" + BASE), "server.max_echoed_chars")
+    assert (issue.line, issue.message) == (1, "must be 1 or more, got number 0")
+
+
+def test_cors_origins_and_allowed_hosts_are_read_lower_case() -> None:
+    server = "server:\n  cors_origins: [HTTPS://App.example, 'http://[::1]:8080']\n"
+    config = parse_config(server + "  allowed_hosts: [Proxy.example, '[::1]']\n" + BASE, "r", {})
+    assert config.server.cors_origins == {"https://app.example", "http://[::1]:8080"}
+    assert config.server.allowed_hosts == {"proxy.example", "::1"}
+    default = parse_config(BASE, "r", {}).server
+    assert (default.cors_origins, default.allowed_hosts) == (frozenset(), None)
+
+
+@pytest.mark.parametrize(
+    ("value", "path", "fragment"),
+    [
+        ("cors_origins: [https://app.example/]", "server.cors_origins[0]", "scheme://host[:port]"),
+        ("cors_origins: ['*']", "server.cors_origins[0]", "scheme://host[:port]"),
+        ("cors_origins: [app.example]", "server.cors_origins[0]", "scheme://host[:port]"),
+        (
+            "cors_origins: [1]",
+            "server.cors_origins[0]",
+            "expected a non-empty string, got number 1",
+        ),
+        ("allowed_hosts: ['localhost:8080']", "server.allowed_hosts[0]", "without a port"),
+        ("allowed_hosts: ['a b']", "server.allowed_hosts[0]", "without a port"),
+        ("allowed_hosts: []", "server.allowed_hosts", "at least one host name"),
+        ("allowed_hosts: localhost", "server.allowed_hosts", "expected a list"),
+    ],
+)
+def test_bad_cors_origins_and_allowed_hosts_are_refused(
+    value: str, path: str, fragment: str
+) -> None:
+    issue = _one(_issues(f"server:\n  {value}\n" + BASE), path)
+    assert issue.line == 2
+    assert fragment in issue.message

@@ -27,6 +27,7 @@ from tests.helpers import wait_for
 
 # A row of the docstring tree: its indent (the depth), the class, status, type and code.
 TREE_ROW = re.compile(r"^(?P<indent>[ │]*)[├└]── (?P<name>\w+) +(\d{3}) +(\S+) +(\S+)$")
+JSON = {"content-type": "application/json"}
 OK_BODY = {"model": "support-bot", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -121,7 +122,7 @@ def test_chunked_body_over_limit_is_413(make_proxy: Any) -> None:
         for _ in range(20):
             yield b" " * 100
 
-    r = httpx.post(proxy.url + "/v1/chat/completions", content=chunks(), timeout=10)
+    r = httpx.post(proxy.url + "/v1/chat/completions", content=chunks(), headers=JSON, timeout=10)
     _assert_openai_error(r, 413, "request_too_large")
     _assert_still_serving(proxy)
 

@@ -70,15 +70,16 @@ OPENAI = Key("OPENAI_API_KEY", "sk-proj-" + _chars(64), "sk-proj-")
 ANTHROPIC = Key("ANTHROPIC_API_KEY", "sk-ant-api03-" + _chars(92) + "-AA", "sk-ant-api03-")
 DEEPSEEK = Key("DEEPSEEK_API_KEY", "sk-" + secrets.token_hex(16), "sk-")
 GEMINI = Key("GEMINI_API_KEY", "AIza" + _chars(35), "AIza")
-# As `kubectl create secret --from-file` often makes it: with a trailing newline (see TRACEBACK).
+# As `kubectl create secret --from-file` often makes it: with a trailing newline (trimmed).
 PASTED = Key("PASTED_API_KEY", "sk-proj-" + _chars(64), "sk-proj-")
+URL_PASSWORD = Key("a password in a base_url", _chars(32))
 METRICS_TOKEN = Key("METRICS_TOKEN", _chars(43))
 CLIENT = Key("client", "sk-sg-" + _chars(43), "sk-sg-")  # as `sluicegate hash-key --new`
 NARROW = Key("narrow client", "sk-sg-" + _chars(43), "sk-sg-")
 COOKIE = Key("client cookie", "session=" + _chars(32), "session=")
 REDIS = Key("REDIS_URL's password", _chars(40))  # state.url: limits shared through Redis
 UPSTREAM_KEYS = (OPENAI, ANTHROPIC, DEEPSEEK, GEMINI)
-SECRETS = (*UPSTREAM_KEYS, PASTED, METRICS_TOKEN, CLIENT, NARROW, COOKIE, REDIS)
+SECRETS = (*UPSTREAM_KEYS, PASTED, URL_PASSWORD, METRICS_TOKEN, CLIENT, NARROW, COOKIE, REDIS)
 ENV = {key.name: key.value for key in (OPENAI, ANTHROPIC, DEEPSEEK, GEMINI, METRICS_TOKEN)}
 # Nothing listens there (`check` never connects); `serve` gets a real redis-server's URL.
 ENV["REDIS_URL"] = f"redis://:{REDIS.value}@127.0.0.1:9/0"
@@ -90,9 +91,11 @@ WRONG_CLIENT_KEY = CLIENT.value[:-4] + "zzzz"
 WRONG_METRICS_TOKEN = METRICS_TOKEN.value[:-4] + "zzzz"
 ROUTES = {"gpt": OPENAI, "claude": ANTHROPIC, "deepseek": DEEPSEEK, "gemini": GEMINI}
 HI: Any = [{"role": "user", "content": "hi"}]
-# The one honest way to a traceback found: the trailing newline is only refused by aiohttp,
-# as the request is built (a ValueError), so the proxy answers 500 and logs the traceback.
+# The one honest way to a traceback found: a base_url whose host has a label longer than DNS
+# allows passes `check`, and aiohttp refuses it only as it connects (a UnicodeError, which is a
+# ValueError), so the proxy answers 500 and logs the traceback.
 TRACEBACK = "Traceback (most recent call last)"
+MISTYPED_HOST = "a" * 64 + ".example"
 
 
 def _sha256(key: Key) -> str:
@@ -100,10 +103,10 @@ def _sha256(key: Key) -> str:
 
 
 def routes_yaml(mock_url: str, dead_port: int, *, rpm: int = 1000, broken: bool = False) -> str:
-    """Four providers' keys from the environment, an unreachable upstream, the pasted key,
-    two client keys by hash. `broken`: refused, with the OpenAI key reached through ${...} in
-    fields whose errors quote values, a token with a space, and the raw client key pasted
-    where its hash belongs."""
+    """Four providers' keys from the environment, an unreachable upstream, the pasted key, an
+    upstream whose host no resolver takes, two client keys by hash. `broken`: refused, with the
+    OpenAI key reached through ${...} in fields whose errors quote values, a token with a space,
+    the raw client key pasted where its hash belongs, and an invalid base_url with a password."""
     token = "${METRICS_TOKEN} x" if broken else "${METRICS_TOKEN}"
     lines = [f"server: {{metrics_token: '{token}', drain_seconds: 1}}", "upstreams:"]
     for route, key in ROUTES.items():
@@ -116,9 +119,12 @@ def routes_yaml(mock_url: str, dead_port: int, *, rpm: int = 1000, broken: bool 
         f"  offline: {{base_url: 'http://127.0.0.1:{dead_port}/v1',"
         f" api_key: '${{{GEMINI.name}}}', timeouts: {{connect: 1, read: 2}}}}",
         f"  pasted: {{base_url: '{mock_url}/v1', api_key: '${{{PASTED.name}}}'}}",
-        "routes:",
+        f"  mistyped: {{base_url: 'http://{MISTYPED_HOST}/v1', api_key: '${{{PASTED.name}}}'}}",
     ]
-    for route in (*ROUTES, "offline", "pasted"):
+    if broken:
+        lines.append(f"  creds: {{base_url: 'ftp://user:{URL_PASSWORD.value}@h/v1'}}")
+    lines.append("routes:")
+    for route in (*ROUTES, "offline", "pasted", "mistyped"):
         target = f"{{upstream: {route}, model: m-{route}}}"
         lines.append(f"  - {{model: {route}, targets: [{target}], retries: 0}}")
     lines.append("pricing:")
@@ -239,7 +245,8 @@ def drive(url: str, http: httpx.Client, seen: Seen) -> None:
             pass
     seen.add("the SDK's exception for a cut stream", str(cut.value))
     _fails(seen, 502, chat, model="offline", messages=HI)
-    _fails(seen, 500, chat, model="pasted", messages=HI)  # the traceback
+    assert chat(model="pasted", messages=HI).choices  # its key's newline trimmed
+    _fails(seen, 500, chat, model="mistyped", messages=HI)  # the traceback
     wrong = _client(url, WRONG_CLIENT_KEY, http)
     _fails(seen, 401, wrong.chat.completions.create, model="gpt", messages=HI)
     _fails(seen, 401, wrong.models.list)
@@ -247,7 +254,7 @@ def drive(url: str, http: httpx.Client, seen: Seen) -> None:
     narrow = _client(url, NARROW.value, http)
     _fails(seen, 403, narrow.chat.completions.create, model="claude", messages=HI)
     assert [m.id for m in narrow.models.list()] == ["gpt"]
-    assert len(app.models.list().data) == 6
+    assert len(app.models.list().data) == 7
 
 
 def scrape(http: httpx.Client, url: str) -> None:
@@ -317,10 +324,11 @@ def test_no_secret_in_anything_a_run_produces(
     with redis_server.client() as client:  # the client key's rpm was checked in Redis
         assert client.exists("sluicegate:{app}:epoch")
     used = {record.headers["authorization"] for record in sent}
-    assert used == {f"Bearer {key.value}" for key in UPSTREAM_KEYS}
+    assert used == {f"Bearer {key.value}" for key in (*UPSTREAM_KEYS, PASTED)}
     for marker in ('"event":"request"', '"config_reloaded"', '"config_reload_refused"'):
         assert output.count(marker) >= workers, marker  # JSON lines, from every worker
     assert TRACEBACK in output  # inside an `unhandled_error` JSON line, not uvicorn's text
+    assert "a trailing newline was trimmed from the key" in output  # a config_warning
     assert "Exception in ASGI application" not in output
     # Client credentials never travel upstream: no cookie, and only the upstream's own key.
     assert not [record.headers for record in sent if "cookie" in record.headers]
@@ -368,7 +376,8 @@ def test_check_and_serve_refuse_broken_files_without_quoting_a_secret(
         seen.add(" ".join(args), result.stdout + result.stderr)
     text = seen.all()
     assert "cannot reach the state store" in text
-    for path in ("server.metrics_token", "upstreams.gpt.base_url", "keys.app.sha256", "state.url"):
+    paths = ("server.metrics_token", "upstreams.gpt.base_url", "upstreams.creds.base_url")
+    for path in (*paths, "keys.app.sha256", "state.url"):
         assert f": {path}: " in text  # the refusals were about the secrets' fields
     assert "invalid YAML" in text
     assert_nothing_leaked(seen)
@@ -410,7 +419,7 @@ def test_what_observers_are_handed_holds_no_secret(
         _fails(seen, 401, chat, model="claude", messages=HI, extra_body={"mock": knobs})
         wrong = _client(server.url, WRONG_CLIENT_KEY, http)
         _fails(seen, 401, wrong.chat.completions.create, model="gpt", messages=HI)
-        crashed = _fails(seen, 500, chat, model="pasted", messages=HI)
+        crashed = _fails(seen, 500, chat, model="mistyped", messages=HI)
         assert crashed.code == "internal_error"
         assert chat(model="gemini", messages=HI).choices  # on the same pooled connection
         token = {"authorization": f"Bearer {METRICS_TOKEN.value}"}
@@ -419,7 +428,7 @@ def test_what_observers_are_handed_holds_no_secret(
         ("gpt", 200, None),
         ("claude", 401, None),
         (None, 401, "invalid_api_key"),
-        ("pasted", 500, "internal_error"),
+        ("mistyped", 500, "internal_error"),
         ("gemini", 200, None),
     ]
     seen.add("the records observers were handed", "\n".join(map(repr, handed)))
@@ -428,6 +437,6 @@ def test_what_observers_are_handed_holds_no_secret(
     seen.add("stdout and stderr", captured.out + captured.err)
     crash = [event for event in events if event["event"] == "unhandled_error"]
     assert len(crash) == 1
-    assert isinstance(crash[0]["exc_info"], ValueError)  # the key's newline, refused by aiohttp
+    assert isinstance(crash[0]["exc_info"], ValueError)  # the host, refused by aiohttp
     assert not caplog.records  # nothing left for uvicorn to log: no plain-text traceback
     assert_nothing_leaked(seen)

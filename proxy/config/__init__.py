@@ -6,6 +6,7 @@ holds the generic checks), so `sluicegate check` shows the whole list in one run
 holds the types; `load` reads the file. Everything public is re-exported here.
 """
 
+from proxy.config.document import MAX_YAML_VALUES
 from proxy.config.load import load_config, parse_config
 from proxy.config.model import (
     Budget,
@@ -29,6 +30,7 @@ from proxy.config.model import (
 )
 
 __all__ = [
+    "MAX_YAML_VALUES",
     "Budget",
     "BudgetPeriod",
     "ClientKey",

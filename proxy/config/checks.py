@@ -34,10 +34,14 @@ class Checks:
         # A value YAML could not read or expand is reported once, not again as the wrong type.
         self.flagged = {p.path for p in doc.problems}
         self.declared: tuple[str, ...] | None = None  # upstream names, once known
+        self.warnings: list[ConfigIssue] = []  # accepted, but worth a word to the operator
 
     def issue(self, path: str, message: str) -> None:
         if path not in self.flagged:
             self.issues.append(ConfigIssue(self.source, self.lines.get(path), path, message))
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(ConfigIssue(self.source, self.lines.get(path), path, message))
 
     def shown(self, path: str, value: object, *, bare: bool = False) -> str:
         template = self.templates.get(path)
@@ -85,6 +89,17 @@ class Checks:
         if isinstance(raw, dict):
             return [(key, child_path(path, key), value) for key, value in raw.items()]
         return [(str(i), f"{path}[{i}]", value) for i, value in enumerate(raw)]
+
+    def strings(self, data: Data, key: str, path: str, what: str) -> list[tuple[str, str]]:
+        """(path, value) of each entry of a list of non-empty strings; none if absent."""
+        path = child_path(path, key)
+        found = []
+        for _, item_path, value in self.entries(data.get(key), path, list, what):
+            if not isinstance(value, str) or not value:
+                self.issue(item_path, f"expected a non-empty string, got {describe(value)}")
+            else:
+                found.append((item_path, value))
+        return found
 
     def string(
         self, data: Data, key: str, path: str, *, empty: bool = False, secret: bool = False

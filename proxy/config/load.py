@@ -37,10 +37,11 @@ def parse_config(
     try:
         doc = compose(text, env)
     except YamlSyntaxError as exc:
-        raise ConfigError([ConfigIssue(source, exc.line, "", exc.message)]) from None
+        raise ConfigError([ConfigIssue(source, exc.line, exc.path, exc.message)]) from None
     v = Validator(source, doc, main_port)
     config = v.config(doc.data)
     if v.issues:
         # Unlocated issues (none are expected) go last; otherwise file order.
         raise ConfigError(sorted(v.issues, key=lambda i: (i.line is None, i.line or 0)))
+    object.__setattr__(config, "warnings", tuple(v.warnings))
     return config

@@ -149,6 +149,11 @@ class StateSettings:
 class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout: float = 30.0  # seconds a client may take to send its request body
+    max_echoed_chars: int = 200  # of a client's string quoted in an error or a log line
+    # An open proxy refuses requests from web pages of other origins than these (scheme://host
+    # [:port], lower-case); allowed_hosts: the Host names served (DNS rebinding); None: any.
+    cors_origins: frozenset[str] = frozenset()
+    allowed_hosts: frozenset[str] | None = None
     max_inflight: int | None = None  # per process; beyond it, 429 with Retry-After
     drain_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may finish
     retry_budget: float = 0.2  # re-attempts on an upstream, as a share of its recent requests
@@ -172,6 +177,8 @@ class Config:
     source: str
     keys: tuple[ClientKey, ...] = ()  # none: the proxy is open to any client
     state: StateSettings = StateSettings()
+    # Accepted, but worth a word (`check` prints them, serve and reload log them).
+    warnings: tuple[ConfigIssue, ...] = field(default=(), init=False, compare=False)
     _by_model: Mapping[str, Route] = field(init=False, repr=False, compare=False)
     _by_hash: Mapping[str, ClientKey] = field(init=False, repr=False, compare=False)
 

@@ -31,6 +31,12 @@ _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a metric label val
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HOST = re.compile(r"[0-9A-Za-z.:%_-]+")  # a name, an IPv4 or a bare IPv6 address
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # what survives in a header: no spaces, no line breaks
+_ORIGIN = re.compile(r"https?://(\[[0-9a-f:.]+\]|[0-9a-z.-]+)(:[0-9]{1,5})?", re.I)  # no path
+
+
+class _BrowserSettings(TypedDict):
+    cors_origins: frozenset[str]
+    allowed_hosts: frozenset[str] | None
 
 
 class _MetricsSettings(TypedDict):
@@ -57,6 +63,11 @@ class Validator(FleetChecks):
                 body_timeout=self.number(
                     server, "body_timeout", "server", _SERVER.body_timeout, "positive"
                 ),
+                max_echoed_chars=int(
+                    self.number(
+                        server, "max_echoed_chars", "server", _SERVER.max_echoed_chars, "count"
+                    )
+                ),
                 max_inflight=self.optional_int(server, "max_inflight", "server"),
                 drain_seconds=self.number(
                     server, "drain_seconds", "server", _SERVER.drain_seconds, "non-negative"
@@ -67,6 +78,7 @@ class Validator(FleetChecks):
                 else _SERVER.keepalive_seconds,
                 finish_after_abort=self.optional_seconds(server, "finish_after_abort", "server"),
                 **self.metrics(server),
+                **self.browsers(server),
             ),
             upstreams=upstreams,
             routes=routes,
@@ -101,6 +113,24 @@ class Validator(FleetChecks):
             "metrics_token": Secret(token) if token else None,
         }
 
+    def browsers(self, server: Data) -> _BrowserSettings:
+        origins = self.strings(server, "cors_origins", "server", "origin")
+        for opath, origin in origins:
+            if not _ORIGIN.fullmatch(origin):
+                got = self.shown(opath, origin, bare=True)
+                self.issue(opath, f"expected scheme://host[:port] as a browser sends it, got {got}")
+        hosts = self.strings(server, "allowed_hosts", "server", "host name")
+        for hpath, host in hosts:
+            if not _HOST.fullmatch(host.strip("[]")) or host.count(":") == 1:  # name:port
+                got = self.shown(hpath, host, bare=True)
+                self.issue(hpath, f"expected a host name or IP address, without a port, got {got}")
+        return {
+            "cors_origins": frozenset(origin.lower() for _, origin in origins),
+            "allowed_hosts": frozenset(h.lower().strip("[]") for _, h in hosts)
+            if server.get("allowed_hosts") is not None
+            else None,
+        }
+
     def upstreams(self, raw: object) -> dict[str, Upstream]:
         entries = self.entries(raw, "upstreams", dict, "upstream")
         if entries:
@@ -115,7 +145,8 @@ class Validator(FleetChecks):
         problem = _url_problem(url) if url else None
         if problem:
             url_path = child_path(path, "base_url")
-            self.issue(url_path, f"{problem}, got {self.shown(url_path, url, bare=True)}")
+            got = self.shown(url_path, _without_password(url), bare=True)
+            self.issue(url_path, f"{problem}, got {got}")
         mode = self.string(data, "stream_options", path) or "auto"
         if mode not in STREAM_OPTIONS_MODES:
             mode_path = child_path(path, "stream_options")
@@ -123,7 +154,7 @@ class Validator(FleetChecks):
             self.issue(mode_path, f"expected one of auto, pass, strip, got {got}")
         tpath = child_path(path, "timeouts")
         timeouts = self.section(_optional(data.get("timeouts")), tpath, Timeouts)
-        api_key = self.string(data, "api_key", path, empty=True, secret=True)
+        api_key = self.api_key(data, path, url)
         pool = self.number(data, "max_connections", path, _UP.max_connections, "count")
         return Upstream(
             name=name,
@@ -140,6 +171,21 @@ class Validator(FleetChecks):
             max_connections=int(pool),
             cooldown=self.cooldown(_optional(data.get("cooldown")), child_path(path, "cooldown")),
         )
+
+    def api_key(self, data: Data, path: str, url: str) -> str:
+        """The key, checked like metrics_token; never echoed. A single trailing newline (a
+        Secret made with `kubectl --from-file`) is trimmed, with a warning."""
+        key = self.string(data, "api_key", path, empty=True, secret=True)
+        kpath = child_path(path, "api_key")
+        trimmed = key.removesuffix("\n").removesuffix("\r") if key.endswith("\n") else key
+        if key and trimmed != key and _TOKEN.fullmatch(trimmed):
+            self.warn(kpath, "a trailing newline was trimmed from the key")
+            key = trimmed
+        if key and not _TOKEN.fullmatch(key):
+            self.issue(kpath, "expected printable ASCII without spaces, line breaks or controls")
+        if key and _has_userinfo(url):
+            self.issue(kpath, "base_url carries credentials (user:pass@) too: keep one of them")
+        return key
 
     def cooldown(self, raw: object, path: str) -> Cooldown:
         data = self.section(raw, path, Cooldown)
@@ -273,6 +319,20 @@ class Validator(FleetChecks):
 def _optional(value: object) -> object:
     """An optional section left empty (`pricing:`, entries all commented out) reads as null."""
     return {} if value is None else value
+
+
+def _has_userinfo(url: str) -> bool:
+    return "@" in urlsplit(url).netloc if _url_problem(url) is None else False
+
+
+def _without_password(url: str) -> str:
+    """The URL as a message may show it: a password in `user:pass@` becomes `***`."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
 
 
 def _url_problem(url: str) -> str | None:
