@@ -17,6 +17,7 @@
     ├── UpstreamUnreachable         502     upstream_error          upstream_unreachable
     ├── UpstreamProtocolError       502     upstream_error          upstream_protocol_error
     ├── NotReady                    503     server_error            not_ready
+    ├── TooManyConnections          503     server_error            too_many_connections
     └── UpstreamTimeout             504     upstream_error          upstream_timeout
 
 `(given)`: set where the error is raised (none if not given); `a|b`: one of them, per error.
@@ -150,6 +151,12 @@ class NotReady(ProxyError):
     status = 503
     type = "server_error"
     code = "not_ready"
+
+
+class TooManyConnections(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "too_many_connections"
 
 
 class UpstreamTimeout(ProxyError):

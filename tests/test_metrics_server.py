@@ -82,6 +82,7 @@ CASES: list[Case] = [
     ("no Authorization", "GET", "/healthz", None, 200, None),
     ("the token", "POST", "/metrics", f"Bearer {TOKEN}", 405, "method_not_allowed"),
     ("the token", "GET", "/v1/models", f"Bearer {TOKEN}", 404, "not_found"),
+    ("the token, a percent-escape", "GET", "/%6detrics", f"Bearer {TOKEN}", 404, "not_found"),
 ]
 
 
