@@ -109,6 +109,12 @@ def connect(proxy: RunningServer) -> socket.socket:
     return socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
 
 
+def _trickle(sock: socket.socket, data: bytes, piece: int, pause: float) -> None:
+    for i in range(0, len(data), piece):
+        sock.sendall(data[i : i + piece])
+        time.sleep(pause)
+
+
 def _exchange(port: int, request: bytes) -> tuple[bytes, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         with suppress(OSError):  # answered and closed before all of it was sent
@@ -207,10 +213,8 @@ def test_a_head_sent_in_small_pieces_is_counted_across_them(
     request = _head(4096)
     limits = ConnectionLimits(max_header_bytes=2048)
     with running(tmp_path, mock, limits) as proxy, connect(proxy) as sock:
-        with suppress(OSError):
-            for i in range(0, len(request), 100):
-                sock.sendall(request[i : i + 100])
-                time.sleep(0.001)
+        with suppress(OSError):  # refused before the end
+            _trickle(sock, request, 100, 0.001)
         head, _ = _response(sock)
     assert _status(head) == 431
 
@@ -283,9 +287,7 @@ def test_a_slow_but_complete_head_within_the_timeout_is_served(
     request = _head(400)
     limits = ConnectionLimits(header_timeout=2.0)
     with running(tmp_path, mock, limits) as proxy, connect(proxy) as sock:
-        for i in range(0, len(request), 80):  # five pieces over ~0.5 s
-            sock.sendall(request[i : i + 80])
-            time.sleep(0.1)
+        _trickle(sock, request, 80, 0.1)  # five pieces over ~0.5 s
         assert _status(_response(sock)[0]) == 200
 
 
