@@ -136,10 +136,11 @@ class GuardedHttp(HttpToolsProtocol):
         self._head_left = None
         self._stop_head_timer()
         super().on_headers_complete()
-        if self.scope["http_version"] == "1.0" and self.cycle.scope is self.scope:
+        cycle = self.cycle  # None, or the last one, when uvicorn hands the connection over
+        if self.scope["http_version"] == "1.0" and cycle is not None and cycle.scope is self.scope:
             # The cycle is built inside uvicorn's method and its task holds it; changing its
             # class is the one way to give it other framing without copying that method.
-            self.cycle.__class__ = _Http10Cycle
+            cycle.__class__ = _Http10Cycle
 
     def _head_late(self) -> None:
         self._head_timer = None

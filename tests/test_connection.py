@@ -24,7 +24,7 @@ from proxy.app import create_app
 from proxy.config import ServerSettings
 from proxy.connection import DEFAULT_LIMITS, ConnectionLimits
 from proxy.mock.upstream import Knobs, MockUpstream, expected_content
-from proxy.observe.metrics_server import MetricsApp, restart_needed
+from proxy.observe.metrics_server import MetricsApp
 from proxy.serving import RunningServer
 from tests.helpers import sluicegate, wait_for
 
@@ -382,17 +382,6 @@ def test_serve_takes_the_connection_limits_from_the_routes_file(
         assert _status(_exchange(port, _head(2049))[0]) == 431
         with socket.create_connection(("127.0.0.1", port)) as silent:
             assert _closed_within(silent, 5.0) == (True, b"")
-
-
-def test_a_reload_that_changes_a_connection_limit_names_what_needs_a_restart() -> None:
-    before = ServerSettings()
-    after = ServerSettings(max_header_bytes=4096, header_timeout=3.0, max_connections=10)
-    assert restart_needed(before, ServerSettings(max_inflight=5)) == []
-    assert restart_needed(before, after) == [
-        "server.max_header_bytes",
-        "server.header_timeout",
-        "server.max_connections",
-    ]
 
 
 def test_the_default_connection_cap_is_half_the_open_file_limit() -> None:

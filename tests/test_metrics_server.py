@@ -177,6 +177,17 @@ def test_a_reload_that_moves_the_listener_names_what_needs_a_restart() -> None:
     ]
 
 
+def test_a_reload_that_changes_a_connection_limit_names_what_needs_a_restart() -> None:
+    before = ServerSettings()
+    after = ServerSettings(max_header_bytes=4096, header_timeout=3.0, max_connections=10)
+    assert restart_needed(before, ServerSettings(max_inflight=5)) == []
+    assert restart_needed(before, after) == [
+        "server.max_header_bytes",
+        "server.header_timeout",
+        "server.max_connections",
+    ]
+
+
 # --- the routes file --------------------------------------------------------------------------
 
 UPSTREAMS = """\
