@@ -109,10 +109,22 @@ def connect(proxy: RunningServer) -> socket.socket:
     return socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
 
 
-def _trickle(sock: socket.socket, data: bytes, piece: int, pause: float) -> None:
-    for i in range(0, len(data), piece):
-        sock.sendall(data[i : i + piece])
-        time.sleep(pause)
+def _trickled(
+    tmp: Path,
+    mock: RunningServer,
+    limits: ConnectionLimits,
+    data: bytes,
+    *,
+    piece: int,
+    pause: float,
+) -> int:
+    """The status a request sent `piece` bytes at a time, `pause` apart, gets."""
+    with running(tmp, mock, limits) as proxy, connect(proxy) as sock:
+        with suppress(OSError):  # refused before the end
+            for i in range(0, len(data), piece):
+                sock.sendall(data[i : i + piece])
+                time.sleep(pause)
+        return _status(_response(sock)[0])
 
 
 def _exchange(port: int, request: bytes) -> tuple[bytes, bytes]:
@@ -210,13 +222,8 @@ def test_a_head_of_exactly_the_limit_is_served_and_one_byte_more_is_431(
 def test_a_head_sent_in_small_pieces_is_counted_across_them(
     tmp_path: Path, mock: RunningServer
 ) -> None:
-    request = _head(4096)
     limits = ConnectionLimits(max_header_bytes=2048)
-    with running(tmp_path, mock, limits) as proxy, connect(proxy) as sock:
-        with suppress(OSError):  # refused before the end
-            _trickle(sock, request, 100, 0.001)
-        head, _ = _response(sock)
-    assert _status(head) == 431
+    assert _trickled(tmp_path, mock, limits, _head(4096), piece=100, pause=0.001) == 431
 
 
 def test_a_body_far_larger_than_the_head_limit_arrives_whole(
@@ -284,11 +291,8 @@ def test_connections_that_never_finish_their_head_are_closed_after_header_timeou
 def test_a_slow_but_complete_head_within_the_timeout_is_served(
     tmp_path: Path, mock: RunningServer
 ) -> None:
-    request = _head(400)
     limits = ConnectionLimits(header_timeout=2.0)
-    with running(tmp_path, mock, limits) as proxy, connect(proxy) as sock:
-        _trickle(sock, request, 80, 0.1)  # five pieces over ~0.5 s
-        assert _status(_response(sock)[0]) == 200
+    assert _trickled(tmp_path, mock, limits, _head(400), piece=80, pause=0.1) == 200
 
 
 # --- the connection cap ----------------------------------------------------------------------
