@@ -109,24 +109,6 @@ def connect(proxy: RunningServer) -> socket.socket:
     return socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
 
 
-def _trickled(
-    tmp: Path,
-    mock: RunningServer,
-    limits: ConnectionLimits,
-    data: bytes,
-    *,
-    piece: int,
-    pause: float,
-) -> int:
-    """The status a request sent `piece` bytes at a time, `pause` apart, gets."""
-    with running(tmp, mock, limits) as proxy, connect(proxy) as sock:
-        with suppress(OSError):  # refused before the end
-            for i in range(0, len(data), piece):
-                sock.sendall(data[i : i + piece])
-                time.sleep(pause)
-        return _status(_response(sock)[0])
-
-
 def _exchange(port: int, request: bytes) -> tuple[bytes, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         with suppress(OSError):  # answered and closed before all of it was sent
@@ -219,11 +201,29 @@ def test_a_head_of_exactly_the_limit_is_served_and_one_byte_more_is_431(
         assert b"connection: close" in head.lower()
 
 
-def test_a_head_sent_in_small_pieces_is_counted_across_them(
-    tmp_path: Path, mock: RunningServer
-) -> None:
-    limits = ConnectionLimits(max_header_bytes=2048)
-    assert _trickled(tmp_path, mock, limits, _head(4096), piece=100, pause=0.001) == 431
+# (limits, head size, bytes per write, seconds between writes, status)
+Pieces = tuple[ConnectionLimits, int, int, float, int]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # The count runs across reads: 4 KB in 100-byte writes passes a 2048-byte limit.
+        (ConnectionLimits(max_header_bytes=2048), 4096, 100, 0.001, 431),
+        # Slow is not late: five pieces over ~0.5 s, within a 2 s header_timeout.
+        (ConnectionLimits(header_timeout=2.0), 400, 80, 0.1, 200),
+    ],
+    ids=["counted-across-reads", "slow-within-the-timeout"],
+)
+def test_a_head_sent_in_pieces(tmp_path: Path, mock: RunningServer, case: Pieces) -> None:
+    limits, size, piece, pause, status = case
+    request = _head(size)
+    with running(tmp_path, mock, limits) as proxy, connect(proxy) as sock:
+        with suppress(OSError):  # refused before the end
+            for i in range(0, len(request), piece):
+                sock.sendall(request[i : i + piece])
+                time.sleep(pause)
+        assert _status(_response(sock)[0]) == status
 
 
 def test_a_body_far_larger_than_the_head_limit_arrives_whole(
@@ -286,13 +286,6 @@ def test_connections_that_never_finish_their_head_are_closed_after_header_timeou
             assert _status(head) == 408
             assert _error_code(body) == "request_timeout"
         assert httpx.post(proxy.url + CHAT, content=OK).status_code == 200
-
-
-def test_a_slow_but_complete_head_within_the_timeout_is_served(
-    tmp_path: Path, mock: RunningServer
-) -> None:
-    limits = ConnectionLimits(header_timeout=2.0)
-    assert _trickled(tmp_path, mock, limits, _head(400), piece=80, pause=0.1) == 200
 
 
 # --- the connection cap ----------------------------------------------------------------------
