@@ -81,6 +81,7 @@ class GuardedHttp(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self._limits = limits
         self._head_left: int | None = limits.max_header_bytes  # None: the head is complete
+        self._head_since: float | None = None  # when the head being read began; None: none is
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -91,7 +92,7 @@ class GuardedHttp(HttpToolsProtocol):
             self._refuse(full, _RETRY)
             return
         super().connection_made(transport)
-        self._head_timer = self.loop.call_later(self._limits.header_timeout, self._head_late)
+        self._head_begins()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
@@ -122,8 +123,8 @@ class GuardedHttp(HttpToolsProtocol):
         super().on_message_begin()
         if self._head_left is None:  # pipelined, or after a body left unread: from here on
             self._head_left = self._limits.max_header_bytes
-        if self._head_timer is None:  # a kept-alive connection's next request
-            self._head_timer = self.loop.call_later(self._limits.header_timeout, self._head_late)
+        if self._head_since is None:  # a kept-alive connection's next request
+            self._head_begins()
 
     def on_response_complete(self) -> None:
         # The request was read whole and nothing is queued: the next bytes start a head.
@@ -133,8 +134,7 @@ class GuardedHttp(HttpToolsProtocol):
             self._head_left = self._limits.max_header_bytes
 
     def on_headers_complete(self) -> None:
-        self._head_left = None
-        self._stop_head_timer()
+        self._head_left = self._head_since = None  # the timer runs on: see _head_check
         super().on_headers_complete()
         cycle = self.cycle  # None, or the last one, when uvicorn hands the connection over
         if self.scope["http_version"] == "1.0" and cycle is not None and cycle.scope is self.scope:
@@ -142,11 +142,24 @@ class GuardedHttp(HttpToolsProtocol):
             # class is the one way to give it other framing without copying that method.
             cycle.__class__ = _Http10Cycle
 
-    def _head_late(self) -> None:
+    def _head_begins(self) -> None:
+        self._head_since = self.loop.time()
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self._limits.header_timeout, self._head_check)
+
+    def _head_check(self) -> None:
+        """One timer per connection, not one per request: it is not cancelled when a head
+        completes, and when it fires it looks at the head being read now, if any."""
         self._head_timer = None
+        if self._head_since is None:
+            return  # between requests (uvicorn's keep-alive timeout applies): the next re-arms
         if self.cycle is not None and not self.cycle.response_complete:
-            # A pipelined request behind a response still being sent: its clock starts later.
-            self._head_timer = self.loop.call_later(self._limits.header_timeout, self._head_late)
+            self._head_since = None  # pipelined behind a response still being sent: its clock
+            self._head_begins()  # starts again
+            return
+        left = self._head_since + self._limits.header_timeout - self.loop.time()
+        if left > 0:
+            self._head_timer = self.loop.call_later(left, self._head_check)
             return
         if self._head_left == self._limits.max_header_bytes and self.cycle is None:
             self.transport.close()  # a silent connection: nobody to answer
