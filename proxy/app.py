@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.admission import identify
 from proxy.api_request import APIS
-from proxy.asgi import send_error
+from proxy.asgi import escaped, send_error
 from proxy.catalog import model_entries
 from proxy.config import Config, ConfigError
 from proxy.endpoint import ApiEndpoint
@@ -52,9 +52,13 @@ from proxy.reload import POLL_SECONDS, Reloader
 from proxy.state import Runtime, StateRef
 
 CONFIG_ENV = "SLUICEGATE_CONFIG"
-# httptools reads headers without a limit; refuse what no client of an LLM API sends.
+# Refuse what no client of an LLM API sends (their bytes are capped as they arrive, in
+# proxy.connection, by server.max_header_bytes).
 MAX_HEADERS = 100
-MAX_HEADER_BYTES = 32 * 1024
+NO_SUCH_PATH = (
+    "no such path; this proxy serves /v1/chat/completions, /v1/completions, /v1/embeddings "
+    "and /v1/models"
+)
 WATCH_ENV = "SLUICEGATE_WATCH"
 METRICS_ROUTE_ENV = "SLUICEGATE_METRICS_ROUTE"  # "0": /metrics is on the metrics listener
 LOG_LEVEL_ENV = "SLUICEGATE_LOG_LEVEL"  # a name in proxy.logs.LEVELS
@@ -264,11 +268,11 @@ class _Proxy(Starlette):
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = scope["headers"]
-        if (
-            len(headers) > MAX_HEADERS
-            or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES
-        ):
+        if len(headers) > MAX_HEADERS:
             await send_error(send, HeadersTooLarge("request headers are too large"))
+            return
+        if escaped(scope):
+            await send_error(send, NotFound(NO_SUCH_PATH))
             return
         state = self._ref.current
         if state is not None and scope["path"] not in UNCHECKED_HOST_PATHS:
@@ -307,10 +311,7 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     if exc.status_code == 405:
         error = MethodNotAllowed("method not allowed for this path")
     else:
-        error = NotFound(
-            "no such path; this proxy serves /v1/chat/completions, /v1/completions, "
-            "/v1/embeddings and /v1/models"
-        )
+        error = NotFound(NO_SUCH_PATH)
     return Response(error.body(), error.status, exc.headers, media_type="application/json")
 
 

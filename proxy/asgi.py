@@ -46,6 +46,13 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
+def escaped(scope: Scope) -> bool:
+    """Whether the path was sent with percent-escapes. The server decodes them into
+    scope["path"], so `/%6detrics` would route as `/metrics`: no path of ours needs an escape,
+    and one that has any reaches none of them (they match byte for byte)."""
+    return b"%" in (scope.get("raw_path") or b"")
+
+
 class ClientGone(Exception):
     """The client disconnected before its request was complete: nobody to answer."""
 

@@ -17,7 +17,8 @@ import uvicorn
 from proxy import __version__
 from proxy.admission import hash_key, new_key
 from proxy.app import CONFIG_ENV, LOG_LEVEL_ENV, METRICS_ROUTE_ENV, WATCH_ENV, create_app
-from proxy.config import ConfigError, load_config
+from proxy.config import ConfigError, ServerSettings, load_config
+from proxy.connection import ConnectionLimits, guarded
 from proxy.fleet.report import key_rows, render
 from proxy.fleet.store import StoreDown
 from proxy.mock.upstream import Knobs, MockUpstream
@@ -27,7 +28,7 @@ from proxy.observe.logs import LEVELS
 from proxy.observe.logs import configure as configure_logs
 from proxy.observe.metrics import prepare_multiprocess_dir, render_workers
 from proxy.reload import POLL_SECONDS
-from proxy.serving import RunningServer, fastest_http, fastest_loop
+from proxy.serving import RunningServer, fastest_loop
 
 DEMO_CONFIG = """\
 # Written by `sluicegate serve --demo`: one route onto the built-in demo upstream.
@@ -233,7 +234,7 @@ def _serve_config(
             metrics_dir = prepare_multiprocess_dir()
             render = partial(render_workers, os.environ["PROMETHEUS_MULTIPROC_DIR"])
         listening = metrics_server.start(listener, render, config.server.metrics_token)
-        _run_uvicorn(app, host, port, workers, config.server.drain_seconds, log_level=log_level)
+        _run_uvicorn(app, host, port, workers, config.server, log_level=log_level)
     except metrics_server.ListenError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -246,7 +247,7 @@ def _serve_config(
 
 
 def _run_uvicorn(
-    app: object, host: str, port: int, workers: int, drain: float, *, log_level: str
+    app: object, host: str, port: int, workers: int, server: ServerSettings, *, log_level: str
 ) -> None:
     uvicorn.run(
         app,  # type: ignore[arg-type]  # an ASGI app or its import string
@@ -255,7 +256,7 @@ def _run_uvicorn(
         host=host,
         port=port,
         loop=fastest_loop(),
-        http=fastest_http(),
+        http=guarded(ConnectionLimits.of(server)),  # type: ignore[arg-type]  # a factory
         # uvicorn's own lines are plain text, not JSON: only its warnings and errors, or only
         # its errors at --log-level error.
         log_level="error" if log_level == "error" else "warning",
@@ -264,7 +265,7 @@ def _run_uvicorn(
         proxy_headers=False,  # client addresses are not used; skip the per-request middleware
         backlog=4096,
         # SIGTERM: stop accepting, let in-flight streams finish for this long, then exit.
-        timeout_graceful_shutdown=math.ceil(drain),
+        timeout_graceful_shutdown=math.ceil(server.drain_seconds),
     )
 
 

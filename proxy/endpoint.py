@@ -12,6 +12,7 @@ from proxy.answer import Answer, Failure
 from proxy.api_request import CHAT, Api, ApiRequest, parse_request
 from proxy.asgi import ClientGone, ClientWatch, Receive, Scope, Send, read_body, send_error
 from proxy.attempts import Attempts
+from proxy.config import ClientKey
 from proxy.errors import (
     InternalError,
     ModelNotFound,
@@ -29,6 +30,7 @@ from proxy.relay import Reply
 from proxy.state import AppState, Runtime, StateRef
 
 SSE_TYPE = [(b"content-type", b"text/event-stream")]
+RETRY_SOON: Headers = [(b"retry-after", b"1")]
 
 
 class ApiEndpoint:
@@ -74,42 +76,60 @@ class _RequestFlow:
     async def run(self, ref: StateRef, observers: Observers) -> None:
         try:
             state = ref.get()
-            limit = state.config.server.max_inflight
-            if limit is not None and state.runtime.inflight >= limit:
-                raise Overloaded(f"sluicegate is serving its limit of {limit} requests")
         except ProxyError as exc:
-            await self._fail(exc, [(b"retry-after", b"1")])
+            await self._fail(exc, RETRY_SOON)
+            return
+        arrived = await self._arrive(state)
+        if arrived is None:
+            return
+        # Counted only now: a body still on its way holds no slot (`body_timeout` and the
+        # connection cap bound those), so clients trickling bytes cannot refuse everyone.
+        limit = state.config.server.max_inflight
+        if limit is not None and state.runtime.inflight >= limit:
+            await self._fail(
+                Overloaded(f"sluicegate is serving its limit of {limit} requests"), RETRY_SOON
+            )
             return
         state.runtime.inflight += 1
         try:
-            await self._admitted(state, observers)
+            await self._admitted(state, *arrived, observers)
         finally:
             state.runtime.inflight -= 1
 
-    async def _admitted(self, state: AppState, observers: Observers) -> None:
+    async def _arrive(self, state: AppState) -> tuple[ClientKey | None, bytes] | None:
+        """The caller's key and the whole body; None when answered (or the client left)."""
         try:
-            config = state.config
-            key = identify(config, self.scope["headers"])  # before the body: 401 costs nothing
+            key = identify(state.config, self.scope["headers"])  # before the body: 401 is free
             self.record.key_name = key.name if key is not None else None
-            server = config.server
+            config, server = state.config, state.config.server
             check_api_request(self.scope["headers"], server, open_proxy=not config.keys)
             body = await read_body(
                 self.scope, self.receive, server.max_body_bytes, server.body_timeout
             )
+        except ProxyError as exc:
+            await self._fail(exc)
+            return None
+        except ClientGone:
+            self.record.client_disconnected = True
+            self.record.status = 499  # nginx's word for it: the client closed the request
+            return None
+        return key, body
+
+    async def _admitted(
+        self, state: AppState, key: ClientKey | None, body: bytes, observers: Observers
+    ) -> None:
+        try:
+            config = state.config
             request = parse_request(body, self.api)
             route = config.route(request.model)
             if route is None:
-                model = clipped(request.model, server.max_echoed_chars)
+                model = clipped(request.model, config.server.max_echoed_chars)
                 message = f"The model '{model}' does not exist or you do not have access to it."
                 raise ModelNotFound(message, param="model")
             check_model(key, route.model)
             await state.runtime.store.admit(key)
         except ProxyError as exc:
             await self._fail(exc, exc.headers())
-            return
-        except ClientGone:
-            self.record.client_disconnected = True
-            self.record.status = 499  # nginx's word for it: the client closed the request
             return
         self.record.route, self.record.stream = route.model, request.stream
         observers.started(route.model)

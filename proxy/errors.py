@@ -22,6 +22,7 @@
     ├── UpstreamProtocolError       502     upstream_error          upstream_protocol_error
     ├── NotReady                    503     server_error            not_ready
     ├── StateUnavailable            503     server_error            state_unavailable
+    ├── TooManyConnections          503     server_error            too_many_connections
     └── UpstreamTimeout             504     upstream_error          upstream_timeout
 
 `(given)`: set where the error is raised (none if not given); `a|b`: one of them, per error.
@@ -199,6 +200,12 @@ class NotReady(ProxyError):
     status = 503
     type = "server_error"
     code = "not_ready"
+
+
+class TooManyConnections(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "too_many_connections"
 
 
 class UpstreamTimeout(ProxyError):

@@ -16,6 +16,8 @@ from types import TracebackType
 import uvicorn
 from starlette.types import ASGIApp
 
+from proxy.connection import DEFAULT_LIMITS, ConnectionLimits, guarded
+
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
@@ -32,7 +34,13 @@ class RunningServer:
     """`with RunningServer(app) as srv: httpx.get(srv.url + "/healthz")`."""
 
     def __init__(
-        self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0, *, loop: str = "asyncio"
+        self,
+        app: ASGIApp,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        loop: str = "asyncio",
+        limits: ConnectionLimits = DEFAULT_LIMITS,
     ) -> None:
         # Binding here rather than letting uvicorn do it means port 0 resolves before start()
         # and a taken port fails in the caller's thread instead of as sys.exit in the server's.
@@ -52,7 +60,7 @@ class RunningServer:
         config = uvicorn.Config(
             app,
             loop=loop,
-            http=fastest_http(),
+            http=guarded(limits),  # type: ignore[arg-type]  # a protocol factory
             log_level="warning",
             access_log=False,
             lifespan="auto",

@@ -240,7 +240,7 @@ RAW = [
     ("unknown-method", b"BREW /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\r\n", 400),
     ("http-9.9", b"POST /v1/chat/completions HTTP/9.9\r\nhost: x\r\n\r\n", 400),
     ("tls-client-hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64), 400),
-    ("url-64kb", b"GET /" + b"a" * 65536 + b" HTTP/1.1\r\nhost: x\r\n\r\n", 400),
+    ("url-64kb", b"GET /" + b"a" * 65536 + b" HTTP/1.1\r\nhost: x\r\n\r\n", 431),
 ]  # fmt: skip
 
 
@@ -248,7 +248,10 @@ RAW = [
 def test_malformed_http_gets_a_clean_4xx_and_the_proxy_keeps_serving(
     proxy: Proxy, request_bytes: bytes, status: int
 ) -> None:
-    assert _exchange(proxy, request_bytes)[0] == status
+    got, body = _exchange(proxy, request_bytes)
+    assert got == status
+    if status == 431:  # ours, in OpenAI's shape; the parser's 400s are plain text
+        assert orjson.loads(body)["error"]["code"] == "headers_too_large"
     _assert_still_serving(proxy)
 
 
@@ -279,6 +282,9 @@ PATHS = [
     ("POST", "/v1/models", 405, "method_not_allowed"),
     ("POST", "/healthz", 405, "method_not_allowed"),
     ("POST", "/metrics", 405, "method_not_allowed"),
+    ("GET", "/%6detrics", 404, "not_found"),  # percent-decoded, it would be /metrics
+    ("GET", "/%68ealthz", 404, "not_found"),
+    ("POST", "/v1/chat/%63ompletions", 404, "not_found"),
 ]
 
 
@@ -449,6 +455,12 @@ def test_a_base_url_with_an_impossible_port_is_refused(url: str) -> None:
 # --- the README's table -----------------------------------------------------------------------
 
 
+WHO = {
+    413: "`request_too_large`, body unread",
+    431: "`headers_too_large`, refused as the bytes arrive",
+}
+
+
 def bad_input_table() -> list[str]:
     lines = ["| input | expected |", "|---|---|"]
     for name, _, status, code, param in BODIES:
@@ -456,7 +468,7 @@ def bad_input_table() -> list[str]:
             f"| body: {name} | {status} " + (f"`{code}` |" if code else f"param `{param}` |")
         )
     for name, _, status in RAW:
-        who = "`request_too_large`, body unread" if status == 413 else "from the HTTP parser"
+        who = WHO.get(status, "from the HTTP parser")
         lines.append(f"| http: {name} | {status} {who} |")
     for name, _ in HEADER_FLOOD:
         lines.append(f"| http: {name} | a clean 4xx (431) |")

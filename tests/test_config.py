@@ -807,3 +807,39 @@ def test_bad_cors_origins_and_allowed_hosts_are_refused(
     issue = _one(_issues(f"server:\n  {value}\n" + BASE), path)
     assert issue.line == 2
     assert fragment in issue.message
+
+
+# --- what a client connection may take (proxy.connection) -------------------------------------
+
+
+def test_the_connection_limits_have_defaults_and_can_be_set() -> None:
+    assert parse_config(BASE, "routes.yaml", {}).server == ServerSettings(
+        max_header_bytes=32768, header_timeout=10.0, max_connections=None
+    )
+    text = "server: {max_header_bytes: 8192, header_timeout: 2.5, max_connections: 200}\n" + BASE
+    server = parse_config(text, "routes.yaml", {}).server
+    assert (server.max_header_bytes, server.header_timeout, server.max_connections) == (
+        8192,
+        2.5,
+        200,
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("max_header_bytes: 1023", "must be 1024 or more, got number 1023"),
+        ("max_header_bytes: 0", "must be 1 or more, got number 0"),
+        ("max_header_bytes: 4096.5", "expected an integer"),
+        ("header_timeout: 0", "must be greater than 0"),
+        ("header_timeout: soon", "expected a number, got string 'soon'"),
+        ("max_connections: 0", "must be 1 or more, got number 0"),
+        ("max_connections: -5", "must be 1 or more, got number -5"),
+        ("max_connections: many", "expected an integer, got string 'many'"),
+    ],
+)
+def test_a_bad_connection_limit_is_refused_with_its_path(setting: str, message: str) -> None:
+    key = setting.partition(":")[0]
+    issue = _one(_issues(f"server: {{{setting}}}\n" + BASE), f"server.{key}")
+    assert issue.line == 1
+    assert message in issue.message

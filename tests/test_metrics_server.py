@@ -82,6 +82,7 @@ CASES: list[Case] = [
     ("no Authorization", "GET", "/healthz", None, 200, None),
     ("the token", "POST", "/metrics", f"Bearer {TOKEN}", 405, "method_not_allowed"),
     ("the token", "GET", "/v1/models", f"Bearer {TOKEN}", 404, "not_found"),
+    ("the token, a percent-escape", "GET", "/%6detrics", f"Bearer {TOKEN}", 404, "not_found"),
 ]
 
 
@@ -173,6 +174,17 @@ def test_a_reload_that_moves_the_listener_names_what_needs_a_restart() -> None:
         "server.metrics_port",
         "server.metrics_host",
         "server.metrics_token",
+    ]
+
+
+def test_a_reload_that_changes_a_connection_limit_names_what_needs_a_restart() -> None:
+    before = ServerSettings()
+    after = ServerSettings(max_header_bytes=4096, header_timeout=3.0, max_connections=10)
+    assert restart_needed(before, ServerSettings(max_inflight=5)) == []
+    assert restart_needed(before, after) == [
+        "server.max_header_bytes",
+        "server.header_timeout",
+        "server.max_connections",
     ]
 
 

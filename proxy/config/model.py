@@ -155,6 +155,11 @@ class ServerSettings:
     cors_origins: frozenset[str] = frozenset()
     allowed_hosts: frozenset[str] | None = None
     max_inflight: int | None = None  # per process; beyond it, 429 with Retry-After
+    # What a client connection may take before its request is read (proxy.connection); read
+    # at start-up, like the metrics settings.
+    max_header_bytes: int = 32 * 1024  # request line and headers; past it, 431
+    header_timeout: float = 10.0  # seconds from connecting to the end of the headers; then 408
+    max_connections: int | None = None  # per process; None: half the open-file limit
     drain_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may finish
     retry_budget: float = 0.2  # re-attempts on an upstream, as a share of its recent requests
     keepalive_seconds: float | None = 15.0  # a stream waiting this long for its first token

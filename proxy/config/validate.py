@@ -30,6 +30,8 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a metric label value
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HOST = re.compile(r"[0-9A-Za-z.:%_-]+")  # a name, an IPv4 or a bare IPv6 address
+# Room for a request line and the headers an SDK sends with a key: a smaller cap is a typo.
+MIN_HEADER_BYTES = 1024
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # what survives in a header: no spaces, no line breaks
 _ORIGIN = re.compile(r"https?://(\[[0-9a-f:.]+\]|[0-9a-z.-]+)(:[0-9]{1,5})?", re.I)  # no path
 
@@ -37,6 +39,12 @@ _ORIGIN = re.compile(r"https?://(\[[0-9a-f:.]+\]|[0-9a-z.-]+)(:[0-9]{1,5})?", re
 class _BrowserSettings(TypedDict):
     cors_origins: frozenset[str]
     allowed_hosts: frozenset[str] | None
+
+
+class _ConnectionSettings(TypedDict):
+    max_header_bytes: int
+    header_timeout: float
+    max_connections: int | None
 
 
 class _MetricsSettings(TypedDict):
@@ -69,6 +77,7 @@ class Validator(FleetChecks):
                     )
                 ),
                 max_inflight=self.optional_int(server, "max_inflight", "server"),
+                **self.connection(server),
                 drain_seconds=self.number(
                     server, "drain_seconds", "server", _SERVER.drain_seconds, "non-negative"
                 ),
@@ -87,6 +96,19 @@ class Validator(FleetChecks):
             keys=self.keys(top.get("keys"), routes),
             state=self.state(top.get("state")),
         )
+
+    def connection(self, server: Data) -> _ConnectionSettings:
+        head = self.number(server, "max_header_bytes", "server", _SERVER.max_header_bytes, "count")
+        if head < MIN_HEADER_BYTES:
+            got = self.shown("server.max_header_bytes", int(head))
+            self.issue("server.max_header_bytes", f"must be {MIN_HEADER_BYTES} or more, got {got}")
+        return {
+            "max_header_bytes": int(head),
+            "header_timeout": self.number(
+                server, "header_timeout", "server", _SERVER.header_timeout, "positive"
+            ),
+            "max_connections": self.optional_int(server, "max_connections", "server"),
+        }
 
     def metrics(self, server: Data) -> _MetricsSettings:
         port = self.optional_int(server, "metrics_port", "server")

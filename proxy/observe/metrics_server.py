@@ -17,7 +17,7 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.asgi import JSON_HEADERS, Receive, Scope, Send, send_body, send_error
+from proxy.asgi import JSON_HEADERS, Receive, Scope, Send, escaped, send_body, send_error
 from proxy.config import Secret, ServerSettings
 from proxy.errors import MethodNotAllowed, MetricsUnauthorized, NotFound, ProxyError
 from proxy.headers import Headers
@@ -26,7 +26,15 @@ from proxy.serving import RunningServer
 
 Render = Callable[[], tuple[bytes, str]]  # the exposition's body and content type
 PATHS = ("/metrics", "/healthz")  # what the metrics listener serves
-FIXED_AT_START = ("metrics_port", "metrics_host", "metrics_token")
+# Read once, when the listeners start (proxy.connection takes the last three).
+FIXED_AT_START = (
+    "metrics_port",
+    "metrics_host",
+    "metrics_token",
+    "max_header_bytes",
+    "header_timeout",
+    "max_connections",
+)
 CHALLENGE: Headers = [(b"www-authenticate", b'Bearer realm="metrics"')]  # RFC 6750
 
 
@@ -78,7 +86,7 @@ class MetricsApp:
         if scope["type"] != "http":  # lifespan: nothing to start (uvicorn accepts a return)
             return
         path, method = scope["path"], scope["method"]
-        if path not in PATHS:
+        if path not in PATHS or escaped(scope):
             await send_error(send, NotFound("no such path; this port serves /metrics, /healthz"))
         elif method not in ("GET", "HEAD"):
             error = MethodNotAllowed("method not allowed for this path")
