@@ -108,7 +108,7 @@ def create_app(
         started.append(state.config)
         scrape.token = state.config.server.metrics_token  # before /metrics can answer
         metrics.append(meter)
-        runtime.health.on_cooldown = meter.set_cooldown
+        _watch_upstreams(runtime, meter)
         runtime.observers = Observers(
             on_start=(("metrics", meter.request_started),),
             on_finish=(
@@ -162,6 +162,12 @@ def create_app(
     app.state.reloader = reloader
     app.state.render_metrics = scrape.render
     return app
+
+
+def _watch_upstreams(runtime: Runtime, meter: Metrics) -> None:
+    """Cooldowns, smoothed first-token times and ejections show on /metrics."""
+    runtime.health.on_cooldown = meter.set_cooldown
+    runtime.latency.on_ttft, runtime.latency.on_eject = meter.set_ttft, meter.set_ejected
 
 
 def _open_fleet(runtime: Runtime, ref: StateRef, meter: Metrics) -> Fleet:

@@ -26,6 +26,7 @@ from proxy.api_request import ApiRequest, StreamOptionsAction
 from proxy.config import Route, Target, Upstream
 from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import Headers, retry_after, without_content_type
+from proxy.latency import hedge_after, request_size
 from proxy.record import Attempt, AttemptOutcome, RequestRecord
 from proxy.routing import (
     backoff,
@@ -54,12 +55,14 @@ class Attempts:
         self._state, self._route, self._request = state, route, request
         self._headers, self._record = headers, record
         self._hedged: set[asyncio.Task[Answer | Failure | None]] = set()
+        self._size = request_size(request)  # what a first-token time is divided by
 
     async def run(self) -> Answer | Failure:
-        health = self._state.health
-        candidates = plan(self._route, self._state.rng, lambda name: health[name].inflight)
-        if self._route.hedge_after is not None and len(candidates) > 1:
-            return await self._run_hedged(candidates, self._route.hedge_after)
+        health, latency, now = self._state.health, self._state.latency, time.monotonic()
+        candidates = plan(self._route, self._state.rng, lambda n: health[n].inflight, latency, now)
+        after = hedge_after(self._route, candidates[0], latency, self._size)
+        if after is not None and len(candidates) > 1:
+            return await self._run_hedged(candidates, after)
         last: Failure = Failure(None, "connect_error", UpstreamUnreachable("no upstream"))
         for target in self._order(candidates):
             result = await self._try_candidate(target)
@@ -114,6 +117,9 @@ class Attempts:
                 started = time.monotonic()
                 result = await self._round_trip(upstream, target, "strip")
             outcome = "ok" if isinstance(result, Answer) else result.outcome
+            if outcome == "ok" and self._request.stream:  # committed: its first-token time
+                now = time.monotonic()
+                self._state.latency.record(self._route, target, now - started, self._size, now)
             self._update_health(upstream, result, outcome)
             return result
         except asyncio.CancelledError:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from proxy.config import ConfigError, ConfigIssue, load_config
+from proxy.latency import targets_of
 from proxy.state import AppState, Runtime, StateRef
 from proxy.upstream import UpstreamClients
 
@@ -70,6 +71,7 @@ class Reloader:
             clients = UpstreamClients(config.upstreams, reuse=old.clients if old else None)
             self._ref.current = AppState(config, clients, self._runtime)
             self._runtime.health.keep_only(config.upstreams)
+            self._runtime.latency.keep_only(targets_of(config))
             if old is not None and old.clients.not_in(clients):
                 delay = config.server.drain_seconds
                 task = asyncio.ensure_future(self._retire(old.clients, clients, delay))

@@ -16,23 +16,36 @@ from dataclasses import dataclass
 from proxy.api_request import StreamOptionsAction
 from proxy.config import Route, StreamOptionsMode, Target
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from proxy.latency import Latency, draw_keys, fastest, without_ejected
 from proxy.record import AttemptOutcome
 
 
-def plan(route: Route, rng: random.Random, inflight: Callable[[str], int]) -> tuple[Target, ...]:
+def plan(
+    route: Route,
+    rng: random.Random,
+    inflight: Callable[[str], int],
+    latency: Latency | None = None,
+    now: float = 0.0,
+) -> tuple[Target, ...]:
     """Targets in strategy order, then fallbacks in their configured order.
 
     weighted: Efraimidis-Spirakis keys (u ** (1/w), highest first) give each target its
     weight's share of first place and a sensible order for the rest.
     least_inflight: fewest requests in flight first; ties broken by the weighted draw.
+    fastest: power of two choices over live first-token latency (`latency.fastest`).
+    With `latency`, targets ejected as outliers go last, whatever the strategy.
     """
     targets = route.targets
     if len(targets) > 1:
-        keys = {id(t): rng.random() ** (1.0 / t.weight) for t in targets}
+        keys = draw_keys(targets, rng)
         if route.strategy == "least_inflight":
             targets = tuple(sorted(targets, key=lambda t: (inflight(t.upstream), -keys[id(t)])))
+        elif route.strategy == "fastest" and latency is not None:
+            targets = fastest(targets, latency, inflight, keys, now)
         else:
             targets = tuple(sorted(targets, key=lambda t: keys[id(t)], reverse=True))
+        if latency is not None:
+            targets = without_ejected(targets, latency, now)
     return targets + route.fallbacks
 
 

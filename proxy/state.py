@@ -1,8 +1,8 @@
 """The application state: built once at start-up, replaced whole on reload (never mutated).
 
 `AppState` pairs one config with the upstream clients built for it. What must outlive a
-reload (upstream health, the state store, the in-flight count, the random source) lives in
-`Runtime`, made once per process and handed to every AppState.
+reload (upstream health and latency, the state store, the in-flight count, the random
+source) lives in `Runtime`, made once per process and handed to every AppState.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from proxy.errors import NotReady
 from proxy.fleet.local import LocalStore
 from proxy.fleet.store import Store
 from proxy.health import Health
+from proxy.latency import Latency
 from proxy.record import Observers
 from proxy.upstream import UpstreamClients
 
@@ -22,6 +23,7 @@ from proxy.upstream import UpstreamClients
 @dataclass(slots=True)
 class Runtime:
     health: Health = field(default_factory=Health)
+    latency: Latency = field(default_factory=Latency)  # first-token times, per target
     rng: random.Random = field(default_factory=random.Random)
     inflight: int = 0  # requests being served by this process
     draining: bool = False  # SIGTERM seen: readiness goes false, in-flight work finishes
@@ -40,6 +42,10 @@ class AppState:
     @property
     def health(self) -> Health:
         return self.runtime.health
+
+    @property
+    def latency(self) -> Latency:
+        return self.runtime.latency
 
     @property
     def rng(self) -> random.Random:

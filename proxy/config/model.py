@@ -58,8 +58,12 @@ class UsageHeaders:
 
 
 StreamOptionsMode = Literal["auto", "pass", "strip"]
-Strategy = Literal["weighted", "least_inflight"]
-STRATEGIES: dict[str, Strategy] = {"weighted": "weighted", "least_inflight": "least_inflight"}
+Strategy = Literal["weighted", "least_inflight", "fastest"]
+STRATEGIES: dict[str, Strategy] = {
+    "weighted": "weighted",
+    "least_inflight": "least_inflight",
+    "fastest": "fastest",
+}
 STREAM_OPTIONS_MODES: dict[str, StreamOptionsMode] = {
     "auto": "auto",
     "pass": "pass",
@@ -80,6 +84,15 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class Outliers:
+    """A target whose first tokens stay far slower than its peers' is ejected (any strategy)."""
+
+    factor: float | None = 5.0  # its mean TTFT over the best peer's; None: never eject
+    min_samples: int = 20  # of its own, before it can be judged
+    seconds: float = 30.0  # then it is probed: its first sample decides whether it stays
+
+
+@dataclass(frozen=True, slots=True)
 class Target:
     upstream: str
     model: str
@@ -95,7 +108,9 @@ class Route:
     first_token_timeout: float | None = None  # to the first content event, then next candidate
     strategy: Strategy = "weighted"
     retries: int = 2  # extra attempts after one pass over targets and fallbacks
-    hedge_after: float | None = None  # start the next candidate in parallel after this long
+    # start the next candidate in parallel after this long; "auto": from live TTFT
+    hedge_after: float | Literal["auto"] | None = None
+    outliers: Outliers = Outliers()
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from proxy.config.model import (
     Upstream,
     UsageHeaders,
 )
+from proxy.config.outliers import LatencyChecks
 
 _UP, _SERVER = Upstream("", ""), ServerSettings()  # where the validator finds defaults
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
@@ -53,7 +54,7 @@ class _MetricsSettings(TypedDict):
     metrics_token: Secret | None
 
 
-class Validator(FleetChecks):
+class Validator(FleetChecks, LatencyChecks):
     """The schema of routes.yaml, section by section, on top of the generic checks."""
 
     def config(self, raw: object) -> Config:
@@ -248,7 +249,7 @@ class Validator(FleetChecks):
         if strategy not in STRATEGIES:
             spath = child_path(path, "strategy")
             got = self.shown(spath, strategy, bare=True)
-            self.issue(spath, f"expected one of weighted, least_inflight, got {got}")
+            self.issue(spath, f"expected one of weighted, least_inflight, fastest, got {got}")
         retries = self.number(data, "retries", path, 2, "non-negative")
         if retries != int(retries):
             self.issue(child_path(path, "retries"), f"expected an integer, got {retries}")
@@ -259,7 +260,8 @@ class Validator(FleetChecks):
             first_token_timeout=self.optional_seconds(data, "first_token_timeout", path),
             strategy=STRATEGIES.get(strategy, "weighted"),
             retries=int(retries),
-            hedge_after=self.optional_seconds(data, "hedge_after", path),
+            hedge_after=self.hedge_after(data, path),
+            outliers=self.outliers(data.get("outliers"), path),
         )
 
     def targets(self, data: Data, key: str, path: str) -> tuple[Target, ...]:

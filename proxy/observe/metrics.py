@@ -14,8 +14,8 @@ its values to files there, and any worker's `render()` adds up every worker's fi
 from __future__ import annotations
 
 import glob
+import math
 import os
-import re
 import tempfile
 from typing import Literal, get_args
 
@@ -31,7 +31,9 @@ from prometheus_client import (
 )
 
 from proxy.config import Config
+from proxy.latency import REASON as EJECT_REASON
 from proxy.observe.logs import get_logger
+from proxy.observe.words import OTHER, Words
 from proxy.record import AttemptOutcome, RequestRecord, UsageSource
 
 # `_created` samples double the series count, and multiprocess mode has none: without them
@@ -42,7 +44,6 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in pro
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 UNKNOWN = "_unknown"  # no route matched (bad JSON, unknown model, …); stream not known
 NONE = "_none"  # no upstream or model was involved
-OTHER = "_other"  # a value outside the known set (defensive: the pipeline should not send one)
 
 # Time to first token: from fast cached answers (~50 ms) to long reasoning waits (30 s).
 _SUB_SECOND = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75)
@@ -65,24 +66,6 @@ def _known(value: str | None, known: set[str] | frozenset[str]) -> str:
     return value if value in known else OTHER
 
 
-class _Words:
-    """Free-form reason words (fallback reasons, stream errors), kept bounded: word-shaped
-    values are let in until `limit` distinct ones have been seen, then the rest is `_other`."""
-
-    _SHAPE = re.compile(r"[a-z][a-z0-9_]{0,39}")
-
-    def __init__(self, limit: int = 32, seed: frozenset[str] = frozenset()) -> None:
-        self._seen, self._limit = set(seed), limit
-
-    def __call__(self, word: str) -> str:
-        if word in self._seen:
-            return word
-        if len(self._seen) < self._limit and self._SHAPE.fullmatch(word):
-            self._seen.add(word)
-            return word
-        return OTHER
-
-
 class Metrics:
     """One per worker process, alive across config reloads (counters must not restart)."""
 
@@ -96,8 +79,9 @@ class Metrics:
         self._upstreams: set[str] = set()
         self._models: set[str] = set()
         self._keys: set[str] = set()  # client key names
-        self._fallback_reasons = _Words(seed=_OUTCOMES)
-        self._stream_errors = _Words()
+        self._timed: set[tuple[str, str]] = set()  # targets with latency series
+        self._fallback_reasons = Words(seed=_OUTCOMES)
+        self._stream_errors = Words()
         self._warned_unpriced: set[str] = set()
         self._warned_errors: set[type[BaseException]] = set()
         self._shared_state = config.state.url is not None  # read at start-up, as the store is
@@ -176,6 +160,20 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self._target_ttft = Gauge(
+            "sluicegate_upstream_ttft_seconds",
+            "Smoothed time to first token per 1k prompt tokens (at least 1k), as routing reads it.",
+            ("upstream", "model"),
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self._ejected = Gauge(
+            "sluicegate_upstream_ejected",
+            "1 while the target is ejected as an outlier (in any worker), by reason.",
+            ("upstream", "model", "reason"),
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self._observer_errors = Counter(
             "sluicegate_observer_errors_total",
             "Failures inside request observers.",
@@ -236,6 +234,10 @@ class Metrics:
             self._inflight.labels(route.model)
         for upstream in config.upstreams:
             self._cooldown.labels(upstream)
+        for pair in {(t.upstream, t.model) for t in targets} - self._timed:
+            self._timed.add(pair)  # no samples yet: NaN, not a first-token time of 0
+            self._target_ttft.labels(*pair).set(math.nan)
+            self._ejected.labels(*pair, EJECT_REASON).set(0)
         for t in targets:
             if t.model not in config.pricing:
                 self._unpriced.labels(t.upstream, t.model)
@@ -281,6 +283,16 @@ class Metrics:
 
     def set_cooldown(self, upstream: str, active: bool) -> None:
         self._cooldown.labels(_known(upstream, self._upstreams)).set(1 if active else 0)
+
+    def set_ttft(self, upstream: str, model: str, seconds: float) -> None:
+        self._target_ttft.labels(*self._target(upstream, model)).set(seconds)
+
+    def set_ejected(self, upstream: str, model: str, active: bool) -> None:
+        labels = (*self._target(upstream, model), EJECT_REASON)
+        self._ejected.labels(*labels).set(1 if active else 0)
+
+    def _target(self, upstream: str, model: str) -> tuple[str, str]:
+        return _known(upstream, self._upstreams), _known(model, self._models)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition for GET /metrics: its body and content type."""
