@@ -20,8 +20,9 @@ class LatencyChecks(Checks):
         factor = _OUTLIERS.factor
         if "factor" in data:
             factor = self.optional_seconds(data, "factor", path)  # null: never eject
+            fpath = child_path(path, "factor")
             if factor is not None and factor <= 1.0:
-                self.issue(child_path(path, "factor"), f"must be more than 1, got {factor}")
+                self.issue(fpath, f"must be more than 1, got {self.shown(fpath, data['factor'])}")
         return Outliers(
             factor=factor,
             min_samples=int(self.number(data, "min_samples", path, _OUTLIERS.min_samples, "count")),
@@ -29,6 +30,11 @@ class LatencyChecks(Checks):
         )
 
     def hedge_after(self, data: Data, path: str) -> float | Literal["auto"] | None:
-        if data.get("hedge_after") == "auto":
+        value = data.get("hedge_after")
+        if value == "auto":
             return "auto"
+        if isinstance(value, str):
+            hpath = child_path(path, "hedge_after")
+            self.issue(hpath, f"expected seconds or auto, got {self.shown(hpath, value)}")
+            return None
         return self.optional_seconds(data, "hedge_after", path)
