@@ -34,7 +34,9 @@ def _route(*targets: Target, outliers: Outliers = NEVER, strategy: str = "fastes
     return Route("r", targets=targets, strategy=strategy, outliers=outliers)  # type: ignore[arg-type]
 
 
-def _feed(latency: Latency, route: Route, target: Target, ttft: float, n: int, t: float) -> float:
+def _feed(
+    latency: Latency, route: Route, target: Target, ttft: float, n: int, *, t: float
+) -> float:
     for _ in range(n):
         t += STEP
         latency.record(route, target, ttft, 1.0, t)
@@ -90,30 +92,30 @@ def test_prompt_size_is_in_units_of_1k_tokens_and_at_least_one(
 
 def test_two_targets_the_lower_cost_goes_first_whatever_the_draw() -> None:
     latency, route = Latency(), _route(SLOW, FAST)
-    _feed(latency, route, FAST, 0.05, 3, 0.0)
-    _feed(latency, route, SLOW, 0.4, 3, 0.0)
+    _feed(latency, route, FAST, 0.05, 3, t=0.0)
+    _feed(latency, route, SLOW, 0.4, 3, t=0.0)
     for seed in range(50):
         assert plan(route, random.Random(seed), _idle, latency, 1.0) == (FAST, SLOW)
 
 
 def test_requests_in_flight_multiply_the_cost() -> None:
     latency, route = Latency(), _route(SLOW, FAST)
-    _feed(latency, route, FAST, 0.05, 3, 0.0)
-    _feed(latency, route, SLOW, 0.1, 3, 0.0)
+    _feed(latency, route, FAST, 0.05, 3, t=0.0)
+    _feed(latency, route, SLOW, 0.1, 3, t=0.0)
     busy = {"fast": 2, "slow": 0}  # 0.05 x 3 > 0.1 x 1
     assert plan(route, random.Random(0), busy.__getitem__, latency, 1.0)[0] == SLOW
 
 
 def test_a_target_without_samples_is_tried_first() -> None:
     latency, route = Latency(), _route(FAST, SLOW)
-    _feed(latency, route, FAST, 0.05, 3, 0.0)
+    _feed(latency, route, FAST, 0.05, 3, t=0.0)
     assert plan(route, random.Random(0), _idle, latency, 1.0)[0] == SLOW
 
 
 def test_with_three_targets_the_slowest_never_leads_and_the_middle_wins_its_pairs() -> None:
     latency, route = Latency(), _route(FAST, SLOW, THIRD)
     for target, ttft in ((FAST, 0.05), (THIRD, 0.1), (SLOW, 0.4)):
-        _feed(latency, route, target, ttft, 3, 0.0)
+        _feed(latency, route, target, ttft, 3, t=0.0)
     rng = random.Random(42)
     firsts = Counter(plan(route, rng, _idle, latency, 1.0)[0].upstream for _ in range(3000))
     assert firsts["slow"] == 0
@@ -123,8 +125,8 @@ def test_with_three_targets_the_slowest_never_leads_and_the_middle_wins_its_pair
 def test_equal_targets_under_concurrency_share_the_load() -> None:
     """Cost x (in flight + 1): the fast target is not herded to death."""
     latency, route = Latency(), _route(FAST, SLOW)
-    _feed(latency, route, FAST, 0.05, 3, 0.0)
-    _feed(latency, route, SLOW, 0.05, 3, 0.0)
+    _feed(latency, route, FAST, 0.05, 3, t=0.0)
+    _feed(latency, route, SLOW, 0.05, 3, t=0.0)
     inflight = {"fast": 0, "slow": 0}
     for _ in range(50):
         first = plan(route, random.Random(1), inflight.__getitem__, latency, 1.0)[0]
@@ -176,9 +178,9 @@ def test_ejection_needs_the_factor_over_the_best_peer_and_the_samples(
     slow_ttft: float, samples: int, ejected: bool
 ) -> None:
     latency, route = Latency(), _route(FAST, SLOW, THIRD, outliers=EJECT, strategy="weighted")
-    _feed(latency, route, FAST, 0.05, 5, 0.0)
-    _feed(latency, route, THIRD, 0.1, 5, 0.0)
-    t = _feed(latency, route, SLOW, slow_ttft, samples, 0.0)
+    _feed(latency, route, FAST, 0.05, 5, t=0.0)
+    _feed(latency, route, THIRD, 0.1, 5, t=0.0)
+    t = _feed(latency, route, SLOW, slow_ttft, samples, t=0.0)
     assert latency.ejected(("slow", "m"), t) is ejected
     assert not latency.ejected(("fast", "m"), t)
 
@@ -187,8 +189,8 @@ def test_an_ejected_target_goes_last_in_any_strategy_then_is_probed_back() -> No
     latency, route = Latency(), _route(SLOW, FAST, outliers=EJECT, strategy="weighted")
     seen: list[tuple[str, bool]] = []
     latency.on_eject = lambda upstream, _model, active: seen.append((upstream, active))
-    _feed(latency, route, FAST, 0.05, 5, 0.0)
-    t = _feed(latency, route, SLOW, 0.5, 20, 0.0)
+    _feed(latency, route, FAST, 0.05, 5, t=0.0)
+    t = _feed(latency, route, SLOW, 0.5, 20, t=0.0)
     assert seen == [("slow", True)]
     for seed in range(20):
         assert plan(route, random.Random(seed), _idle, latency, t + 1)[-1] == SLOW
@@ -202,36 +204,36 @@ def test_an_ejected_target_goes_last_in_any_strategy_then_is_probed_back() -> No
 
 def test_a_probe_that_comes_back_fast_keeps_the_target_in() -> None:
     latency, route = Latency(), _route(SLOW, FAST, outliers=EJECT, strategy="weighted")
-    _feed(latency, route, FAST, 0.05, 5, 0.0)
-    t = _feed(latency, route, SLOW, 0.5, 20, 0.0) + EJECT.seconds
+    _feed(latency, route, FAST, 0.05, 5, t=0.0)
+    t = _feed(latency, route, SLOW, 0.5, 20, t=0.0) + EJECT.seconds
     assert not latency.ejected(("slow", "m"), t)
     latency.record(route, SLOW, 0.06, 1.0, t)
-    _feed(latency, route, SLOW, 0.5, 5, t)  # slow again, but judged on samples again
+    _feed(latency, route, SLOW, 0.5, 5, t=t)  # slow again, but judged on samples again
     assert not latency.ejected(("slow", "m"), t + 1)
 
 
 def test_a_long_prompt_burst_does_not_eject_a_healthy_upstream() -> None:
     """First tokens of 8k-token prompts take 8x as long; divided by the size they do not."""
     latency, route = Latency(), _route(SLOW, FAST, outliers=EJECT, strategy="weighted")
-    _feed(latency, route, FAST, 0.1, 10, 0.0)
+    _feed(latency, route, FAST, 0.1, 10, t=0.0)
     size = prompt_size(32_000)
     for i in range(40):  # the burst lands on one upstream
         latency.record(route, SLOW, 0.1 * size, size, 1.0 + i * STEP)
     assert not latency.ejected(("slow", "m"), 5.0)
     assert latency[("slow", "m")].mean == pytest.approx(0.1)
     raw = Latency()  # the same burst, not normalised, would have been ejected
-    _feed(raw, route, FAST, 0.1, 10, 0.0)
-    _feed(raw, route, SLOW, 0.1 * size, 40, 0.0)
+    _feed(raw, route, FAST, 0.1, 10, t=0.0)
+    _feed(raw, route, SLOW, 0.1 * size, 40, t=0.0)
     assert raw.ejected(("slow", "m"), 5.0)
 
 
 def test_the_best_target_is_never_ejected_and_factor_none_never_ejects() -> None:
     latency, route = Latency(), _route(FAST, SLOW, outliers=NEVER)
-    _feed(latency, route, FAST, 0.05, 30, 0.0)
-    t = _feed(latency, route, SLOW, 5.0, 30, 0.0)
+    _feed(latency, route, FAST, 0.05, 30, t=0.0)
+    t = _feed(latency, route, SLOW, 5.0, 30, t=0.0)
     assert not latency.ejected(("slow", "m"), t)
     alone = _route(FAST, outliers=EJECT)
-    _feed(latency, alone, FAST, 9.0, 30, 0.0)
+    _feed(latency, alone, FAST, 9.0, 30, t=0.0)
     assert not latency.ejected(("fast", "m"), t)
 
 
@@ -240,14 +242,14 @@ def test_the_best_target_is_never_ejected_and_factor_none_never_ejects() -> None
 
 def test_auto_hedge_waits_for_samples_then_past_the_usual_first_token_time() -> None:
     latency, route = Latency(), Route("r", targets=(FAST, SLOW), hedge_after="auto")
-    t = _feed(latency, route, FAST, 0.1, HEDGE_MIN_SAMPLES - 1, 0.0)
+    t = _feed(latency, route, FAST, 0.1, HEDGE_MIN_SAMPLES - 1, t=0.0)
     assert hedge_after(route, FAST, latency, 1.0) is None
-    _feed(latency, route, FAST, 0.1, 1, t)
+    _feed(latency, route, FAST, 0.1, 1, t=t)
     stats = latency[("fast", "m")]
     usual = max(stats.mean + 4 * stats.dev, 1.5 * stats.mean)
     assert hedge_after(route, FAST, latency, 1.0) == pytest.approx(usual)
     assert hedge_after(route, FAST, latency, 3.0) == pytest.approx(3 * usual)
-    _feed(latency, route, FAST, 0.1, 30, t)  # steady: the deviation fades, the floor holds
+    _feed(latency, route, FAST, 0.1, 30, t=t)  # steady: the deviation fades, the floor holds
     assert hedge_after(route, FAST, latency, 1.0) == pytest.approx(0.15, rel=0.01)
     fixed = Route("r", targets=(FAST, SLOW), hedge_after=0.3)
     assert hedge_after(fixed, FAST, latency, 2.0) == 0.3
