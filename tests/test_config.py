@@ -703,6 +703,12 @@ FIXTURES = {
     "broken_missing_env.yaml": [
         (5, "upstreams.deepseek.api_key", "SLUICEGATE_TEST_NEVER_SET is not set"),
     ],
+    "broken_latency.yaml": [
+        (7, "routes[0].strategy", "expected one of weighted, least_inflight, fastest"),
+        (8, "routes[0].hedge_after", "expected seconds or auto, got string 'whenever'"),
+        (9, "routes[0].outliers.factor", "must be more than 1, got number 0.5"),
+        (9, "routes[0].outliers.min_samples", "must be 1 or more, got number 0"),
+    ],
 }
 
 
