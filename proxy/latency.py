@@ -92,6 +92,7 @@ class Latency:
         if self.on_ttft is not None:
             self.on_ttft(*key, stats.mean)
         self._judge(route, target, now)
+        self._reinstate(route, now)
 
     def _judge(self, route: Route, target: Target, now: float) -> None:
         stats, policy = self[(target.upstream, target.model)], route.outliers
@@ -104,6 +105,16 @@ class Latency:
             stats.ejected_until = now + policy.seconds
             if self.on_eject is not None:
                 self.on_eject(target.upstream, target.model, True)
+
+    def _reinstate(self, route: Route, now: float) -> None:
+        """Ends an ejection early once every peer has become slower than the ejected target
+        was: it must not stay out while the ones left are slower still."""
+        for t in route.targets:
+            stats, best = self._by_key.get((t.upstream, t.model)), self._best_peer(route, t)
+            if stats is None or stats.ejected_until is None or best is None:
+                continue
+            if stats.mean <= best:
+                stats.ejected_until = now  # `ejected` ends it and forgets the statistics
 
     def _best_peer(self, route: Route, target: Target) -> float | None:
         means = [

@@ -212,6 +212,19 @@ def test_a_probe_that_comes_back_fast_keeps_the_target_in() -> None:
     assert not latency.ejected(("slow", "m"), t + 1)
 
 
+def test_an_ejection_ends_early_when_the_peers_slow_past_the_ejected_one() -> None:
+    latency, route = Latency(), _route(SLOW, FAST, outliers=EJECT, strategy="weighted")
+    _feed(latency, route, FAST, 0.05, 5, t=0.0)
+    t = _feed(latency, route, SLOW, 0.3, 20, t=0.0)
+    assert latency.ejected(("slow", "m"), t)
+    t = _feed(latency, route, FAST, 0.5, 1, t=t)  # the peer's mean, 0.185: still the faster
+    assert latency.ejected(("slow", "m"), t)
+    t = _feed(latency, route, FAST, 1.0, 5, t=t)  # its mean passes 0.3: the one left is slower
+    assert not latency.ejected(("slow", "m"), t)
+    firsts = Counter(plan(route, random.Random(s), _idle, latency, t)[0] for s in range(40))
+    assert firsts[SLOW] > 10  # weighted again, not last
+
+
 def test_a_long_prompt_burst_does_not_eject_a_healthy_upstream() -> None:
     """First tokens of 8k-token prompts take 8x as long; divided by the size they do not."""
     latency, route = Latency(), _route(SLOW, FAST, outliers=EJECT, strategy="weighted")
