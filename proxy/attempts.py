@@ -14,6 +14,7 @@ parallel and the first to commit wins.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -55,12 +56,15 @@ class Attempts:
         self._state, self._route, self._request = state, route, request
         self._headers, self._record = headers, record
         self._hedged: set[asyncio.Task[Answer | Failure | None]] = set()
-        self._size = request_size(request)  # what a first-token time is divided by
+
+    @functools.cached_property
+    def _size(self) -> float:
+        return request_size(self._request)  # what a first-token time is divided by
 
     async def run(self) -> Answer | Failure:
         health, latency, now = self._state.health, self._state.latency, time.monotonic()
         candidates = plan(self._route, self._state.rng, lambda n: health[n].inflight, latency, now)
-        after = hedge_after(self._route, candidates[0], latency, self._size)
+        after = hedge_after(self._route, candidates[0], latency, self._request)
         if after is not None and len(candidates) > 1:
             return await self._run_hedged(candidates, after)
         last: Failure = Failure(None, "connect_error", UpstreamUnreachable("no upstream"))

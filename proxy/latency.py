@@ -161,10 +161,12 @@ def targets_of(config: Config) -> set[Key]:
     return {(t.upstream, t.model) for r in config.routes for t in (*r.targets, *r.fallbacks)}
 
 
-def hedge_after(route: Route, first: Target, latency: Latency, size: float) -> float | None:
-    """The route's hedge delay for a request whose first candidate is `first`."""
+def hedge_after(
+    route: Route, first: Target, latency: Latency, request: ApiRequest
+) -> float | None:
+    """The route's hedge delay for `request`, whose first candidate is `first`."""
     if route.hedge_after == "auto":
-        return latency.hedge_delay((first.upstream, first.model), size)
+        return latency.hedge_delay((first.upstream, first.model), request_size(request))
     return route.hedge_after
 
 

@@ -18,12 +18,13 @@ import openai
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from proxy.app import create_app
-from proxy.latency import DECAY
+from proxy.latency import DECAY, HEDGE_MIN_SAMPLES
 from proxy.mock.upstream import Knobs, MockUpstream
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
 from tests.helpers import wait_for
 
+BOTH = "targets: [{upstream: a, model: m}, {upstream: b, model: m}]"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
@@ -69,15 +70,14 @@ class Pair:
 @contextmanager
 def pair(tmp_path: Path, ttft: dict[str, float], route: str) -> Iterator[Pair]:
     """Upstreams `a` and `b` with their own default TTFT, behind route `bot` (`route`: its
-    extra keys)."""
+    keys after the model; `BOTH` as targets, say)."""
     mocks = {name: MockUpstream(defaults=_knobs(t)) for name, t in ttft.items()}
     servers = {name: RunningServer(app).start() for name, app in mocks.items()}
     path = tmp_path / "routes.yaml"
     path.write_text(
         "upstreams:\n"
         + "".join(f"  {n}: {{base_url: '{s.url}/v1'}}\n" for n, s in servers.items())
-        + "routes:\n  - {model: bot, targets: [{upstream: a, model: m}, {upstream: b, model: m}]"
-        + f", {route}}}\n"
+        + f"routes:\n  - {{model: bot, {route}}}\n"
     )
     finished: list[RequestRecord] = []
     app = create_app(path, env={}, watch_interval=None, observers=(finished.append,))
@@ -92,7 +92,7 @@ def pair(tmp_path: Path, ttft: dict[str, float], route: str) -> Iterator[Pair]:
 def test_one_at_a_time_the_fast_upstream_gets_the_traffic_and_its_first_token_time(
     tmp_path: Path,
 ) -> None:
-    with pair(tmp_path, {"a": 0.05, "b": 0.4}, "strategy: fastest") as p:
+    with pair(tmp_path, {"a": 0.05, "b": 0.4}, f"{BOTH}, strategy: fastest") as p:
         p.send(20)  # warm-up
         served, ttfts = p.send(120)
         _, direct = p.send(20, url=p.urls["a"])
@@ -105,7 +105,7 @@ def test_traffic_leaves_an_upstream_that_slows_and_returns_when_it_recovers(
 ) -> None:
     """Back within DECAY * ln(0.8 / 0.4) = 3.5 s of `a` recovering (its unread cost decays
     below b's, then one fast sample wins): at b's 0.4 s a request, at most 20 requests."""
-    with pair(tmp_path, {"a": 0.05, "b": 0.4}, "strategy: fastest") as p:
+    with pair(tmp_path, {"a": 0.05, "b": 0.4}, f"{BOTH}, strategy: fastest") as p:
         p.send(20)
         p.mocks["a"].defaults = _knobs(0.8)
         slowed, _ = p.send(30)
@@ -120,7 +120,7 @@ def test_traffic_leaves_an_upstream_that_slows_and_returns_when_it_recovers(
 
 
 def test_fifty_at_once_against_equal_upstreams_neither_is_herded(tmp_path: Path) -> None:
-    with pair(tmp_path, {"a": 0.05, "b": 0.05}, "strategy: fastest") as p:
+    with pair(tmp_path, {"a": 0.05, "b": 0.05}, f"{BOTH}, strategy: fastest") as p:
         p.send(4)
         client = openai.OpenAI(base_url=p.proxy.url + "/v1", api_key="x")
 
@@ -140,7 +140,7 @@ def test_fifty_at_once_against_equal_upstreams_neither_is_herded(tmp_path: Path)
 def test_an_upstream_ten_times_slower_is_ejected_probed_and_shown_in_metrics(
     tmp_path: Path,
 ) -> None:
-    route = "outliers: {factor: 5, min_samples: 20, seconds: 1}"
+    route = f"{BOTH}, outliers: {{factor: 5, min_samples: 20, seconds: 1}}"
     with pair(tmp_path, {"a": 0.03, "b": 0.3}, route) as p:
         sent = 0
         while p.metric("sluicegate_upstream_ejected", "b") == 0:
@@ -160,3 +160,20 @@ def test_an_upstream_ten_times_slower_is_ejected_probed_and_shown_in_metrics(
         assert p.metric("sluicegate_upstream_ejected", "b") == 1  # still slow: out again
         again, _ = p.send(10)
     assert again == {"a": 10}
+
+
+def test_auto_hedging_starts_the_fallback_past_the_usual_first_token_time(
+    tmp_path: Path,
+) -> None:
+    route = "targets: [{upstream: a, model: m}], fallbacks: [{upstream: b, model: m}]"
+    with pair(tmp_path, {"a": 0.05, "b": 0.05}, f"{route}, hedge_after: auto") as p:
+        p.send(HEDGE_MIN_SAMPLES)  # no hedge before a has its samples
+        steady, _ = p.send(20)  # steady: jitter stays under 1.5 x the mean
+        p.mocks["a"].defaults = _knobs(2.0)
+        hedged, ttfts = p.send(1)
+    assert steady == {"a": 20}
+    assert all(len(r.attempts) == 1 for r in p.finished[:-1])
+    assert hedged == {"b": 1}
+    outcomes = {(a.upstream, a.outcome) for a in p.finished[-1].attempts}
+    assert outcomes == {("a", "hedge_lost"), ("b", "ok")}
+    assert ttfts[0] < 1.0  # b's answer, not a's 2 s

@@ -7,8 +7,10 @@ import math
 import random
 from collections import Counter
 
+import orjson
 import pytest
 
+from proxy.api_request import ApiRequest, parse_request
 from proxy.config import Outliers, Route, Target
 from proxy.latency import (
     ALPHA,
@@ -18,6 +20,7 @@ from proxy.latency import (
     TargetLatency,
     hedge_after,
     prompt_size,
+    request_size,
 )
 from proxy.routing import plan
 
@@ -253,19 +256,28 @@ def test_the_best_target_is_never_ejected_and_factor_none_never_ejects() -> None
 # --- hedge_after: auto -----------------------------------------------------------------
 
 
+def _request(content: str) -> ApiRequest:
+    body = {"model": "r", "stream": True, "messages": [{"role": "user", "content": content}]}
+    return parse_request(orjson.dumps(body))
+
+
+SHORT, LONG = _request("hi"), _request("x" * 11_960)  # 12,000 bytes of prompt JSON: 3k tokens
+
+
 def test_auto_hedge_waits_for_samples_then_past_the_usual_first_token_time() -> None:
     latency, route = Latency(), Route("r", targets=(FAST, SLOW), hedge_after="auto")
     t = _feed(latency, route, FAST, 0.1, HEDGE_MIN_SAMPLES - 1, t=0.0)
-    assert hedge_after(route, FAST, latency, 1.0) is None
+    assert hedge_after(route, FAST, latency, SHORT) is None
     _feed(latency, route, FAST, 0.1, 1, t=t)
     stats = latency[("fast", "m")]
     usual = max(stats.mean + 4 * stats.dev, 1.5 * stats.mean)
-    assert hedge_after(route, FAST, latency, 1.0) == pytest.approx(usual)
-    assert hedge_after(route, FAST, latency, 3.0) == pytest.approx(3 * usual)
+    assert hedge_after(route, FAST, latency, SHORT) == pytest.approx(usual)
+    assert request_size(LONG) == pytest.approx(3.0, rel=0.01)
+    assert hedge_after(route, FAST, latency, LONG) == pytest.approx(request_size(LONG) * usual)
     _feed(latency, route, FAST, 0.1, 30, t=t)  # steady: the deviation fades, the floor holds
-    assert hedge_after(route, FAST, latency, 1.0) == pytest.approx(0.15, rel=0.01)
+    assert hedge_after(route, FAST, latency, SHORT) == pytest.approx(0.15, rel=0.01)
     fixed = Route("r", targets=(FAST, SLOW), hedge_after=0.3)
-    assert hedge_after(fixed, FAST, latency, 2.0) == 0.3
+    assert hedge_after(fixed, FAST, latency, LONG) == 0.3
 
 
 # --- a fleet: statistics per process ---------------------------------------------------
