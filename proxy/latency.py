@@ -161,9 +161,7 @@ def targets_of(config: Config) -> set[Key]:
     return {(t.upstream, t.model) for r in config.routes for t in (*r.targets, *r.fallbacks)}
 
 
-def hedge_after(
-    route: Route, first: Target, latency: Latency, request: ApiRequest
-) -> float | None:
+def hedge_after(route: Route, first: Target, latency: Latency, request: ApiRequest) -> float | None:
     """The route's hedge delay for `request`, whose first candidate is `first`."""
     if route.hedge_after == "auto":
         return latency.hedge_delay((first.upstream, first.model), request_size(request))
