@@ -98,7 +98,7 @@ class Latency:
         stats, policy = self[(target.upstream, target.model)], route.outliers
         best = self._best_peer(route, target)
         if policy.factor is None or best is None or stats.ejected_until is not None:
-            return
+            return  # fallbacks have no peers here: `best` is None for them
         enough = stats.on_probation or stats.samples >= policy.min_samples
         stats.on_probation = False
         if enough and stats.mean > policy.factor * best:
@@ -117,6 +117,8 @@ class Latency:
                 stats.ejected_until = now  # `ejected` ends it and forgets the statistics
 
     def _best_peer(self, route: Route, target: Target) -> float | None:
+        if target not in route.targets:
+            return None
         means = [
             self[(t.upstream, t.model)].mean
             for t in route.targets

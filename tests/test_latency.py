@@ -251,6 +251,10 @@ def test_the_best_target_is_never_ejected_and_factor_none_never_ejects() -> None
     alone = _route(FAST, outliers=EJECT)
     _feed(latency, alone, FAST, 9.0, 30, t=0.0)
     assert not latency.ejected(("fast", "m"), t)
+    fresh, backed = Latency(), Route("r", targets=(FAST,), fallbacks=(THIRD,), outliers=EJECT)
+    _feed(fresh, backed, FAST, 0.05, 30, t=0.0)
+    _feed(fresh, backed, THIRD, 9.0, 30, t=0.0)  # a fallback is not judged against targets
+    assert not fresh.ejected(("third", "m"), t)
 
 
 # --- hedge_after: auto -----------------------------------------------------------------
