@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import FrameType
@@ -165,9 +165,21 @@ def create_app(
 
 
 def _watch_upstreams(runtime: Runtime, meter: Metrics) -> None:
-    """Cooldowns, smoothed first-token times and ejections show on /metrics."""
-    runtime.health.on_cooldown = meter.set_cooldown
-    runtime.latency.on_ttft, runtime.latency.on_eject = meter.set_ttft, meter.set_ejected
+    """Cooldowns, smoothed first-token times and ejections show on /metrics. These hooks run
+    inside an attempt, so a failing one is caught and counted like any observer's."""
+    runtime.health.on_cooldown = _guarded(meter.set_cooldown, meter)
+    runtime.latency.on_ttft = _guarded(meter.set_ttft, meter)
+    runtime.latency.on_eject = _guarded(meter.set_ejected, meter)
+
+
+def _guarded(hook: Callable[..., None], meter: Metrics) -> Callable[..., None]:
+    def observe(*args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:  # observers never steer
+            meter.observer_failed("metrics")
+
+    return observe
 
 
 def _open_fleet(runtime: Runtime, ref: StateRef, meter: Metrics) -> Fleet:

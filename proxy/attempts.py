@@ -121,10 +121,15 @@ class Attempts:
                 started = time.monotonic()
                 result = await self._round_trip(upstream, target, "strip")
             outcome = "ok" if isinstance(result, Answer) else result.outcome
-            if outcome == "ok" and self._request.stream:  # committed: its first-token time
-                now = time.monotonic()
-                self._state.latency.record(self._route, target, now - started, self._size, now)
-            self._update_health(upstream, result, outcome)
+            try:
+                if outcome == "ok" and self._request.stream:  # committed: its first-token time
+                    now = time.monotonic()
+                    self._state.latency.record(self._route, target, now - started, self._size, now)
+                self._update_health(upstream, result, outcome)
+            except BaseException:
+                if isinstance(result, Answer):  # committed, and now nobody will relay it
+                    await result.aclose()
+                raise
             return result
         except asyncio.CancelledError:
             if asyncio.current_task() in self._hedged:

@@ -91,13 +91,16 @@ class Latency:
         stats.add(seconds / size, now)
         if self.on_ttft is not None:
             self.on_ttft(*key, stats.mean)
-        self._judge(route, target, now)
-        self._reinstate(route, now)
+        if route.outliers.factor is not None and len(route.targets) > 1:  # else none to judge
+            self._judge(route, target, now)
+            self._reinstate(route, now)
 
     def _judge(self, route: Route, target: Target, now: float) -> None:
         stats, policy = self[(target.upstream, target.model)], route.outliers
+        if policy.factor is None or stats.ejected_until is not None:
+            return
         best = self._best_peer(route, target)
-        if policy.factor is None or best is None or stats.ejected_until is not None:
+        if best is None:
             return  # fallbacks have no peers here: `best` is None for them
         enough = stats.on_probation or stats.samples >= policy.min_samples
         stats.on_probation = False

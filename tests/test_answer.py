@@ -13,8 +13,9 @@ import pytest
 
 from proxy.answer import Answer, Hold
 from proxy.app import create_app
-from proxy.config import Target
+from proxy.config import Route, Target
 from proxy.health import Health, UpstreamHealth
+from proxy.latency import Latency
 from proxy.mock.upstream import MockUpstream
 from proxy.mock.upstream import RequestRecord as UpstreamRecord
 from proxy.serving import RunningServer
@@ -124,3 +125,30 @@ def test_a_client_that_leaves_before_the_answer_commits_frees_the_slot(
     record = _record(mock, 13)
     assert wait_for(lambda: record.disconnected is not None, 5), "upstream was not closed"
     assert wait_for(lambda: health["up"].inflight == before, 5), health["up"].inflight
+
+
+class _BrokenLatency(Latency):
+    """A bookkeeping bug right after a commit: the one way left to lose a committed answer."""
+
+    def record(self, route: Route, target: Target, seconds: float, size: float, now: float) -> None:
+        raise RuntimeError("bookkeeping failed")
+
+
+def test_a_failure_right_after_the_commit_still_gives_the_answer_back(tmp_path: Path) -> None:
+    health, mock = Health(), MockUpstream()
+    path = tmp_path / "routes.yaml"
+    with RunningServer(mock) as upstream:
+        path.write_text(
+            f"upstreams:\n  up: {{base_url: '{upstream.url}/v1'}}\n"
+            "routes:\n  - {model: bot, targets: [{upstream: up, model: m}], retries: 0}\n"
+        )
+        runtime = Runtime(health=health, latency=_BrokenLatency())
+        app = create_app(path, env={}, watch_interval=None, runtime=runtime)
+        with RunningServer(app) as proxy:
+            url = proxy.url + "/v1/chat/completions"
+            response = httpx.post(url, json=_body(21, True, pause_after_first=30.0), timeout=10)
+            assert response.status_code == 500  # the bug answers in OpenAI's shape...
+            assert response.json()["error"]["code"] == "internal_error"
+            # ...and the committed answer is closed: slot back, upstream connection gone.
+            assert wait_for(lambda: health["up"].inflight == 0, 5), health["up"].inflight
+            assert wait_for(lambda: _record(mock, 21).disconnected is not None, 5)

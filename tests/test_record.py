@@ -7,9 +7,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import create_app
+from proxy.app import _guarded, create_app
+from proxy.config import parse_config
+from proxy.observe.metrics import Metrics
 from proxy.record import Observers, RequestRecord
 from proxy.serving import RunningServer
 
@@ -97,3 +100,23 @@ routes:
         errors = _observer_errors(http.get("/metrics").text)
     assert [r.status for r in handed] == [200, 200]
     assert errors == {"access_log": 0, "extra": 2, "metrics": 0}
+
+
+def test_a_failing_upstream_hook_is_contained_and_counted() -> None:
+    """Cooldown, first-token and ejection hooks run inside an attempt: one that fails must
+    neither break the attempt nor go unseen."""
+    config = parse_config(
+        "upstreams: {up: {base_url: 'http://up'}}\n"
+        "routes: [{model: r, targets: [{upstream: up, model: m}]}]\n",
+        "routes.yaml",
+        {},
+    )
+    meter = Metrics(config, registry=CollectorRegistry())
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a metrics bug")
+
+    hook = _guarded(broken, meter)
+    hook("up", True)  # returns: the failure is contained
+    hook("up", "m", 0.2)
+    assert _observer_errors(meter.render()[0].decode())["metrics"] == 2
