@@ -344,7 +344,13 @@ def table(result: dict[str, Any]) -> str:
     return markdown(headings, body) + "\n\n" + "\n".join(goal) + "\n"
 
 
+# Sections of RESULTS.md written by other benchmarks (bench/fleet_state.py): kept, at the end.
+KEPT = "\n## Fleet state on Redis"
+
+
 def write_results(result: dict[str, Any], table_md: str, path: Path) -> None:
     from notes import results_markdown  # noqa: PLC0415  # only needed here
 
-    path.write_text(results_markdown(result, table_md))
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index(KEPT) :] if KEPT in old else ""
+    path.write_text(results_markdown(result, table_md) + kept)

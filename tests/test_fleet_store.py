@@ -13,7 +13,7 @@ import pytest
 from proxy.config import Budget, ClientKey, Secret, StateSettings
 from proxy.errors import BudgetExceeded, RateLimited, StateUnavailable
 from proxy.fleet import FleetStore
-from proxy.fleet.remote import RedisState
+from proxy.fleet.remote import POOL_SIZE, RedisState
 from proxy.fleet.shared import PROBE_SECONDS
 from tests.redis_server import RedisServer
 
@@ -35,8 +35,10 @@ def server() -> Iterator[RedisServer]:
 class Fleet:
     """Stores sharing one Redis, with their transitions and error counts."""
 
-    def __init__(self, server: RedisServer, mode: str = "open", count: int = 2) -> None:
-        settings = StateSettings(Secret(server.url), "test:", mode, TIMEOUT)  # type: ignore[arg-type]
+    def __init__(
+        self, server: RedisServer, mode: str = "open", count: int = 2, timeout: float = TIMEOUT
+    ) -> None:
+        settings = StateSettings(Secret(server.url), "test:", mode, timeout)  # type: ignore[arg-type]
         self.transitions: list[tuple[bool, str]] = []
         self.errors = 0
         self.stores = [
@@ -88,6 +90,29 @@ def test_requests_per_minute_hold_across_processes(server: RedisServer) -> None:
     assert admitted == 5  # one bucket for both, not five each
     assert len(refused) == 7
     assert all(exc.type == "requests" and 0 < exc.retry_after <= 12 for exc in refused)
+
+
+def test_a_burst_beyond_the_pool_waits_for_connections_and_never_fails(
+    server: RedisServer,
+) -> None:
+    """More admissions at once than the pool has connections (redis-py's default pool raised
+    `MaxConnectionsError` at 100 in use, which marked the store down): each waits its turn."""
+    burst = ClientKey("burst", "5" * 64, rpm=1_000_000)
+
+    async def run() -> tuple[list[BaseException | None], int]:
+        fleet = Fleet(server, count=1, timeout=5.0)  # the wait, not a slow machine, is tested
+        (store,) = fleet.stores
+        done = await asyncio.gather(*(store.admit(burst) for _ in range(POOL_SIZE * 8)),
+                                    return_exceptions=True)  # fmt: skip
+        with server.client() as client:
+            connected = int(client.info("clients")["connected_clients"])
+        assert (fleet.errors, fleet.transitions, store.up) == (0, [], True)
+        await fleet.aclose()
+        return done, connected
+
+    done, connected = asyncio.run(run())
+    assert done == [None] * (POOL_SIZE * 8)
+    assert connected <= POOL_SIZE + 1  # the pool's, and the one asking
 
 
 def test_tokens_per_minute_are_charged_fleet_wide(server: RedisServer) -> None:

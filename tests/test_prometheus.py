@@ -3,6 +3,7 @@ real Prometheus scrapes a live target and answers every query of the Grafana das
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -19,13 +20,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    generate_latest,
-)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -33,6 +27,7 @@ from starlette.routing import Route
 
 from proxy.app import create_app
 from proxy.config import Secret, parse_config
+from proxy.fleet.periods import period_of
 from proxy.metering.cost import cost_usd
 from proxy.mock.upstream import MockUpstream
 from proxy.observe.metrics import Metrics
@@ -235,6 +230,18 @@ def traffic() -> Iterator[RequestRecord]:
     yield RequestRecord("req", 404, error="model_not_found", duration_s=0.001)
 
 
+@contextlib.contextmanager
+def serving(metrics: Metrics) -> Iterator[str]:
+    """A real HTTP server whose GET /metrics is `metrics.render()`; yields its host:port."""
+
+    async def endpoint(_: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, headers={"content-type": content_type})
+
+    with RunningServer(Starlette(routes=[Route("/metrics", endpoint)])) as server:
+        yield f"127.0.0.1:{server.port}"
+
+
 @pytest.fixture(scope="module")
 def scrape_target() -> Iterator[ScrapeTarget]:
     """A stand-in for the proxy: a real HTTP server whose GET /metrics is `Metrics.render()`,
@@ -242,10 +249,6 @@ def scrape_target() -> Iterator[ScrapeTarget]:
     `drive`) and the test below does not change."""
     metrics = Metrics(CONFIG)
     rounds = itertools.count()
-
-    async def endpoint(_: Request) -> Response:
-        body, content_type = metrics.render()
-        return Response(body, headers={"content-type": content_type})
 
     def drive() -> None:
         round_ = next(rounds)
@@ -257,39 +260,38 @@ def scrape_target() -> Iterator[ScrapeTarget]:
         metrics.set_cooldown("deepseek", round_ % 2 == 0)
         metrics.config_reloaded(ok=round_ % 3 != 2)
 
-    app = Starlette(routes=[Route("/metrics", endpoint)])
-    with RunningServer(app) as server:
-        yield ScrapeTarget(f"127.0.0.1:{server.port}", drive)
+    with serving(metrics) as address:
+        yield ScrapeTarget(address, drive)
+
+
+KEYS = f"""\
+keys:
+  team-a: {{sha256: '{"a" * 64}', budget: {{usd: 50.0, period: day}}}}
+  team-b: {{sha256: '{"b" * 64}', budget: {{usd: 10.0, period: total}}}}
+  open-key: {{sha256: '{"c" * 64}'}}
+"""
+FLEET_CONFIG = parse_config(ROUTES + KEYS, "routes.yaml", {})
 
 
 @pytest.fixture(scope="module")
 def fleet_target() -> Iterator[ScrapeTarget]:
-    """Fleet-state series (issue 15) by the names and labels its contract fixes, served from a
-    registry of their own until `Metrics` exports them; then `scrape_target` feeds them through
-    `Metrics` and this goes. A separate job, so the two can never clash on a series."""
-    registry = CollectorRegistry()
-    up = Gauge("sluicegate_state_up", "state store reachable", registry=registry)
-    errors = Counter("sluicegate_state_errors", "state store errors", registry=registry)
-    spend = Gauge("sluicegate_key_spend_usd", "spend", ["key", "period"], registry=registry)
-    budget = Gauge("sluicegate_key_budget_usd", "budget", ["key"], registry=registry)
-    budget.labels("team-a").set(50.0)
-    budget.labels("team-b").set(10.0)
+    """Fleet-state series (issue 15) from a `Metrics` for a config with budgeted keys, told
+    what the state store would tell it (its reachability, failed calls, each key's spend).
+    Scraped by two jobs, as two pods reading one store: every pod reports the same spend."""
+    metrics = Metrics(FLEET_CONFIG)
+    periods = {key.name: period_of(key) for key in FLEET_CONFIG.keys}
     rounds = itertools.count()
-
-    async def endpoint(_: Request) -> Response:
-        return Response(generate_latest(registry), headers={"content-type": CONTENT_TYPE_LATEST})
 
     def drive() -> None:
         round_ = next(rounds)
-        up.set(round_ % 4 != 3)  # the store drops out now and then
-        errors.inc(round_ % 2)
-        spend.labels("team-a", "day").set(0.5 * round_)
-        spend.labels("team-b", "total").set(0.25 * round_)
-        spend.labels("open-key", "day").set(1.0 * round_)  # no budget: no ratio
+        metrics.state_changed(round_ % 4 != 3)  # the store drops out now and then
+        for _ in range(round_ % 2):
+            metrics.state_failed()
+        spend = {"team-a": 0.5 * round_, "team-b": 0.25 * round_, "open-key": 1.0 * round_}
+        metrics.set_spend(spend, periods)  # open-key has no budget: no ratio
 
-    app = Starlette(routes=[Route("/metrics", endpoint)])
-    with RunningServer(app) as server:
-        yield ScrapeTarget(f"127.0.0.1:{server.port}", drive)
+    with serving(metrics) as address:
+        yield ScrapeTarget(address, drive)
 
 
 def _free_port() -> int:
