@@ -159,7 +159,7 @@ class ServerSettings:
     max_inflight: int | None = None  # per process; beyond it, 429 with Retry-After
     # Stream bytes held before the first token (comments, one huge event); past it the
     # attempt fails as `too_large` and the next candidate is tried.
-    max_event_bytes: int = 1024 * 1024
+    max_event_bytes: int = 4 * 1024 * 1024
     # What a client connection may take before its request is read (proxy.connection); read
     # at start-up, like the metrics settings.
     max_header_bytes: int = 32 * 1024  # request line and headers; past it, 431
