@@ -267,7 +267,7 @@ class Attempts:
         """An error answer: kept whole, to relay if no other candidate does better; never
         with the upstream's own key in it (see `scrub_key`)."""
         limit = min(upstream.max_response_bytes, MAX_ERROR_BYTES)
-        what = "max_response_bytes" if limit == upstream.max_response_bytes else "an error's"
+        what = "max_response_bytes" if limit == upstream.max_response_bytes else "an error may hold"
         payload = await response.read(limit, what)
         payload, headers = scrub_key(upstream, payload, response.headers)
         if rejects_stream_options(response.status, payload, upstream.stream_options, action):
