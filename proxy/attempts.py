@@ -47,7 +47,7 @@ from proxy.state import AppState
 from proxy.upstream import UpstreamResponse
 
 MAX_RETRY_AFTER = 10.0  # seconds; a longer Retry-After takes the upstream out of this request
-MAX_ERROR_BYTES = 1 << 20  # an upstream's error answer is a few hundred bytes; past this, a 502
+MAX_ERROR_BYTES = 256 << 10  # an error answer is a few hundred bytes (a CDN page: some KB)
 
 
 class Attempts:
