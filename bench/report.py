@@ -14,11 +14,19 @@ from typing import Any
 
 from procs import CLK_TCK, REPO, nginx_binary, nginx_version
 
-COLUMNS = ("direct", "sluicegate-pass", "sluicegate-auto", "floor", "nginx")
+COLUMNS = (
+    "direct",
+    "sluicegate-pass",
+    "sluicegate-auto",
+    "sluicegate-auto-usage",
+    "floor",
+    "nginx",
+)
 HEADINGS = {
     "direct": "direct",
     "sluicegate-pass": "sluicegate `pass`",
-    "sluicegate-auto": "sluicegate `auto`",
+    "sluicegate-auto": "sluicegate `auto`, no usage asked (SDK default)",
+    "sluicegate-auto-usage": "sluicegate `auto`, usage asked",
     "floor": "uvicorn+aiohttp floor",
     "nginx": "nginx",
 }

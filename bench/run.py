@@ -44,6 +44,8 @@ from scenarios import STREAM, Shape, Target, max_rate, open_streams, streams
 
 HERE = Path(__file__).resolve().parent
 LOAD_CORE, PROXY_CORE = 0, 1
+# Targets measured in the stream rounds only: the floor relay, and the `auto` proxy again.
+SAME_PROCESS = ("floor", "sluicegate-auto-usage")
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,11 @@ class Bench:
             proc, port = self.start_proxy(mode, mock_port)
             await wait_ready(port, "/readyz", proc)
             targets.append(Target(f"sluicegate-{mode}", port, "bench", proc))
+        # The same `auto` proxy, for a client that asks for usage: its usage event is relayed
+        # (found by a scan) instead of taken out of the stream, as for the SDKs' default
+        # request above. Stream rounds only: memory and rate are the process's, measured once.
+        usage = {"stream_options": {"include_usage": True}}
+        targets.append(Target("sluicegate-auto-usage", port, "bench", proc, usage))
         floor, floor_port = self.start_floor(mock_port)
         await wait_ready(floor_port, "/healthz", floor)
         targets.append(Target("floor", floor_port, "bench", floor))
@@ -258,7 +265,7 @@ class Bench:
     async def scenarios(self, targets: list[Target], mock: Proc) -> None:
         s, out, machine = self.settings, self.result["scenarios"], self.machine
         # The floor relay is a reference for the stream rounds only: no memory, rate or profile.
-        proxies = [t for t in targets if t.proc is not None and t.name != "floor"]
+        proxies = [t for t in targets if t.proc is not None and t.name not in SAME_PROCESS]
         for target in targets:  # a few requests each, so lazy set-up is in the baseline
             await streams([target], mock, Shape("burst", 10), 1, machine)
         idle = {"ttft": 0.05, "tokens": s.idle_tokens, "delay": 0.5}
@@ -267,7 +274,7 @@ class Bench:
         for key, (shape, rounds) in s.shapes().items():
             out[key] = await streams(targets, mock, shape, rounds, machine)
             self.progress(key, out[key])
-        rate_targets = [t for t in targets if t.name not in ("sluicegate-auto", "floor")]
+        rate_targets = [t for t in targets if t.name not in ("sluicegate-auto", *SAME_PROCESS)]
         out["nonstream"] = {
             t.name: await max_rate(t, s.rate_seconds, s.rate_steps, machine) for t in rate_targets
         }

@@ -28,13 +28,22 @@ class Target:
     port: int
     model: str
     proc: Proc | None
+    extra: dict[str, Any] | None = None  # request fields besides the usual ones
     pool: Pool = field(init=False)
 
     def __post_init__(self) -> None:
         self.pool = Pool("127.0.0.1", self.port)
 
     def request(self, mock: dict[str, Any], *, stream: bool = True, seed: int = 0) -> bytes:
-        return chat_request("127.0.0.1", self.port, self.model, stream=stream, mock=mock, seed=seed)
+        return chat_request(
+            "127.0.0.1",
+            self.port,
+            self.model,
+            stream=stream,
+            mock=mock,
+            seed=seed,
+            extra=self.extra,
+        )
 
     def cpu(self) -> Cpu:
         return self.proc.cpu_used() if self.proc is not None else Cpu()

@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from proxy.api_request import StreamOptionsAction
 from proxy.config import Target
 from proxy.errors import ProxyError
@@ -74,3 +76,16 @@ class Failure:
     headers: Headers = field(default_factory=list)
     body: bytes = b""
     retry_after: float | None = None
+
+
+def completion_of(body: bytes) -> dict[str, Any] | None:
+    """The body as an answer (an object with `choices`, or embeddings' `data`), or None."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(parsed, dict) and (
+        isinstance(parsed.get("choices"), list) or isinstance(parsed.get("data"), list)
+    ):
+        return parsed
+    return None

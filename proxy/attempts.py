@@ -18,14 +18,17 @@ import functools
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
 
-import orjson
-
-from proxy.answer import Answer, Failure, Hold
+from proxy.answer import Answer, Failure, Hold, completion_of
 from proxy.api_request import ApiRequest, StreamOptionsAction
 from proxy.config import Route, Target, Upstream
-from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import (
+    ProxyError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamTooLarge,
+    UpstreamUnreachable,
+)
 from proxy.headers import Headers, retry_after, without_content_type
 from proxy.latency import hedge_after, request_size
 from proxy.record import Attempt, AttemptOutcome, RequestRecord
@@ -37,11 +40,13 @@ from proxy.routing import (
     plan,
     rejects_stream_options,
 )
+from proxy.scrub import scrub_key
 from proxy.sse import EventSplitter, completion_to_sse, parse
 from proxy.state import AppState
-from proxy.upstream import UpstreamResponse, scrub_key
+from proxy.upstream import UpstreamResponse
 
 MAX_RETRY_AFTER = 10.0  # seconds; a longer Retry-After takes the upstream out of this request
+MAX_ERROR_BYTES = 256 << 10  # an error answer is a few hundred bytes (a CDN page: some KB)
 
 
 class Attempts:
@@ -225,7 +230,7 @@ class Attempts:
                 return await self._commit(target, action, response, first_token)
             total = upstream.timeouts.total
             async with asyncio.timeout(None if total is None else total - response.elapsed()):
-                payload = await response.read()
+                payload = await response.read(upstream.max_response_bytes)
         except TimeoutError:
             error = UpstreamTimeout(f"upstream '{upstream.name}' did not finish in time")
             return Failure(target, "timeout", error)
@@ -243,7 +248,7 @@ class Attempts:
     ) -> Answer | Failure:
         """A complete 2xx body: a chat completion, or not an answer at all."""
         headers = response.headers
-        completion = _completion(payload)  # parsed once; its usage travels on the Answer
+        completion = completion_of(payload)  # parsed once; its usage travels on the Answer
         if completion is None:  # an HTML error page with a 200, say: not an answer
             odd = f"upstream '{upstream.name}' answered {response.status} without a completion"
             return Failure(target, "reset", UpstreamProtocolError(odd))
@@ -273,7 +278,10 @@ class Attempts:
     ) -> Failure:
         """An error answer: kept whole, to relay if no other candidate does better; never
         with the upstream's own key in it (see `scrub_key`)."""
-        payload, headers = scrub_key(upstream, await response.read(), response.headers)
+        limit = min(upstream.max_response_bytes, MAX_ERROR_BYTES)
+        what = "max_response_bytes" if limit == upstream.max_response_bytes else "an error may hold"
+        payload = await response.read(limit, what)
+        payload, headers = scrub_key(upstream, payload, response.headers)
         if rejects_stream_options(response.status, payload, upstream.stream_options, action):
             return Failure(target, "stream_options_rejected")
         outcome = outcome_for_status(response.status)
@@ -287,9 +295,15 @@ class Attempts:
         response: UpstreamResponse,
         first_token: float | None,
     ) -> Answer | Failure:
-        """Reads (and holds back) the stream up to its first content event."""
+        """Reads (and holds back) the stream up to its first content event, at most
+        `server.max_event_bytes` of it: an upstream may not fill the proxy with comments or
+        one endless event (the attempt then fails as `too_large`)."""
+        if encoding := response.content_encoding:  # events the proxy could not read
+            odd = f"upstream '{target.upstream}' streamed in content-encoding {encoding[:32]!r}"
+            raise UpstreamProtocolError(odd)
         next_chunk = response.next_chunk
         splitter, held = EventSplitter(), bytearray()
+        most = self._state.config.server.max_event_bytes
         remaining = None if first_token is None else max(0.0, first_token - response.elapsed())
         try:
             async with asyncio.timeout(remaining):
@@ -299,6 +313,8 @@ class Attempts:
                         ended = f"upstream '{target.upstream}' ended its stream without an answer"
                         return Failure(target, "reset", UpstreamProtocolError(ended))
                     held += chunk
+                    if len(held) > most:
+                        raise UpstreamTooLarge(response.too_large("server.max_event_bytes", most))
                     for event in splitter.feed(chunk):
                         kind, payload = parse(event)
                         if kind == "error":
@@ -371,16 +387,3 @@ class Attempts:
         ]
         if oks:
             attempts[oks[-1]] = replace(attempts[oks[-1]], outcome="hedge_lost")
-
-
-def _completion(body: bytes) -> dict[str, Any] | None:
-    """The body as an answer (an object with `choices`, or embeddings' `data`), or None."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(parsed, dict) and (
-        isinstance(parsed.get("choices"), list) or isinstance(parsed.get("data"), list)
-    ):
-        return parsed
-    return None

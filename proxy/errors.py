@@ -20,6 +20,7 @@
     ├── InternalError               500     server_error            internal_error
     ├── UpstreamUnreachable         502     upstream_error          upstream_unreachable
     ├── UpstreamProtocolError       502     upstream_error          upstream_protocol_error
+    │   └── UpstreamTooLarge        502     upstream_error          upstream_response_too_large
     ├── NotReady                    503     server_error            not_ready
     ├── StateUnavailable            503     server_error            state_unavailable
     ├── TooManyConnections          503     server_error            too_many_connections
@@ -194,6 +195,13 @@ class UpstreamProtocolError(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_protocol_error"
+
+
+class UpstreamTooLarge(UpstreamProtocolError):
+    """An answer past `max_response_bytes`, or a stream past `server.max_event_bytes` before
+    its first token: its message names the limit."""
+
+    code = "upstream_response_too_large"
 
 
 class NotReady(ProxyError):

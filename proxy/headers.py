@@ -1,8 +1,9 @@
 """Header hygiene at both boundaries (pure).
 
-Upstream requests carry an allowlist of the client's headers: never its credentials,
-cookies or hop-by-hop headers. Client responses carry the upstream's headers less
-hop-by-hop ones, lengths (the body is re-framed) and cookies.
+Both boundaries are allowlists. Upstream requests carry the client's `accept`,
+`user-agent` and `openai-beta` only: never its credentials, cookies or hop-by-hop headers.
+Client responses carry only the upstream headers an OpenAI client reads (docs/BEHAVIOUR.md):
+never an upstream's cookies, redirects, CORS grants or server directives (`X-Accel-Redirect`).
 """
 
 from __future__ import annotations
@@ -16,23 +17,12 @@ Headers = list[tuple[bytes, bytes]]
 # own key; everything else (cookies, x-stainless-*, organisation ids) stays here.
 FORWARDED_REQUEST_HEADERS = frozenset({b"accept", b"user-agent", b"openai-beta"})
 
-DROPPED_RESPONSE_HEADERS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        b"set-cookie",
-        b"server",
-        b"date",
-        b"x-request-id",
-    }
+# Upstream response headers that reach the client, by exact name or by prefix; the proxy's
+# own x-request-id replaces the upstream's, and the body is re-framed (no length, encoding).
+RELAYED_RESPONSE_HEADERS = frozenset(
+    {b"content-type", b"retry-after", b"retry-after-ms", b"x-should-retry"}
 )
+RELAYED_RESPONSE_PREFIXES = (b"openai-", b"x-ratelimit-")
 
 SSE_HEADERS: Headers = [
     (b"cache-control", b"no-cache"),
@@ -65,14 +55,16 @@ def upstream_request_headers(client_headers: Iterable[tuple[bytes, bytes]], rid:
 
 
 def client_response_headers(upstream_headers: Iterable[tuple[bytes, bytes]], rid: bytes) -> Headers:
-    out: Headers = [
-        (k.lower(), v) for k, v in upstream_headers if k.lower() not in DROPPED_RESPONSE_HEADERS
-    ]
+    out: Headers = [(k, v) for k, v in ((k.lower(), v) for k, v in upstream_headers) if relayed(k)]
     if any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in out):
-        out = [(k, v) for k, v in out if k not in (b"cache-control", b"x-accel-buffering")]
         out.extend(SSE_HEADERS)
     out.append((b"x-request-id", rid))
     return out
+
+
+def relayed(name: bytes) -> bool:
+    """Whether an upstream response header (lower-case name) may reach the client."""
+    return name in RELAYED_RESPONSE_HEADERS or name.startswith(RELAYED_RESPONSE_PREFIXES)
 
 
 def retry_after(headers: Headers) -> float | None:

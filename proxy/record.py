@@ -23,6 +23,7 @@ AttemptOutcome = Literal[
     "status_auth",  # 401/403/404 from the upstream: its key or model is wrong
     "status_4xx",
     "stream_error",  # an error event in place of the answer
+    "too_large",  # past max_response_bytes, or max_event_bytes held before the first token
     "status_5xx",
     "stream_options_rejected",
     "hedge_lost",  # another attempt produced content first

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from proxy.api_request import StreamOptionsAction
 from proxy.config import Route, StreamOptionsMode, Target
-from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import ProxyError, UpstreamTimeout, UpstreamTooLarge, UpstreamUnreachable
 from proxy.latency import Latency, draw_keys, fastest, without_ejected
 from proxy.record import AttemptOutcome
 
@@ -69,6 +69,8 @@ _VERDICTS: dict[AttemptOutcome, Verdict] = {
     "status_429": Verdict(next_candidate=True, unhealthy=False),
     # A wrong key or a model the upstream lacks: a fallback elsewhere may still answer.
     "status_auth": Verdict(next_candidate=True, unhealthy=False),
+    # Past a byte limit: another upstream may answer smaller; this one is not broken for it.
+    "too_large": Verdict(next_candidate=True, unhealthy=False),
     # The request itself is wrong (400, 413, 422...): every upstream would say the same.
     "status_4xx": Verdict(next_candidate=False, unhealthy=False),
 }
@@ -94,6 +96,8 @@ def outcome_of(error: ProxyError) -> AttemptOutcome:
         return "connect_error"
     if isinstance(error, UpstreamTimeout):
         return "timeout"
+    if isinstance(error, UpstreamTooLarge):
+        return "too_large"
     return "reset"
 
 

@@ -27,51 +27,76 @@ _CR = 0x0D
 DONE = b"[DONE]"
 
 
+# Bytes at the end of what was scanned that may begin a blank line the next bytes complete:
+# a resumed scan starts this far back, never at the start of a held event (linear cost).
+_RESCAN = max(map(len, BLANK_LINES)) - 1
+
+
 class EventSplitter:
-    """Cuts a byte stream into complete SSE events (raw, without their blank line)."""
+    """Cuts a byte stream into complete SSE events (raw, without their blank line).
+
+    An unfinished event is held in a bytearray that grows in place, and each chunk is scanned
+    once (plus `_RESCAN` bytes before it): a huge event fed in small reads costs time linear
+    in its size, not quadratic."""
 
     __slots__ = ("_pending",)
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._pending = bytearray()
 
     def feed(self, chunk: bytes) -> list[bytes]:
         end = len(chunk) - 2  # the usual chunk is exactly one whole event: no scan needed
         if end >= 0 and not self._pending and chunk.find(b"\n\n") == end and b"\r" not in chunk:
             return [chunk[:end]]
-        data = self._pending + chunk if self._pending else chunk
-        events, end = split_complete(data)
-        self._pending = data[end:]
+        events, _ = _take(self._pending, chunk)
         return [event for event, _ in events]
 
     def flush(self) -> list[bytes]:
         """End of stream: an event whose blank line ended the bytes with a CR is complete."""
-        events, _ = split_complete(self._pending, final=True)
-        self._pending = b""
+        events, _ = _take(self._pending, b"", final=True)
+        self._pending.clear()
         return [event for event, _ in events]
 
 
 class EventBuffer:
     """Holds the bytes after the last complete event until that event completes: for readers
-    that relay whole events only (to take one out, or to add one between two)."""
+    that relay whole events only (to take one out, or to add one between two). Linear in
+    the bytes fed, as `EventSplitter`."""
 
     __slots__ = ("held",)
 
     def __init__(self) -> None:
-        self.held = b""
+        self.held = bytearray()
 
     def take(self, chunk: bytes, *, final: bool = False) -> tuple[list[tuple[bytes, bytes]], bytes]:
         """The complete events in the held bytes and chunk, each with its blank line, and all
         their bytes; the rest is held (`final`: the stream ended, as in `event_ends`)."""
-        data = self.held + chunk if self.held else chunk
-        events, end = split_complete(data, final=final)
-        complete, self.held = (data, b"") if end == len(data) else (data[:end], data[end:])
-        return events, complete
+        return _take(self.held, chunk, final=final)
 
     def release(self) -> bytes:
         """End of stream: whatever is still held, as it is."""
-        held, self.held = self.held, b""
+        held = bytes(self.held)
+        self.held.clear()
         return held
+
+
+def _take(
+    held: bytearray, chunk: bytes, *, final: bool = False
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The complete events in held + chunk and their bytes; the rest stays in `held`. Held
+    bytes were scanned already: only their last `_RESCAN` are scanned again."""
+    if not held:  # no copy of the chunk unless part of it must be held
+        events, end = split_complete(chunk, final=final)
+        if end < len(chunk):
+            held += memoryview(chunk)[end:]
+            return events, chunk[:end]
+        return events, chunk
+    resume = max(len(held) - _RESCAN, 0)
+    held += chunk
+    events, end = split_complete(held, resume, final=final)
+    complete = bytes(held[:end])
+    del held[:end]
+    return events, complete
 
 
 def event_ends(
@@ -116,13 +141,16 @@ def last_blank_line_end(data: bytes | bytearray, start: int = 0) -> int:
     return end + 1 if data[end - 1] == _CR and data[end : end + 1] == b"\n" else end
 
 
-def split_complete(data: bytes, *, final: bool = False) -> tuple[list[tuple[bytes, bytes]], int]:
+def split_complete(
+    data: bytes | bytearray, resume: int = 0, *, final: bool = False
+) -> tuple[list[tuple[bytes, bytes]], int]:
     """The complete events in data, each with its blank line, and where the incomplete rest
-    starts (`final`: as in `event_ends`)."""
+    starts (`final`: as in `event_ends`). `resume`: data before it holds no event's end
+    (it was scanned before), so the scan starts there; events still start at 0."""
     out: list[tuple[bytes, bytes]] = []
     start = 0
-    for end, after in event_ends(data, final=final):
-        out.append((data[start:end], data[end:after]))
+    for end, after in event_ends(data, resume, final=final):
+        out.append((bytes(data[start:end]), bytes(data[end:after])))
         start = after
     return out, start
 

@@ -13,6 +13,7 @@ import asyncio
 import os
 import ssl
 import time
+import zlib
 from collections.abc import Mapping
 
 import aiohttp
@@ -21,13 +22,19 @@ from yarl import URL
 
 from proxy import __version__
 from proxy.config import Upstream
-from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import (
+    ProxyError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamTooLarge,
+    UpstreamUnreachable,
+)
 from proxy.headers import Headers
 
 USER_AGENT = f"sluicegate/{__version__}"
-SCRUBBED = b"***"
-# Shorter "keys" are placeholders (vLLM's "EMPTY"): replacing them would only mangle a body.
-MIN_SCRUBBED_KEY = 8
+# What a body compressed against our `accept-encoding: identity` is decoded with (zlib's
+# window bits); any other encoding fails the attempt, as the proxy cannot read it.
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 # Sent unless the request carries its own header of that name, in this order, before the
 # request's headers (as httpx merged its client defaults). With all of aiohttp's automatic
@@ -96,8 +103,17 @@ class UpstreamResponse:
 
     @property
     def content_type(self) -> str:
+        return self._header(b"content-type")
+
+    @property
+    def content_encoding(self) -> str:
+        """The body's encoding, lower-case; "" for none (`identity`)."""
+        encoding = self._header(b"content-encoding").strip().lower()
+        return "" if encoding == "identity" else encoding
+
+    def _header(self, wanted: bytes) -> str:
         for name, value in self.headers:
-            if name.lower() == b"content-type":
+            if name.lower() == wanted:
                 return value.decode("latin-1")
         return ""
 
@@ -118,11 +134,41 @@ class UpstreamResponse:
             silence.stop()
         return chunk
 
-    async def read(self) -> bytes:
-        parts = []
+    async def read(self, limit: int, what: str = "max_response_bytes") -> bytes:
+        """The whole body, decoded when the upstream compressed it all the same (its
+        content-encoding header is then dropped). Past `limit` bytes, read or decoded, the
+        rest is not read: `UpstreamTooLarge`, naming the limit (`what`)."""
+        parts, size = [], 0
         while chunk := await self.next_chunk():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamTooLarge(self.too_large(what, limit))
             parts.append(chunk)
-        return b"".join(parts)
+        body = b"".join(parts)
+        encoding = self.content_encoding
+        if not encoding:
+            return body
+        self.headers = [(k, v) for k, v in self.headers if k.lower() != b"content-encoding"]
+        return self._decoded(body, encoding, limit, what)
+
+    def _decoded(self, body: bytes, encoding: str, limit: int, what: str) -> bytes:
+        wbits = _DECODERS.get(encoding)
+        if wbits is None:
+            shown = repr(encoding[:32])
+            odd = f"upstream '{self.upstream}' answered in content-encoding {shown}, not identity"
+            raise UpstreamProtocolError(odd)
+        decoder = zlib.decompressobj(wbits)
+        try:
+            decoded = decoder.decompress(body, limit + 1)
+        except zlib.error:
+            bad = f"upstream '{self.upstream}' sent a body that is not valid {encoding}"
+            raise UpstreamProtocolError(bad) from None
+        if len(decoded) > limit:
+            raise UpstreamTooLarge(self.too_large(what, limit))
+        return decoded
+
+    def too_large(self, what: str, limit: int) -> str:
+        return f"upstream '{self.upstream}' sent more than {what} ({limit} bytes)"
 
     async def aclose(self) -> None:
         # A finished response has already given its connection back to the pool; closing
@@ -229,17 +275,6 @@ class UpstreamClients:
 
     async def aclose(self) -> None:
         await close_all(list(self._clients.values()))
-
-
-def scrub_key(upstream: Upstream, body: bytes, headers: Headers) -> tuple[bytes, Headers]:
-    """An error answer without the upstream's own key: some upstreams quote the Authorization
-    header they got in a 401, and the proxy relays error answers to its clients. For answers
-    read whole (error answers); a committed answer's bytes are never touched."""
-    key = upstream.api_key.reveal().encode() if upstream.api_key is not None else b""
-    if len(key) < MIN_SCRUBBED_KEY:
-        return body, headers
-    scrubbed = [(name, value.replace(key, SCRUBBED)) for name, value in headers]
-    return body.replace(key, SCRUBBED), scrubbed
 
 
 async def close_all(clients: list[_Pool]) -> None:

@@ -12,7 +12,9 @@ from proxy.app import create_app
 from proxy.mock.upstream import Knobs, MockUpstream
 from proxy.serving import RunningServer
 
-UPSTREAM_KEY = "sk-upstream-test-0123456789abcdef"
+# Random-looking, as real keys are: runs of 8 key characters are scrubbed from error answers,
+# so a key spelt of words ("upstream") would take those words out of every error body.
+UPSTREAM_KEY = "sk-9f3c1e7a-0123456789abcdef"
 
 ROUTES = """\
 server: {{max_body_bytes: {max_body}, body_timeout: {body_timeout}}}

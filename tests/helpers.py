@@ -7,16 +7,23 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
+import openai
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# A well-behaved client's slowest time to first token while an attack runs: the mock answers
+# at once, so this is the proxy's own delay. Past it, the event loop was pinned.
+TTFT_BOUND = 1.0  # seconds
+_HI: Any = [{"role": "user", "content": "hi"}]
 
 # Some upstreams frame SSE with CRLF (servers behind Java and .NET stacks); a lone CR is SSE too.
 FRAMINGS = pytest.mark.parametrize("newline", ["lf", "crlf", "cr"])
@@ -78,3 +85,43 @@ def sluicegate(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class Prober(threading.Thread):
+    """Streams one short chat after another until stopped, timing each first token."""
+
+    def __init__(self, url: str, model: str = "bot") -> None:
+        super().__init__(daemon=True)
+        self._client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        self._model = model
+        self._halt = threading.Event()
+        self.ttfts: list[float] = []
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            started = time.perf_counter()
+            try:
+                stream = self._client.chat.completions.create(
+                    model=self._model, messages=_HI, stream=True, timeout=30
+                )
+                first = next(chunk for chunk in stream if chunk.choices)
+                self.ttfts.append(time.perf_counter() - started)
+                assert first.choices[0].delta.content is not None
+                stream.close()
+            except Exception as exc:  # kept and asserted on by the test
+                self.errors.append(exc)
+
+    def __enter__(self) -> Prober:
+        self.start()
+        assert wait_for(lambda: len(self.ttfts) >= 3, 30), self.errors
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._halt.set()
+        self.join(30)
+
+    def assert_served(self, served_before: int) -> None:
+        assert not self.errors, self.errors
+        assert len(self.ttfts) > served_before + 1, "the client was not served during the attack"
+        assert max(self.ttfts) < TTFT_BOUND, f"slowest TTFT {max(self.ttfts):.2f} s"

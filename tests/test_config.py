@@ -120,6 +120,15 @@ def test_the_example_parses_into_the_expected_dataclasses() -> None:
     assert isinstance(config.upstreams["deepseek"].timeouts.read, float)
 
 
+def test_the_byte_limits_on_upstream_answers_parse_with_their_defaults() -> None:
+    edited = _edit("/v1\n  gemini", "/v1\n    max_response_bytes: 1048576\n  gemini")
+    config = parse_config("server: {max_event_bytes: 65536}\n" + edited, "r.yaml", {})
+    assert config.server.max_event_bytes == 65536
+    assert config.upstreams["deepseek"].max_response_bytes == 1048576
+    assert config.upstreams["gemini"].max_response_bytes == 64 * 1024 * 1024
+    assert parse_config(BASE, "r.yaml", {}).server.max_event_bytes == 4 * 1024 * 1024
+
+
 def test_the_api_key_never_shows() -> None:
     config = parse_config(EXAMPLE, "routes.yaml", {"DEEPSEEK_API_KEY": KEY})
     secret = Secret(KEY)
@@ -368,6 +377,20 @@ BROKEN = [
         "upstreams.deepseek.max_connections",
         "must be 1 or more, got number 0",
         id="zero-max-connections",
+    ),
+    pytest.param(
+        "server: {max_event_bytes: 0}\n" + BASE,
+        1,
+        "server.max_event_bytes",
+        "must be 1 or more, got number 0",
+        id="zero-max-event-bytes",
+    ),
+    pytest.param(
+        _edit("/v1\n  gemini", "/v1\n    max_response_bytes: 1.5\n  gemini"),
+        4,
+        "upstreams.deepseek.max_response_bytes",
+        "expected an integer, got number 1.5",
+        id="float-max-response-bytes",
     ),
     pytest.param(
         BASE + "pricing:\n  deepseek-chat: {input: -0.28, output: 0.42}\n",

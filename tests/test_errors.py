@@ -17,11 +17,9 @@ from structlog.testing import capture_logs
 import proxy
 from proxy import app as app_module
 from proxy import errors
-from proxy.config import Secret, Upstream
 from proxy.errors import ProxyError, RateLimited
 from proxy.mock.upstream import MockUpstream
 from proxy.serving import RunningServer
-from proxy.upstream import scrub_key
 from tests.conftest import UPSTREAM_KEY
 from tests.helpers import wait_for
 
@@ -201,24 +199,9 @@ def test_an_upstream_error_that_echoes_the_key_is_relayed_without_it(
     assert UPSTREAM_KEY in direct.headers["www-authenticate"]
     assert via.status_code == 401
     assert via.content == direct.content.replace(UPSTREAM_KEY.encode(), b"***")
-    challenge = direct.headers["www-authenticate"].replace(UPSTREAM_KEY, "***")
-    assert via.headers["www-authenticate"] == challenge
+    # The upstream's challenge is about its own key, not the client's: the allowlist keeps it.
+    assert "www-authenticate" not in via.headers
     assert "Bearer ***" in via.json()["error"]["message"]
-
-
-def test_scrub_key_takes_the_key_out_of_bodies_and_header_values() -> None:
-    key = "sk-0123456789abcdef"
-    up = Upstream("u", "http://127.0.0.1:9/v1", api_key=Secret(key))
-    body = f'{{"message": "Bearer {key} and again {key}"}}'.encode()
-    headers = [(b"www-authenticate", f"Bearer x={key}".encode()), (b"x-other", b"1")]
-    assert scrub_key(up, body, headers) == (
-        b'{"message": "Bearer *** and again ***"}',
-        [(b"www-authenticate", b"Bearer x=***"), (b"x-other", b"1")],
-    )
-    # No key, or a placeholder such as vLLM's "EMPTY": the answer is relayed as it came.
-    for placeholder in (None, Secret("EMPTY")):
-        up = Upstream("u", "http://127.0.0.1:9/v1", api_key=placeholder)
-        assert scrub_key(up, b"EMPTY", headers) == (b"EMPTY", headers)
 
 
 def test_a_bug_behind_a_small_endpoint_is_a_500_and_one_log_line(

@@ -195,6 +195,8 @@ FIRST_TOKEN_LATE = Fails("first_token_timeout", 504, "upstream_timeout")
 RESET_CUT = Cuts("reset", "upstream_protocol_error", expected_content(SEED, 3))
 IDLE_CUT = Cuts("idle_timeout", "upstream_timeout", expected_content(SEED, 1))
 STREAM_ONLY = Answers()  # the knob shapes streams; a non-stream answer comes whole
+TOO_LARGE = Fails("too_large", 502, "upstream_response_too_large")
+FLOOD = 5 << 20  # bytes before the first event: past the default `server.max_event_bytes`
 FIRST_TOKEN: dict[str, Any] = {"route": {"first_token_timeout": 0.3}}
 SLOW_BY_IDLE: dict[str, Any] = {"timeouts": {"read": 5.0, "idle": 0.5}}
 SLOW_BY_FIRST_TOKEN: dict[str, Any] = {**FIRST_TOKEN, "timeouts": {"read": 5.0, "idle": 5.0}}
@@ -222,6 +224,11 @@ ROWS = [
     *_rows("ok_status_without_an_answer", _no_answer, CUT_BEFORE_CONTENT),
     *_rows("one_megabyte_event", _one_megabyte_event, Answers(LONG)),
     *_rows("ten_thousand_events", fast(tokens=10_000), Answers(expected_content(SEED, 10_000))),
+    *_rows("gzip_despite_identity", fast(encoding="gzip"), Answers()),
+    *_rows("brotli_despite_identity", fast(encoding="br"), STREAM_ONLY, CUT_BEFORE_CONTENT),
+    *_rows("comments_past_max_event_bytes", fast(preamble=FLOOD), TOO_LARGE, STREAM_ONLY),
+    *_rows("event_past_max_event_bytes", fast(preamble=FLOOD, preamble_as="event"), TOO_LARGE,
+           STREAM_ONLY),
     *_status_rows(),
 ]
 # fmt: on

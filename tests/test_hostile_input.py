@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +26,8 @@ from proxy.app import create_app
 from proxy.config import MAX_YAML_VALUES
 from proxy.mock.upstream import Knobs, MockUpstream
 from proxy.serving import RunningServer
-from tests.helpers import ROOT, sluicegate, wait_for
+from tests.helpers import ROOT, Prober, sluicegate, wait_for
 
-TTFT_BOUND = 1.0  # seconds; the mock answers at once, so this is the proxy's own delay
 HI: Any = [{"role": "user", "content": "hi"}]
 
 
@@ -38,46 +36,6 @@ def yaml_bomb(levels: int, width: int = 9) -> str:
     lines = [f"a0: &a0 [{', '.join(['x'] * width)}]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels)]
     return "\n".join(lines) + "\n"
-
-
-class Prober(threading.Thread):
-    """Streams one short chat after another until stopped, timing each first token."""
-
-    def __init__(self, url: str, model: str = "bot") -> None:
-        super().__init__(daemon=True)
-        self._client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        self._model = model
-        self._halt = threading.Event()
-        self.ttfts: list[float] = []
-        self.errors: list[BaseException] = []
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            started = time.perf_counter()
-            try:
-                stream = self._client.chat.completions.create(
-                    model=self._model, messages=HI, stream=True, timeout=30
-                )
-                first = next(chunk for chunk in stream if chunk.choices)
-                self.ttfts.append(time.perf_counter() - started)
-                assert first.choices[0].delta.content is not None
-                stream.close()
-            except Exception as exc:  # kept and asserted on by the test
-                self.errors.append(exc)
-
-    def __enter__(self) -> Prober:
-        self.start()
-        assert wait_for(lambda: len(self.ttfts) >= 3, 30), self.errors
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._halt.set()
-        self.join(30)
-
-    def assert_served(self, served_before: int) -> None:
-        assert not self.errors, self.errors
-        assert len(self.ttfts) > served_before + 1, "the client was not served during the attack"
-        assert max(self.ttfts) < TTFT_BOUND, f"slowest TTFT {max(self.ttfts):.2f} s"
 
 
 MOCK = MockUpstream(Knobs(ttft=0.0, delay=0.0, tokens=2))

@@ -137,6 +137,7 @@ VERDICTS: dict[str, Verdict] = {
     "status_429": RETRY_HEALTHY,  # our rate limit, not the upstream's health
     "status_auth": RETRY_HEALTHY,  # this upstream's key or model; a fallback may answer
     "status_4xx": FINAL,  # the request itself is wrong: every upstream would say so
+    "too_large": RETRY_HEALTHY,  # past a size limit: another upstream may answer smaller
     # Handled before classify (re-sent without the field / never attempted / not failures).
     "stream_options_rejected": FINAL,
     "hedge_lost": FINAL,

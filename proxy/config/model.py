@@ -81,6 +81,8 @@ class Upstream:
     timeouts: Timeouts = Timeouts()
     max_connections: int = 1000
     cooldown: Cooldown = Cooldown()
+    # An answer read whole (JSON, embeddings, an error) past this is not read on: a 502.
+    max_response_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +172,9 @@ class ServerSettings:
     cors_origins: frozenset[str] = frozenset()
     allowed_hosts: frozenset[str] | None = None
     max_inflight: int | None = None  # per process; beyond it, 429 with Retry-After
+    # Stream bytes held before the first token (comments, one huge event); past it the
+    # attempt fails as `too_large` and the next candidate is tried.
+    max_event_bytes: int = 4 * 1024 * 1024
     # What a client connection may take before its request is read (proxy.connection); read
     # at start-up, like the metrics settings.
     max_header_bytes: int = 32 * 1024  # request line and headers; past it, 431

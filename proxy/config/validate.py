@@ -78,6 +78,11 @@ class Validator(FleetChecks, LatencyChecks):
                     )
                 ),
                 max_inflight=self.optional_int(server, "max_inflight", "server"),
+                max_event_bytes=int(
+                    self.number(
+                        server, "max_event_bytes", "server", _SERVER.max_event_bytes, "count"
+                    )
+                ),
                 **self.connection(server),
                 drain_seconds=self.number(
                     server, "drain_seconds", "server", _SERVER.drain_seconds, "non-negative"
@@ -179,6 +184,7 @@ class Validator(FleetChecks, LatencyChecks):
         timeouts = self.section(_optional(data.get("timeouts")), tpath, Timeouts)
         api_key = self.api_key(data, path, url)
         pool = self.number(data, "max_connections", path, _UP.max_connections, "count")
+        most = self.number(data, "max_response_bytes", path, _UP.max_response_bytes, "count")
         return Upstream(
             name=name,
             base_url=url.rstrip("/"),
@@ -193,6 +199,7 @@ class Validator(FleetChecks, LatencyChecks):
             ),
             max_connections=int(pool),
             cooldown=self.cooldown(_optional(data.get("cooldown")), child_path(path, "cooldown")),
+            max_response_bytes=int(most),
         )
 
     def api_key(self, data: Data, path: str, url: str) -> str:

@@ -7,9 +7,11 @@ JSON string per vocabulary entry): no per-token JSON encoding on the hot path.
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import random
 import re
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -315,15 +317,56 @@ _ERROR_KINDS = {
 }
 
 
-def injected_error_body(status: int, echo: str | None = None) -> bytes:
+def injected_error_body(status: int, echo: str | None = None, form: str = "plain") -> bytes:
     """`echo` (knob `echo_auth`): the Authorization header received, quoted back in the
-    message as some upstreams' 401s do."""
+    message as some upstreams' 401s do, in the JSON spelling `form` (knob `echo_form`)."""
     default = ("invalid_request_error" if status < 500 else "server_error", None)
     type_, code = _ERROR_KINDS.get(status, default)
     message = f"Mock upstream error (status {status})"
-    if echo is not None:
-        message += f": credentials not accepted: '{echo}'"
-    return error_body(message, type_, code=code)
+    if echo is None:
+        return error_body(message, type_, code=code)
+    quoted = echo[:-3] if form == "truncated" else echo
+    body = error_body(message + f": credentials not accepted: '{quoted}'", type_, code=code)
+    return body.replace(quoted.encode(), echoed(quoted, form).encode())
+
+
+# Knob `echo_form`: how an echoed Authorization header is spelt. JSON may escape any
+# character as \u00XX and "/" as \/; `truncated` quotes all but its last 3 characters.
+ECHO_FORMS = ("plain", "unicode", "slash", "truncated")
+
+
+def echoed(text: str, form: str) -> str:
+    if form == "unicode":
+        return "".join(f"\\u{ord(c):04x}" for c in text)
+    return text.replace("/", "\\/") if form == "slash" else text
+
+
+# Knob `preamble`: bytes a stream sends before its first event, in 256 KiB writes, each
+# ending mid-line: keep-alive comments, or one event that ends only after all of them.
+PREAMBLES = ("comments", "event")
+PREAMBLE_WRITE = 256 * 1024
+
+
+def preamble_writes(size: int, kind: str) -> list[bytes]:
+    """At least `size` bytes as writes of `PREAMBLE_WRITE` (the last ends the event)."""
+    count = -(-size // PREAMBLE_WRITE)
+    unit = b": keep-alive\n\n" if kind == "comments" else b"x"
+    block = (b": " if kind == "comments" else b"data: ") + unit * (PREAMBLE_WRITE // len(unit) + 1)
+    return [block[:PREAMBLE_WRITE]] * count + [b"\n\n"]
+
+
+# Knob `encoding`: a body sent whole, compressed although the proxy asks for identity. `br`
+# only labels the body (no brotli here): the proxy must not relay what it cannot read.
+ENCODINGS = ("identity", "gzip", "deflate", "br")
+
+
+def encoded(body: bytes, encoding: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The body as sent in `encoding`, and the content-encoding header that says so."""
+    if encoding == "identity":
+        return body, []
+    if encoding != "br":
+        body = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    return body, [(b"content-encoding", encoding.encode())]
 
 
 def echo_headers(echo: str | None) -> list[tuple[bytes, bytes]]:
@@ -333,6 +376,16 @@ def echo_headers(echo: str | None) -> list[tuple[bytes, bytes]]:
     described = f'Bearer error="invalid_token", error_description="not accepted: {echo}"'
     return [(b"www-authenticate", described.encode("latin-1"))]
 
+
+# Knob `hostile_headers`: what no client of the proxy may see from an upstream (server
+# directives, a redirect, a CORS grant); each is dropped by the proxy's allowlist.
+HOSTILE_HEADERS = (
+    (b"x-accel-redirect", b"/internal/secrets"),
+    (b"x-sendfile", b"/etc/passwd"),
+    (b"access-control-allow-origin", b"*"),
+    (b"location", b"https://evil.test/"),
+    (b"refresh", b"0; url=https://evil.test/"),
+)
 
 # Knob `set_cookie`: what a CDN in front of an upstream adds to every answer.
 COOKIE_HEADERS = (

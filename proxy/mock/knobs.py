@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from proxy.mock.content import NEWLINES, Invalid
+from proxy.mock.content import ECHO_FORMS, ENCODINGS, NEWLINES, PREAMBLES, Invalid
 
 SPLIT_GAP = 0.001  # long enough that each piece leaves as its own TCP segment
 Fields = tuple[str, ...]  # the body fields a mock reads knobs from, in order
@@ -44,6 +44,11 @@ class Knobs:
     retry_after: float | None = None
     stall: float = 0.0
     echo_auth: bool = False  # an injected error quotes the Authorization header it got
+    echo_form: str = "plain"  # ...spelt so (content.ECHO_FORMS): plain, unicode, slash, truncated
+    encoding: str = "identity"  # bodies sent whole (answers, errors): identity, gzip, deflate, br
+    hostile_headers: bool = False  # every answer carries content.HOSTILE_HEADERS
+    preamble: int = 0  # bytes a stream sends before its first event (content.preamble_writes)
+    preamble_as: str = "comments"  # ...as keep-alive comments, or as one endless event
     set_cookie: bool = False  # every answer carries set-cookie and a hop-by-hop header
     newline: str = "lf"  # the SSE line ending: lf, crlf or cr (a key of NEWLINES)
 
@@ -62,7 +67,13 @@ def _knob_kinds() -> dict[str, tuple[type, bool]]:
 
 _KNOB_KINDS = _knob_kinds()
 _KIND_WORDS = {bool: "a boolean", int: "a non-negative integer", float: "a non-negative number"}
-_CHOICES = {"newline": tuple(NEWLINES)}  # the string knobs and the words each accepts
+# The string knobs and the words each accepts.
+_CHOICES = {
+    "newline": tuple(NEWLINES),
+    "echo_form": ECHO_FORMS,
+    "encoding": ENCODINGS,
+    "preamble_as": PREAMBLES,
+}
 
 
 def _knob(name: str, value: Any, field: str) -> Any:

@@ -22,6 +22,7 @@ from proxy.errors import error_body
 from proxy.mock.content import (
     COOKIE_HEADERS,
     CREATED,
+    HOSTILE_HEADERS,
     MODELS,
     NEWLINES,
     Invalid,
@@ -31,10 +32,12 @@ from proxy.mock.content import (
     cut_mid_event,
     echo_headers,
     embeddings_body,
+    encoded,
     expected_content,
     frame,
     injected_error_body,
     plan_request,
+    preamble_writes,
     split_event,
     stream_events,
     text_completion_body,
@@ -168,10 +171,11 @@ class MockUpstream:
                 retry = knobs.retry_after
                 extra = [] if retry is None else [(b"retry-after", f"{retry:g}".encode())]
                 echo = headers.get("authorization", "") if knobs.echo_auth else None
-                extra += [*echo_headers(echo), *(COOKIE_HEADERS if knobs.set_cookie else ())]
+                extra += [*echo_headers(echo), *_cdn_headers(knobs)]
                 record.finished = time.monotonic()
-                error = injected_error_body(knobs.status, echo)
-                await _respond(send, knobs.status, error, extra)
+                error = injected_error_body(knobs.status, echo, knobs.echo_form)
+                error, encoding = encoded(error, knobs.encoding)
+                await _respond(send, knobs.status, error, extra + encoding)
                 return
             if knobs.reject_stream_options and "stream_options" in body:
                 raise Invalid("Unknown parameter: stream_options", "stream_options")
@@ -222,20 +226,27 @@ async def _answer(send: Send, knobs: Knobs, plan: Plan, record: RequestRecord) -
             (b"x-prompt-tokens", b"%d" % plan.prompt_tokens),
             (b"x-completion-tokens", b"%d" % plan.tokens),
         ]
-    if knobs.set_cookie:
-        extra += COOKIE_HEADERS
+    extra += _cdn_headers(knobs)
     if plan.stream and not knobs.json_for_stream:
         await _stream(send, knobs, plan, record, extra)
         return
     await asyncio.sleep(knobs.ttft + plan.tokens * knobs.delay)
-    body = _body(plan)
-    headers = [_JSON, (b"content-length", b"%d" % len(body)), *extra]
+    body, encoding = encoded(_body(plan), knobs.encoding)
+    headers = [_JSON, (b"content-length", b"%d" % len(body)), *extra, *encoding]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     if knobs.stall:
         await asyncio.sleep(knobs.stall)
     record.sent_tokens = plan.tokens
     record.finished = time.monotonic()
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _cdn_headers(knobs: Knobs) -> Headers:
+    """What knobs `set_cookie` and `hostile_headers` add to every answer."""
+    return [
+        *(COOKIE_HEADERS if knobs.set_cookie else ()),
+        *(HOSTILE_HEADERS if knobs.hostile_headers else ()),
+    ]
 
 
 def _body(plan: Plan) -> bytes:
@@ -264,6 +275,8 @@ async def _stream(
         await send({"type": "http.response.body", "body": event, "more_body": more})
 
     await _open(send, knobs, _SSE_HEADERS + extra, lambda: write(KEEPALIVE))
+    for piece in preamble_writes(knobs.preamble, knobs.preamble_as) if knobs.preamble else ():
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
     reset = -1 if knobs.reset_after is None else knobs.reset_after
     await write(events.role)
     for i, event in enumerate(events.content):
