@@ -158,7 +158,7 @@ class UsageEventDropper:
         # The relay's hot path: a few C-level scans, `_has_usage` inlined.
         if (
             not self._buffer.held
-            and chunk.endswith(b"\n\n")
+            and chunk.endswith(_WHOLE)
             and USAGE_MARKERS[0] not in chunk
             and USAGE_MARKERS[1] not in chunk
         ):
@@ -181,6 +181,10 @@ class UsageEventDropper:
                     continue  # the usage-only event: the client did not ask for it
             kept.append(event + ending)
         return b"".join(kept)
+
+
+# Blank lines that end a chunk for certain: a final CR might still be the first half of a CRLF.
+_WHOLE = tuple(blank for blank in BLANK_LINES if blank.endswith(b"\n"))
 
 
 def _has_usage(data: bytes) -> bool:
