@@ -34,7 +34,7 @@ from proxy.fleet.scripts import (
 )
 from proxy.fleet.store import StoreDown
 
-POOL_SIZE = 32  # connections per process: concurrent calls beyond it queue for one
+POOL_SIZE = 16  # connections per process: concurrent calls beyond it queue for one
 
 
 class RedisState:
