@@ -26,7 +26,8 @@ attempt adds 1, sent without the request waiting for it.
 
 While Redis cannot be reached (down, slower than `state.timeout`, restarted empty), see
 `proxy.fleet.shared`: `open` goes on with each process's own buckets, `closed` refuses keys
-that need the store; charges are kept and written back, so spend still equals the bill.
+that need the store; charges are kept until Redis confirms them and written idempotently,
+so spend still equals the bill (a Redis restarted empty loses what exited processes charged).
 """
 
 from __future__ import annotations

@@ -66,20 +66,31 @@ class FleetStore:
         self._locks: dict[str, asyncio.Lock] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self._probe: asyncio.Task[None] | None = None
-        self._closing = False
+        self._opening: asyncio.Task[None] | None = None
+        self._opened = self._closing = False
 
     async def open(self) -> None:
-        """Readies the connection pool (in the lifespan, before requests); a Redis away at
-        start-up is handled like one that went down."""
+        """Readies the connection pool: in the lifespan, before requests, or else at the
+        first call, outside its timeout (concurrent first calls wait for the one opening).
+        A Redis away at start-up is handled like one that went down."""
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+        await asyncio.shield(self._opening)
+
+    async def _open(self) -> None:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 await self._remote.open()
         except (StoreDown, TimeoutError) as exc:
             self._down(exc)
+        finally:
+            self._opened = True
 
     async def admit(self, key: ClientKey | None) -> None:
         if key is None or not key.limited:
             return
+        if not self._opened:
+            await self.open()
         if self.up:
             now, started = self._wall(), time.monotonic()
             period = period_id(period_of(key), now)
@@ -120,6 +131,8 @@ class FleetStore:
         if not micros and (tpm < 0 or not tokens):
             return
         self._ledger.add(key.name, period, micros, tokens if tpm > 0 else 0, tpm)
+        if not self._opened:
+            await self.open()
         if self.up:
             write = asyncio.ensure_future(self._write(key.name, period))
             self._writes.add(write)
@@ -128,12 +141,9 @@ class FleetStore:
 
     async def _write(self, name: str, period: str) -> None:
         """Writes `name`'s running totals; if that fails they stay pending in the ledger."""
-        charged, epoch, started = (
-            self._ledger.get(name) or Charged(),
-            self._epochs.get(name),
-            time.monotonic(),
-        )
-        tokens, micros = charged.tokens, charged.micros.get(period, 0)
+        charged = self._ledger.get(name) or Charged()
+        tokens, micros = charged.tokens, charged.micros.get(period, 0)  # what is sent
+        epoch, started = self._epochs.get(name), time.monotonic()
         try:
             async with asyncio.timeout(self._timeout):
                 if await self._remote.charge(name, epoch or "", period, charged):
@@ -231,10 +241,11 @@ class FleetStore:
         """Lets the writes in flight land, then makes one last write-back of what is pending
         (Redis may be back before the probe found it), within PROBE_TIMEOUT."""
         self._closing = True
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        for task in (self._opening, self._probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(PROBE_TIMEOUT):
                 await asyncio.gather(*self._writes)
