@@ -38,7 +38,7 @@ from proxy.fleet.scripts import MISMATCH
 from proxy.fleet.store import ADMITTED, StoreDown, refusal
 
 PROBE_SECONDS = 0.5
-PROBE_TIMEOUT = 1.0  # a probe writes back held charges: more than one round trip
+PROBE_TIMEOUT = 1.0  # a probe writes back pending charges: more than one round trip
 Transition = Callable[[bool, str], None]  # (up, the error's class name when down)
 
 
