@@ -123,7 +123,7 @@ def create_app(
         # full collections that walk it cost tens of ms of stop-the-world under load.
         await asyncio.to_thread(tokenizer_available)
         gc.freeze()
-        fleet = _open_fleet(runtime, ref, meter)  # its first calls wait on nothing above
+        fleet = await _open_fleet(runtime, ref, meter)  # its first calls wait on nothing above
         log.info("ready", config=state.config.summary())
         _log_warnings(state.config)
         if not state.config.keys:
@@ -182,9 +182,10 @@ def _guarded(hook: Callable[..., None], meter: Metrics) -> Callable[..., None]:
     return observe
 
 
-def _open_fleet(runtime: Runtime, ref: StateRef, meter: Metrics) -> Fleet:
-    """The state store (kept across reloads; `state:` is read at start-up), shared upstream
-    health, and the task that shows each key's spend on /metrics."""
+async def _open_fleet(runtime: Runtime, ref: StateRef, meter: Metrics) -> Fleet:
+    """The state store (kept across reloads; `state:` is read at start-up) with its
+    connections made (now, not within a request's `state.timeout`), shared upstream health,
+    and the task that shows each key's spend on /metrics."""
     config = ref.get().config
 
     def transition(up: bool, why: str) -> None:
@@ -199,6 +200,7 @@ def _open_fleet(runtime: Runtime, ref: StateRef, meter: Metrics) -> Fleet:
     else:
         fleet = open_fleet(config.state, runtime.health, transition, meter.state_failed)
         runtime.store = fleet.store
+        await fleet.open()
     fleet.start(lambda: ref.get().config, meter.set_spend)
     return fleet
 

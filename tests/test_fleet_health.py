@@ -111,3 +111,35 @@ def test_a_learnt_cooldown_opens_a_closed_circuit_and_never_shortens_one() -> No
     assert not health.in_cooldown(121.0)
     health.begin(121.0)  # past it: this attempt is the probe
     assert not health.open_for(121.0, 30.0, 30.0)  # the probe in flight keeps its turn
+
+
+def test_a_learnt_stream_options_rejection_expires_fleet_wide(server: RedisServer) -> None:
+    """Written once when learnt, not again on every refresh: when the mark expires, every
+    process tries the field again, and one that meets the refusal again shares it again."""
+    flag = "test:{upstreams}:picky:rejects_stream_options"
+
+    async def run() -> tuple[list[bool], bool, int]:
+        one, two = Process(server), Process(server)
+        one.health["picky"].rejects_stream_options = True
+        await one.shared.refresh([PICKY])
+        await two.shared.refresh([PICKY])
+        with server.client() as client:
+            client.pexpire(flag, 300)  # as if the day were over
+            for _ in range(8):  # both keep refreshing past the expiry
+                await one.shared.refresh([PICKY])
+                await two.shared.refresh([PICKY])
+                await asyncio.sleep(0.05)
+            forgot = [p.health["picky"].rejects_stream_options for p in (one, two)]
+            two.health["picky"].rejects_stream_options = True  # refused again, here
+            await two.shared.refresh([PICKY])
+            await one.shared.refresh([PICKY])
+            ttl = int(client.ttl(flag))
+        relearnt = one.health["picky"].rejects_stream_options
+        await one.aclose()
+        await two.aclose()
+        return forgot, relearnt, ttl
+
+    forgot, relearnt, ttl = asyncio.run(run())
+    assert forgot == [False, False]
+    assert relearnt is True
+    assert 86_000 < ttl <= 86_400

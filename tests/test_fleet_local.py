@@ -1,5 +1,5 @@
 """proxy.fleet's pure parts, with tables and no event loop: budget periods, micro-dollars
-with a carry, the in-process store's budget check, and the ledger of held charges."""
+with a carry, the in-process store's budget check, and the ledger of running totals."""
 
 from __future__ import annotations
 
@@ -42,11 +42,20 @@ def test_spend_is_kept_a_little_longer_than_its_period() -> None:
 
 def test_the_carry_charges_fractions_on_average() -> None:
     carry = Carry()
-    charged = [carry.micros("k:total", 0.0000056) for _ in range(5)]
+    charged = [carry.micros("k", "total", 0.0000056) for _ in range(5)]
     assert charged == [5, 6, 5, 6, 6]  # 28 = 5 x 5.6
-    assert carry.micros("k:total", None) == 0  # unpriced
-    assert carry.micros("other", 0.0000004) == 0  # held back, not lost:
-    assert carry.micros("other", 0.0000007) == 1
+    assert carry.micros("k", "total", None) == 0  # unpriced
+    assert carry.micros("other", "total", 0.0000004) == 0  # held back, not lost:
+    assert carry.micros("other", "total", 0.0000007) == 1
+
+
+def test_the_carry_keeps_one_fraction_per_key_whatever_the_periods() -> None:
+    carry = Carry()
+    for day in range(1, 31):
+        carry.micros("k", f"2026-11-{day:02}", 0.0000004)  # 0.4 µ$ held back each day
+    assert len(carry._rest) == 1  # not one entry per period for ever
+    assert carry.micros("k", "2026-12-01", 0.0000007) == 0  # a new period starts from zero
+    assert carry.micros("k", "2026-12-01", 0.0000004) == 1
 
 
 def test_the_local_store_refuses_at_the_budget_and_counts_per_period() -> None:
@@ -65,19 +74,33 @@ def test_the_local_store_refuses_at_the_budget_and_counts_per_period() -> None:
     assert store.spent.get("k", "2026-12-31") == 0  # forgotten once the next period charges
 
 
-def test_the_ledger_holds_what_redis_has_not_seen_and_gives_it_back_on_failure() -> None:
+def test_the_ledger_keeps_running_totals_and_what_redis_confirmed() -> None:
     ledger = Ledger()
-    ledger.add("k", "2026-12-30", 7)
-    ledger.add("k", "2026-12-31", 5)
-    ledger.hold("k", "2026-12-31", 5, 40)
-    taken = ledger.take("k")
-    assert (taken.tokens, taken.micros) == (40, {"2026-12-31": 5})
-    assert ledger.take("k").micros == {}  # taken once
-    ledger.restore("k", taken)
+    ledger.add("k", "2026-12-30", 7, 0, -1)
+    charged = ledger.add("k", "2026-12-31", 5, 40, 100)
+    assert ledger.pending_names() == ["k"]
+    assert sorted(charged.periods()) == [("2026-12-30", 7, 0), ("2026-12-31", 5, 0)]
+    ledger.confirm("k", 40, {"2026-12-30": 7, "2026-12-31": 5})
+    assert ledger.pending_names() == []  # all confirmed
+    ledger.add("k", "2026-12-31", 3, 10, 100)
+    ledger.confirm("k", 40, {"2026-12-31": 5})  # a late reply for an older total: no step back
+    assert (charged.tokens, charged.tokens_acked, charged.micros["2026-12-31"]) == (50, 40, 8)
+    assert ledger.pending_names() == ["k"]
+    ledger.confirm("k", 50, {"2026-12-31": 8})
+    ledger.add("k", "2027-01-01", 1, 0, 100)  # a third period: the oldest, confirmed, is dropped
+    assert sorted(p for p, _, _ in charged.periods()) == ["2026-12-31", "2027-01-01"]
     assert ledger.names() == ["k"]
-    assert sorted(ledger.spends("k", taken)) == [("2026-12-30", 7, 0), ("2026-12-31", 5, 5)]
-    ledger.add("k", "2027-01-01", 1)  # a third period: the oldest is dropped
-    assert sorted(p for p, _, _ in ledger.spends("k", ledger.take("k"))) == [
+
+
+def test_the_ledger_keeps_an_old_period_until_it_is_written() -> None:
+    ledger = Ledger()
+    for day, micros in (("2026-12-29", 4), ("2026-12-30", 5), ("2026-12-31", 6)):
+        charged = ledger.add("k", day, micros, 0, -1)  # none confirmed: Redis was away
+    assert [p for p, _, _ in sorted(charged.periods())] == [
+        "2026-12-29",
+        "2026-12-30",
         "2026-12-31",
-        "2027-01-01",
     ]
+    ledger.confirm("k", 0, {"2026-12-29": 4, "2026-12-30": 5, "2026-12-31": 6})
+    ledger.add("k", "2027-01-01", 1, 0, -1)
+    assert sorted(p for p, _, _ in charged.periods()) == ["2026-12-31", "2027-01-01"]

@@ -19,14 +19,15 @@ What is shared, and the consistency each limit gives:
 
 Round trips to Redis, for sizing: a request with a limited key costs 2 (the admission
 script before it goes upstream, the charge script after it ends; a key without rpm, tpm or
-budget skips the first); a process's first request for a key costs 2 more (it learns the
+budget skips the first); a process's first request for a key costs 1 more (it learns the
 key's epoch). In the background each process runs 1 script every REFRESH_SECONDS (0.25 s,
 upstream health) and 1 MGET every SPEND_SECONDS (2 s, spend for /metrics); a failed upstream
 attempt adds 1, sent without the request waiting for it.
 
 While Redis cannot be reached (down, slower than `state.timeout`, restarted empty), see
 `proxy.fleet.shared`: `open` goes on with each process's own buckets, `closed` refuses keys
-that need the store; charges are kept and written back, so spend still equals the bill.
+that need the store; charges are kept until Redis confirms them and written idempotently,
+so spend still equals the bill (a Redis restarted empty loses what exited processes charged).
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ class Fleet:
     def __init__(self, store: Store, health: FleetHealth | None = None) -> None:
         self.store, self.health = store, health
         self._tasks: list[asyncio.Task[None]] = []
+
+    async def open(self) -> None:
+        """Readies the shared store's connections, before requests (bounded; never raises)."""
+        if isinstance(self.store, FleetStore):
+            await self.store.open()
 
     def start(self, config: Callable[[], Config], report: SpendReport) -> None:
         self._tasks.append(asyncio.ensure_future(self._watch_spend(config, report)))
@@ -88,8 +94,8 @@ def open_fleet(
     on_error: Callable[[], None],
 ) -> Fleet:
     """Redis-backed state for `settings.url`, and `health` shared through it. No connection
-    is made here: redis-py connects on the first call, and a Redis that is down at start-up
-    is handled like one that went down."""
+    is made here: `Fleet.open` makes them, and a Redis that is down at start-up is handled
+    like one that went down."""
     remote = RedisState(settings)
     store = FleetStore(remote, settings, on_transition=on_transition, on_error=on_error)
     health.shared = FleetHealth(remote, health, settings.timeout, lambda: store.up)

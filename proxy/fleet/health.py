@@ -8,9 +8,12 @@ known to be counted for that upstream. What is shared, and how:
   at the upstream's `cooldown.failures`, opens a cooldown of `cooldown.seconds` as a key
   with that expiry. A success resets the count (when one is known).
 - **Learning.** Every REFRESH_SECONDS each process reads, in one script, every upstream's
-  count, cooldown time left and "rejects stream_options" flag (writing its own flags in the
-  same call). A cooldown found there opens the local circuit for the time left, so within
-  one refresh of the `failures`-th failure anywhere, every process skips the upstream.
+  count, cooldown time left and "rejects stream_options" flag (writing, in the same call, a
+  flag it has just learnt itself, once). A cooldown found there opens the local circuit for
+  the time left, so within one refresh of the `failures`-th failure anywhere, every process
+  skips the upstream. The flag lives a day in Redis; when it expires, every process that
+  shared it forgets it, so an upstream that has started to accept the field is tried again
+  (and learnt again, once, if it still refuses it).
 - **Probes.** When a cooldown ends, each process lets one probe through (at most one per
   process, not one per fleet); a probe that fails opens the cooldown again for everyone,
   one that succeeds closes it where it ran and resets the shared count.
@@ -40,6 +43,7 @@ class FleetHealth:
     ) -> None:
         self._remote, self._health, self._timeout, self._up = remote, health, timeout, up
         self._counted: set[str] = set()  # upstreams with failures counted somewhere
+        self._flagged: set[str] = set()  # "rejects stream_options" shared with the fleet
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- told by Health, on the request path: schedule, never wait --------------------------
@@ -84,7 +88,7 @@ class FleetHealth:
 
     async def refresh(self, upstreams: Iterable[Upstream]) -> None:
         ups = list(upstreams)
-        learnt = [(u.name, self._health[u.name].rejects_stream_options) for u in ups]
+        learnt = [(u.name, self._learnt_here(u.name)) for u in ups]
         states = await self._remote.upstream_states(learnt)
         now = time.monotonic()
         for upstream, (failures, left_ms, rejects) in zip(ups, states, strict=True):
@@ -93,8 +97,19 @@ class FleetHealth:
                 self._counted.add(name)
             if left_ms > 0:
                 self._health.open_shared(name, now, left_ms / 1000, upstream.cooldown.seconds)
-            if rejects:
-                self._health[name].rejects_stream_options = True
+            self._share_flag(name, rejects)
+
+    def _learnt_here(self, name: str) -> bool:
+        """Learnt by this process since the fleet last told it: to be written, once."""
+        return self._health[name].rejects_stream_options and name not in self._flagged
+
+    def _share_flag(self, name: str, rejects: bool) -> None:
+        if rejects:
+            self._flagged.add(name)
+            self._health[name].rejects_stream_options = True
+        elif name in self._flagged:  # expired fleet-wide: try the field again
+            self._flagged.discard(name)
+            self._health[name].rejects_stream_options = False
 
     async def flush(self) -> None:
         """Waits for the reports in flight to land (or fail)."""

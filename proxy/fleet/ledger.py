@@ -1,6 +1,8 @@
-"""What one process has charged to the shared store (pure): all of it, per key name and
-period, so it can be written again if Redis lost it (restarted empty), and the part Redis has
-not seen yet (charged while it could not be reached)."""
+"""What one process has charged to the shared store (pure), as running totals per key name:
+tokens, and micro-dollars per period. Each total is sent whole, and Redis keeps, per
+process, the highest total it has applied (`proxy.fleet.scripts`), so a write sent twice
+(its reply was lost, it was cut short, it came back after a timeout) adds nothing the second
+time. What Redis has confirmed is kept too: the rest is pending, to be written again."""
 
 from __future__ import annotations
 
@@ -10,49 +12,63 @@ _PERIODS_KEPT = 2  # the current period and the one before it (a charge across m
 
 
 @dataclass(slots=True)
-class Pending:
+class Charged:
+    """One key's running totals, and the part of each Redis has confirmed."""
+
     tokens: int = 0
-    micros: dict[str, int] = field(default_factory=dict)  # by period
+    tokens_acked: int = 0
+    micros: dict[str, int] = field(default_factory=dict)  # by period id
+    acked: dict[str, int] = field(default_factory=dict)
+    tpm: int = -1  # the key's tpm when last charged (-1: none)
+
+    def pending(self) -> bool:
+        return self.tokens > self.tokens_acked or any(
+            total > self.acked.get(period, 0) for period, total in self.micros.items()
+        )
+
+    def periods(self) -> list[tuple[str, int, int]]:
+        """(period, total, confirmed) for every period kept."""
+        return [(p, total, self.acked.get(p, 0)) for p, total in self.micros.items()]
 
 
 class Ledger:
-    __slots__ = ("_all", "_pending", "tpm")
+    __slots__ = ("_by_name",)
 
     def __init__(self) -> None:
-        self._all: dict[str, dict[str, int]] = {}
-        self._pending: dict[str, Pending] = {}
-        self.tpm: dict[str, int] = {}  # each key's tpm when last charged (-1: none)
+        self._by_name: dict[str, Charged] = {}
 
-    def add(self, name: str, period: str, micros: int) -> None:
-        periods = self._all.setdefault(name, {})
-        periods[period] = periods.get(period, 0) + micros
-        if len(periods) > _PERIODS_KEPT:
-            del periods[min(periods)]  # ids sort in time order: "2026-12-05" < "2026-12-06"
+    def add(self, name: str, period: str, micros: int, tokens: int, tpm: int) -> Charged:
+        """Records a charge before it is written (so it is never neither written nor kept)."""
+        charged = self._by_name.setdefault(name, Charged())
+        charged.tokens += tokens
+        charged.tpm = tpm
+        charged.micros[period] = charged.micros.get(period, 0) + micros
+        if len(charged.micros) > _PERIODS_KEPT:
+            self._forget_old(charged)
+        return charged
 
-    def hold(self, name: str, period: str, micros: int, tokens: int) -> None:
-        """Redis has not seen this charge (already `add`ed) yet."""
-        held = self._pending.setdefault(name, Pending())
-        held.tokens += tokens
-        held.micros[period] = held.micros.get(period, 0) + micros
+    @staticmethod
+    def _forget_old(charged: Charged) -> None:
+        """Drops the oldest periods Redis has confirmed whole; ids sort in time order
+        ("2026-12-05" < "2026-12-06"). A period still pending is kept until it is written."""
+        for period in sorted(charged.micros)[:-_PERIODS_KEPT]:
+            if charged.micros[period] <= charged.acked.get(period, 0):
+                del charged.micros[period]
+                charged.acked.pop(period, None)
 
-    def take(self, name: str) -> Pending:
-        """Removes what is pending for `name`, for a write; `restore` it if that fails."""
-        return self._pending.pop(name, None) or Pending()
+    def confirm(self, name: str, tokens: int, periods: dict[str, int]) -> None:
+        """Redis has applied these totals (or higher ones): never lowers what is confirmed."""
+        charged = self._by_name[name]
+        charged.tokens_acked = max(charged.tokens_acked, tokens)
+        for period, total in periods.items():
+            charged.acked[period] = max(charged.acked.get(period, 0), total)
 
-    def restore(self, name: str, taken: Pending) -> None:
-        held = self._pending.setdefault(name, Pending())
-        held.tokens += taken.tokens
-        for period, micros in taken.micros.items():
-            held.micros[period] = held.micros.get(period, 0) + micros
+    def get(self, name: str) -> Charged | None:
+        return self._by_name.get(name)
 
     def pending_names(self) -> list[str]:
-        return list(self._pending)
+        return [name for name, charged in self._by_name.items() if charged.pending()]
 
     def names(self) -> list[str]:
-        """Every key name charged (in a period still kept), held or not."""
-        return list(self._all.keys() | self._pending.keys())
-
-    def spends(self, name: str, taken: Pending) -> list[tuple[str, int, int]]:
-        """(period, all charged, pending) for every period known for `name`."""
-        periods = self._all.get(name, {})
-        return [(p, periods.get(p, 0), taken.micros.get(p, 0)) for p in {*periods, *taken.micros}]
+        """Every key name charged (in a period still kept)."""
+        return list(self._by_name)

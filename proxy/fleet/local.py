@@ -60,7 +60,7 @@ class LocalStore:
         if key is None:
             return
         period = period_id(period_of(key), self._wall())
-        self.add(key, tokens, period, self.carry.micros(f"{key.name}:{period}", cost_usd))
+        self.add(key, tokens, period, self.carry.micros(key.name, period, cost_usd))
 
     def add(self, key: ClientKey, tokens: int, period: str, micros: int) -> None:
         """Charges whole micro-dollars (already carried) to `period`, tokens to the bucket."""

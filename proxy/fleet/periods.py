@@ -49,19 +49,21 @@ def budget_micros(key: ClientKey) -> int | None:
 
 
 class Carry:
-    """USD → whole micro-dollars, carrying the fraction to the next charge of the same
-    spend, so a stream of 5.6 µ$ requests is charged 5.6 µ$ each on average, not 6. What a
-    process holds back at any time is under one micro-dollar per spend."""
+    """USD → whole micro-dollars, carrying the fraction to the next charge of the same key
+    in the same period, so a stream of 5.6 µ$ requests is charged 5.6 µ$ each on average,
+    not 6. What a process holds back at any time is under one micro-dollar per key; one
+    (period, fraction) is kept per key, and a new period starts from zero."""
 
     __slots__ = ("_rest",)
 
     def __init__(self) -> None:
-        self._rest: dict[str, float] = {}
+        self._rest: dict[str, tuple[str, float]] = {}
 
-    def micros(self, spend: str, usd: float | None) -> int:
+    def micros(self, name: str, period: str, usd: float | None) -> int:
         if not usd or usd < 0:
             return 0
-        total = self._rest.get(spend, 0.0) + usd * MICROS
+        held = self._rest.get(name)
+        total = (held[1] if held is not None and held[0] == period else 0.0) + usd * MICROS
         whole = int(total + _EPSILON)  # 5 x 5.6 is 27.999999999999996 in binary floats
-        self._rest[spend] = total - whole
+        self._rest[name] = (period, total - whole)
         return whole

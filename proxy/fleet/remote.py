@@ -1,11 +1,18 @@
-"""The one module that speaks Redis (redis-py's asyncio client, a pool of at most POOL_SIZE
-connections per process: a call waits for a free one, within the caller's timeout, rather
-than fail). Every call is one round trip: a Lua script (proxy.fleet.scripts) or one
-command. Any failure of a call (Redis's errors, the socket's, or the client's own after a
-call was cut short) becomes `StoreDown`, which says nothing of the URL."""
+"""The one module that speaks Redis (redis-py's asyncio client). Every call is one round trip:
+a Lua script (proxy.fleet.scripts) or one command. Any failure of a call (Redis's errors, the
+socket's, or the client's own after a call was cut short) becomes `StoreDown`, which says
+nothing of the URL.
+
+Connections come from a bounded pool (POOL_SIZE; a call past it waits for a free one rather
+than opening more), which `open` fills and readies (scripts loaded) before requests use it,
+in the lifespan and after each reconnection: connection setup is not paid within a request's
+`state.timeout`."""
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -15,6 +22,8 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from proxy.config import StateSettings
+from proxy.fleet.ledger import Charged
+from proxy.fleet.periods import retain_seconds
 from proxy.fleet.scripts import (
     ADMIT,
     CHARGE,
@@ -36,18 +45,20 @@ class RedisState:
         assert settings.url is not None
         # No retries of its own: the caller's `timeout` bounds each call, and a failure
         # falls back at once (see FleetStore) rather than waiting through a backoff.
-        patience = max(settings.timeout, 1.0)
+        seconds = max(settings.timeout, 1.0)
         pool = BlockingConnectionPool.from_url(
             settings.url.reveal(),
             max_connections=POOL_SIZE,
-            timeout=patience,
-            socket_timeout=patience,
-            socket_connect_timeout=patience,
+            timeout=seconds,  # waiting for a free connection
+            socket_timeout=seconds,
+            socket_connect_timeout=seconds,
             retry=Retry(NoBackoff(), 0),
             decode_responses=True,
         )
         self._redis = Redis.from_pool(pool)
         self._prefix = settings.key_prefix
+        self.process = secrets.token_hex(8)  # names this process's `seen` keys
+        self.answered = 0.0  # time.monotonic() of the last call answered
         self._admit = self._redis.register_script(ADMIT)
         self._charge = self._redis.register_script(CHARGE)
         self._sync = self._redis.register_script(SYNC)
@@ -68,27 +79,27 @@ class RedisState:
         verdict, wait, spent = reply
         return int(verdict), int(wait), int(spent)
 
-    async def charge(
-        self, name: str, epoch: str, period: str, usage: tuple[int, int, int, int]
-    ) -> bool:
-        """usage: tokens, tpm (-1: none), micro-USD, retain seconds. False: epoch mismatch."""
+    async def charge(self, name: str, epoch: str, period: str, charged: Charged) -> bool:
+        """Writes `charged`'s running totals (its tokens, its micro-USD for `period`); only
+        what Redis has not applied yet is added. False: epoch mismatch."""
         keys = [self.key(name, "tpm"), self.spend_key(name, period), self.key(name, "epoch")]
-        return int(await self._call(self._charge, keys, [epoch, *usage])) != MISMATCH
+        keys += [self._seen(name, "tokens"), self._seen(name, period)]
+        micros = (charged.micros.get(period, 0), charged.acked.get(period, 0))
+        tokens = (charged.tokens, charged.tokens_acked)
+        args: list[str | int] = [epoch, charged.tpm, *tokens, *micros, retain_seconds(period)]
+        return int(await self._call(self._charge, keys, args)) != MISMATCH
 
-    async def sync(
-        self,
-        name: str,
-        epochs: tuple[str, str],
-        tokens: tuple[int, int],
-        spends: Sequence[tuple[str, int, int, int]],
-    ) -> str:
-        """epochs: seen, new; tokens: tpm, pending; spends: (period, all, pending, retain)."""
-        keys = [self.key(name, "epoch"), self.key(name, "tpm")]
-        args: list[str | int] = [*epochs, *tokens]
-        for period, full, pending, retain in spends:
-            keys.append(self.spend_key(name, period))
-            args += [full, pending, retain]
+    async def sync(self, name: str, epochs: tuple[str, str], charged: Charged) -> str:
+        """Writes all of `charged`'s running totals; epochs: seen, new → the one in force."""
+        keys = [self.key(name, "epoch"), self.key(name, "tpm"), self._seen(name, "tokens")]
+        args: list[str | int] = [*epochs, charged.tpm, charged.tokens, charged.tokens_acked]
+        for period, total, acked in charged.periods():
+            keys += [self.spend_key(name, period), self._seen(name, period)]
+            args += [total, acked, retain_seconds(period)]
         return str(await self._call(self._sync, keys, args))
+
+    def _seen(self, name: str, what: str) -> str:
+        return self.key(name, f"seen:{self.process}:{what}")
 
     def spend_key(self, name: str, period: str) -> str:
         return self.key(name, f"spend:{period}")
@@ -104,6 +115,7 @@ class RedisState:
         keys = [self.spend_key(n, p) for n, p in names_periods]
         keys += [self.key(name, "epoch") for name in names]
         values = await _guarded(self._redis.mget(keys)) if keys else []
+        self.answered = time.monotonic()
         spent = [int(v) if v is not None else 0 for v in values[: len(names_periods)]]
         return spent, list(values[len(names_periods) :])
 
@@ -134,8 +146,16 @@ class RedisState:
     async def ping(self) -> None:
         await _guarded(self._redis.ping())
 
+    async def open(self) -> None:
+        """Opens every pooled connection and loads the scripts (raises StoreDown)."""
+        await _guarded(asyncio.gather(*(self._redis.ping() for _ in range(POOL_SIZE))))
+        for script in (self._admit, self._charge, self._sync, self._failed, self._states):
+            await _guarded(self._redis.script_load(script.script))
+
     async def _call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
-        return await _guarded(script(keys, args))
+        reply = await _guarded(script(keys, args))
+        self.answered = time.monotonic()
+        return reply
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -7,13 +7,23 @@ takes a token, tpm admits above zero and is overdrawn by usage), on the server's
 
 Every script first compares the key's epoch with the one the caller last saw: a Redis
 restarted empty has none, and the caller must first write back what it has charged (SYNC).
+
+Charges are idempotent. A process sends its running totals (tokens, micro-USD per period),
+and Redis keeps, per process and key, the highest total it has applied (a `seen` key): only
+the part above it is added. So a write whose reply was lost and is sent again, or one that
+lands after a later one, adds nothing twice. A `seen` key lives SEEN_SECONDS after its last
+write; one that has expired (a process idle that long) counts from what the process last had
+confirmed, and one that Redis lost with everything else (another epoch) from zero.
 """
 
 from __future__ import annotations
 
 MISMATCH = -1  # the epoch is not the caller's: run SYNC, then try again
+SEEN_SECONDS = 86_400  # far longer than any write-back; a process gone leaves nothing for long
 
-_PREAMBLE = """
+_PREAMBLE = (
+    f"local SEEN = {SEEN_SECONDS}"
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local function level(key, per_minute)
@@ -28,6 +38,13 @@ local function store(key, per_minute, lvl)
   local ms = math.ceil((per_minute - lvl) * 60000 / per_minute) + 1000
   redis.call('PEXPIRE', key, ms)
 end
+-- Raises this process's applied total at `key` to `total`; → by how much (0: seen already).
+local function advance(key, total, fallback)
+  local seen = tonumber(redis.call('GET', key) or fallback)
+  if total <= seen then return 0 end
+  redis.call('SET', key, string.format('%d', total), 'EX', SEEN)
+  return total - seen
+end
 local function spend(key, micros, ttl)
   if micros > 0 then
     redis.call('INCRBY', key, micros)
@@ -35,6 +52,7 @@ local function spend(key, micros, ttl)
   end
 end
 """
+)
 
 # KEYS: rpm, tpm, spend, epoch. ARGV: epoch seen, rpm, tpm, budget micro-USD (-1: none).
 # → {verdict, milliseconds to wait, micro-USD spent}; verdicts as in proxy.fleet.store.
@@ -60,22 +78,24 @@ return {0, 0, spent}
 """
 )
 
-# KEYS: tpm, spend, epoch. ARGV: epoch seen, tokens, tpm (-1: none), micro-USD, retain seconds.
+# KEYS: tpm, spend, epoch, tokens seen, spend seen. ARGV: epoch seen, tpm (-1: none), tokens
+# total, tokens confirmed, micro-USD total (this period), micro-USD confirmed, retain seconds.
 CHARGE = (
     _PREAMBLE
     + """
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
-local tokens, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
+local tpm = tonumber(ARGV[2])
+local tokens = advance(KEYS[4], tonumber(ARGV[3]), tonumber(ARGV[4]))
 if tpm > 0 and tokens > 0 then store(KEYS[1], tpm, level(KEYS[1], tpm) - tokens) end
-spend(KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]))
+spend(KEYS[2], advance(KEYS[5], tonumber(ARGV[5]), tonumber(ARGV[6])), tonumber(ARGV[7]))
 return 0
 """
 )
 
-# KEYS: epoch, tpm, then spend keys. ARGV: epoch seen, a new epoch, tpm (-1: none), tokens
-# not yet written, then per spend key: all micro-USD this process charged to it, the part
-# not yet written, retain seconds. Same epoch: writes what is pending. Another (or none, and
-# then the new one is set): Redis lost it, so writes everything this process charged.
+# KEYS: epoch, tpm, tokens seen, then per period: spend, spend seen. ARGV: epoch seen, a new
+# epoch, tpm (-1: none), tokens total, tokens confirmed, then per period: micro-USD total,
+# confirmed, retain seconds. Another epoch (or none, and then the new one is set) means Redis
+# lost the state: this process's spend counts from zero, so all it charged is written again.
 # → the epoch now in force.
 SYNC = (
     _PREAMBLE
@@ -86,11 +106,13 @@ if not epoch then
   redis.call('SET', KEYS[1], ARGV[2])
   epoch = ARGV[2]
 end
-local tpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[4])
+local tpm = tonumber(ARGV[3])
+local tokens = advance(KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
 if tpm > 0 and tokens > 0 then store(KEYS[2], tpm, level(KEYS[2], tpm) - tokens) end
-for i = 3, #KEYS do
-  local j = 5 + (i - 3) * 3
-  spend(KEYS[i], tonumber(same and ARGV[j + 1] or ARGV[j]), tonumber(ARGV[j + 2]))
+for i = 4, #KEYS, 2 do
+  local j = 6 + (i - 4) / 2 * 3
+  local from = same and tonumber(ARGV[j + 1]) or 0
+  spend(KEYS[i], advance(KEYS[i + 1], tonumber(ARGV[j]), from), tonumber(ARGV[j + 2]))
 end
 return epoch
 """
@@ -114,7 +136,8 @@ return 0
 """
 
 # KEYS: per upstream: failures, cooldown, rejects_stream_options. ARGV: per upstream, 1 if
-# this process learnt that it rejects stream_options. Marks those, then
+# this process has just learnt that it rejects stream_options (sent once, so the mark
+# expires after a day and the field is tried again). Marks those, then
 # → per upstream {failures, cooldown ms left (<= 0: none), rejects stream_options}.
 UPSTREAM_STATES = """
 local out = {}
