@@ -185,7 +185,9 @@ class MockUpstream:
             if knobs.reject_stream_options and "stream_options" in body:
                 raise Invalid("Unknown parameter: stream_options", "stream_options")
             plan = plan_request(body, 0 if api == "embeddings" else knobs.tokens, api)
-            replay = None if knobs.replay is None else load(self.replay_dir, knobs.replay, plan.stream)
+            replay = (
+                None if knobs.replay is None else load(self.replay_dir, knobs.replay, plan.stream)
+            )
         except Invalid as exc:
             record.finished = time.monotonic()
             await _respond(send, 400, exc.body())
