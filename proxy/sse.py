@@ -170,7 +170,7 @@ def parse(event: bytes) -> tuple[Kind, dict[str, Any] | None]:
 
     "content" is the first sign of a real answer: a delta with text, reasoning, a tool or
     function call or a refusal, or a finish_reason (an empty answer is still an answer), or
-    a usage event. Role-only chunks, empty deltas and keep-alive comments are "other": an
+    a usage-only event. Role-only chunks, empty deltas and keep-alive comments are "other": an
     upstream that sends only those has not started answering.
     """
     data = event_data(event)
@@ -190,9 +190,12 @@ def parse(event: bytes) -> tuple[Kind, dict[str, Any] | None]:
 def _kind(payload: dict[str, Any]) -> Kind:
     if payload.get("error") is not None:
         return "error"
-    if payload.get("usage"):
+    choices = choices_of(payload)
+    # A usage-only chunk ends an answer; a chunk with choices is judged by them, usage or
+    # not (vLLM's continuous_usage_stats puts running usage on every chunk, the role one too).
+    if payload.get("usage") and not choices:
         return "content"
-    for choice in choices_of(payload):
+    for choice in choices:
         if isinstance(choice, dict) and (choice.get("finish_reason") or _has_content(choice)):
             return "content"
     return "other"

@@ -11,6 +11,7 @@ import pytest
 from proxy.app import create_app
 from proxy.mock.upstream import Knobs, MockUpstream
 from proxy.serving import RunningServer
+from tests.provider_shapes import Shapes, serve_shapes
 
 # Random-looking, as real keys are: runs of 8 key characters are scrubbed from error answers,
 # so a key spelt of words ("upstream") would take those words out of every error body.
@@ -109,3 +110,10 @@ def make_proxy(
 @pytest.fixture
 def proxy(make_proxy: ProxyFactory) -> RunningServer:
     return make_proxy()
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shapes]:
+    """Providers' recorded streams replayed behind a real proxy (tests/provider_shapes.py)."""
+    with serve_shapes(tmp_path_factory.mktemp("shapes")) as served:
+        yield served

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -419,6 +420,8 @@ def test_knobs_via_body_and_header_header_wins(url: str, app: MockUpstream) -> N
         ({"newline": "lfcr"}, None, "mock.newline"),
         ({"newline": True}, None, "mock.newline"),
         (None, "not json", "x-mock"),
+        ({"replay": "../routes"}, None, "mock.replay"),
+        ({"replay": "deepseek"}, None, "mock.replay"),  # this mock has no replay_dir
     ],
 )
 def test_bad_knobs_are_400(url: str, knobs: Any, header: str | None, param: str) -> None:
@@ -458,6 +461,32 @@ def test_keep_records_keeps_the_latest_only() -> None:
             assert 1 <= len(app.records) <= 4
     # Over 2 x 2 at the 5th request, cut to the latest 2; then two more.
     assert [r.body["seed"] for r in app.records] == [3, 4, 5, 6]
+
+
+def test_replay_sends_a_recording_byte_for_byte(tmp_path: Path) -> None:
+    events = b': queued\n\ndata: {"id":"x"}\n\ndata: [DONE]\n\n'
+    (tmp_path / "shop-stream.sse").write_bytes(b"# where it comes from\n#\n" + events)
+    (tmp_path / "shop-body.json").write_bytes(b'# from the docs\n{"id": "x"}\n')
+    app = MockUpstream(Knobs(ttft=0, delay=0), replay_dir=tmp_path)
+    with RunningServer(app) as server:
+        knobs = {"replay": "shop", "replay_pause_at": 2, "pause_after_first": 10}
+        with httpx.stream(
+            "POST", server.url + "/v1/chat/completions", json=_body(stream=True, mock=knobs)
+        ) as r:
+            got = b""
+            for piece in r.iter_raw():  # the pause holds the last event back
+                got += piece
+                if got == events[:-14]:  # two of its three events
+                    break
+        assert r.headers["content-type"] == "text/event-stream"
+        assert app.records[-1].finished is None
+        r, raw = _raw(server.url, _body(stream=True, mock={"replay": "shop"}))
+        assert b"".join(raw) == events
+        body = _post(server.url, _body(mock={"replay": "shop"}))
+        assert body.content == b'{"id": "x"}\n'
+        assert body.headers["content-type"] == "application/json"
+        missing = _post(server.url, _body(mock={"replay": "other"}))
+        assert (missing.status_code, missing.json()["error"]["param"]) == (400, "mock.replay")
 
 
 # -- routes ---------------------------------------------------------------------------------

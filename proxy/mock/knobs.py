@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from proxy.mock.content import ECHO_FORMS, ENCODINGS, NEWLINES, PREAMBLES, Invalid
+from proxy.mock.replay import NAME
 
 SPLIT_GAP = 0.001  # long enough that each piece leaves as its own TCP segment
 Fields = tuple[str, ...]  # the body fields a mock reads knobs from, in order
@@ -51,6 +52,8 @@ class Knobs:
     preamble_as: str = "comments"  # ...as keep-alive comments, or as one endless event
     set_cookie: bool = False  # every answer carries set-cookie and a hop-by-hop header
     newline: str = "lf"  # the SSE line ending: lf, crlf or cr (a key of NEWLINES)
+    replay: str | None = None  # a recording's name: its bytes are the answer (proxy.mock.replay)
+    replay_pause_at: int | None = None  # ...with `pause_after_first` s of silence after N events
 
 
 DEFAULTS = Knobs()
@@ -82,8 +85,10 @@ def _knob(name: str, value: Any, field: str) -> Any:
     base, optional = _KNOB_KINDS[name]
     if value is None and optional:
         return None
-    if base is str:
+    if base is str and name in _CHOICES:
         ok = value in _CHOICES[name]
+    elif base is str:
+        ok = isinstance(value, str) and NAME.fullmatch(value) is not None
     elif base is bool:
         ok = isinstance(value, bool)
     elif base is int:
@@ -102,8 +107,10 @@ def _knob(name: str, value: Any, field: str) -> Any:
 def _wanted(name: str, base: type) -> str:
     if name == "status":
         return "an HTTP error status (400-599)"
-    if base is str:
+    if base is str and name in _CHOICES:
         return "one of " + ", ".join(_CHOICES[name])
+    if base is str:
+        return "a recording's name (lower-case letters, digits, - and _)"
     return _KIND_WORDS[base]
 
 

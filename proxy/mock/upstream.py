@@ -12,6 +12,7 @@ import time
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -44,6 +45,7 @@ from proxy.mock.content import (
     text_stream_events,
 )
 from proxy.mock.knobs import DEFAULTS, MOCK, MOCK_AND_FAULT, Knobs, knobs_for
+from proxy.mock.replay import Recording, load
 from proxy.serving import RunningServer, fastest_http, fastest_loop
 
 __all__ = [
@@ -112,12 +114,19 @@ class MockUpstream:
 
     `faults`: also obey the body's `"fault"` knobs (see proxy/mock/knobs.py). `keep_records`:
     keep about the latest N records only (between N and 2N), for runs of millions of requests.
+    `replay_dir`: where knob `replay` finds its recordings (see proxy/mock/replay.py).
     """
 
     def __init__(
-        self, defaults: Knobs = DEFAULTS, *, faults: bool = False, keep_records: int | None = None
+        self,
+        defaults: Knobs = DEFAULTS,
+        *,
+        faults: bool = False,
+        keep_records: int | None = None,
+        replay_dir: Path | None = None,
     ) -> None:
         self.defaults = defaults
+        self.replay_dir = replay_dir
         self.fields = MOCK_AND_FAULT if faults else MOCK
         self.keep_records = keep_records
         self.records: list[RequestRecord] = []
@@ -180,9 +189,15 @@ class MockUpstream:
             if knobs.reject_stream_options and "stream_options" in body:
                 raise Invalid("Unknown parameter: stream_options", "stream_options")
             plan = plan_request(body, 0 if api == "embeddings" else knobs.tokens, api)
+            replay = (
+                None if knobs.replay is None else load(self.replay_dir, knobs.replay, plan.stream)
+            )
         except Invalid as exc:
             record.finished = time.monotonic()
             await _respond(send, 400, exc.body())
+            return
+        if replay is not None:
+            await _guarded(record, receive, _replay(send, knobs, replay, record))
             return
         record.prompt_tokens, record.completion_tokens = plan.prompt_tokens, plan.tokens
         await _guarded(record, receive, _answer(send, knobs, plan, record))
@@ -299,6 +314,27 @@ async def _stream(
         await write(events.usage_event(plan.prompt_tokens, plan.tokens))
     record.finished = time.monotonic()
     await write(events.done, more=False)
+
+
+async def _replay(send: Send, knobs: Knobs, recording: Recording, record: RequestRecord) -> None:
+    """A recording's bytes as they are, one write per event, `delay` apart (knob `replay`)."""
+    headers = [(b"content-type", recording.content_type), (b"cache-control", b"no-cache")]
+    if recording.content_type == _JSON[1]:
+        headers[1] = (b"content-length", b"%d" % len(recording.payload))
+    await _open(send, knobs, headers, lambda: send_piece(send, KEEPALIVE, True))
+    last = len(recording.pieces) - 1
+    for i, piece in enumerate(recording.pieces):
+        if i and knobs.delay:
+            await asyncio.sleep(knobs.delay)
+        if i == knobs.replay_pause_at:
+            await asyncio.sleep(knobs.pause_after_first)
+        if i == last:
+            record.finished = time.monotonic()
+        await send_piece(send, piece, i < last)
+
+
+async def send_piece(send: Send, body: bytes, more: bool) -> None:
+    await send({"type": "http.response.body", "body": body, "more_body": more})
 
 
 async def _open(
