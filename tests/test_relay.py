@@ -108,9 +108,10 @@ def test_a_stream_the_proxy_only_reads_is_relayed_piece_by_piece(proxy: RunningS
     ) as r:
         pieces = list(r.iter_raw())
     assert b"".join(pieces).endswith(b"data: [DONE]\n\n")
-    # The first piece is the held head (whole events up to the first content); after it, a
-    # piece that ends mid-event arrived on its own.
-    assert pieces[0].endswith(b"\n\n")
+    # The first piece is the held head (whole events up to the first content; a busy client
+    # may read the next piece in the same read); after it, a piece that ends mid-event
+    # arrived on its own.
+    assert b"\n\n" in pieces[0]
     assert any(not piece.endswith(b"\n\n") for piece in pieces[1:])
 
 
