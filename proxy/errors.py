@@ -20,6 +20,7 @@
     ├── InternalError               500     server_error            internal_error
     ├── UpstreamUnreachable         502     upstream_error          upstream_unreachable
     ├── UpstreamProtocolError       502     upstream_error          upstream_protocol_error
+    ├── UpstreamTlsError            502     upstream_error          upstream_tls_error
     ├── NotReady                    503     server_error            not_ready
     ├── StateUnavailable            503     server_error            state_unavailable
     ├── TooManyConnections          503     server_error            too_many_connections
@@ -194,6 +195,12 @@ class UpstreamProtocolError(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_protocol_error"
+
+
+class UpstreamTlsError(ProxyError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_tls_error"
 
 
 class NotReady(ProxyError):

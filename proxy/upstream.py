@@ -20,8 +20,14 @@ import certifi
 from yarl import URL
 
 from proxy import __version__
-from proxy.config import Upstream
-from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+from proxy.config import Tls, Upstream
+from proxy.errors import (
+    ProxyError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamTlsError,
+    UpstreamUnreachable,
+)
 from proxy.headers import Headers
 
 USER_AGENT = f"sluicegate/{__version__}"
@@ -145,6 +151,9 @@ class _Pool:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=t.connect, sock_connect=t.connect, sock_read=None
         )
+        # A per-upstream `proxy:` wins over HTTPS_PROXY/HTTP_PROXY; its credentials go in a
+        # header of their own, so the URL aiohttp holds (and may quote) has none.
+        self.proxy, self.proxy_headers = _proxy(upstream)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is not None:
@@ -155,7 +164,9 @@ class _Pool:
             limit=self._upstream.max_connections,
             limit_per_host=0,
             keepalive_timeout=30.0,
-            ssl=_ssl_context() if self._upstream.base_url.startswith("https:") else True,
+            ssl=_ssl_context(self._upstream.tls)
+            if self._upstream.base_url.startswith("https:")
+            else True,
         )
         # No cookie jar: upstream cookies must never leak from one client's request into
         # another's. Bodies pass through as they come: no decompression, no redirects.
@@ -164,7 +175,7 @@ class _Pool:
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=self._timeout,
             auto_decompress=False,
-            trust_env=False,
+            trust_env=True,  # HTTPS_PROXY, HTTP_PROXY, NO_PROXY (and ~/.netrc for proxies)
         )
         return self._session
 
@@ -222,6 +233,8 @@ class UpstreamClients:
                 headers=request_headers,
                 allow_redirects=False,
                 compress=False,
+                proxy=pool.proxy,
+                proxy_headers=pool.proxy_headers,
             )
         except _TRANSPORT_ERRORS as exc:
             raise to_proxy_error(exc, upstream.name, reading=False) from None
@@ -246,13 +259,34 @@ async def close_all(clients: list[_Pool]) -> None:
     await asyncio.gather(*(c.aclose() for c in clients))
 
 
-def _ssl_context() -> ssl.SSLContext:
-    """The trust store httpx used: $SSL_CERT_FILE or $SSL_CERT_DIR if set, else certifi's."""
-    if cafile := os.environ.get("SSL_CERT_FILE"):
-        return ssl.create_default_context(cafile=cafile)
-    if capath := os.environ.get("SSL_CERT_DIR"):
-        return ssl.create_default_context(capath=capath)
-    return ssl.create_default_context(cafile=certifi.where())
+def _ssl_context(tls: Tls) -> ssl.SSLContext:
+    """`tls.ca_file` if set, else the trust store httpx used: $SSL_CERT_FILE or $SSL_CERT_DIR
+    if set, else certifi's; with the client certificate of `tls.cert_file` (mTLS)."""
+    if tls.ca_file:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+    elif cafile := os.environ.get("SSL_CERT_FILE"):
+        context = ssl.create_default_context(cafile=cafile)
+    elif capath := os.environ.get("SSL_CERT_DIR"):
+        context = ssl.create_default_context(capath=capath)
+    else:
+        context = ssl.create_default_context(cafile=certifi.where())
+    if not tls.verify:  # the config warns about it at every start and in `check`
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
+def _proxy(upstream: Upstream) -> tuple[URL | None, dict[str, str] | None]:
+    """The upstream's `proxy:` URL without its credentials, and the header that carries them."""
+    if upstream.proxy is None:
+        return None, None
+    url = URL(upstream.proxy.reveal())
+    if url.user is None:
+        return url, None
+    auth = aiohttp.BasicAuth(url.user, url.password or "")
+    return url.with_user(None), {"proxy-authorization": auth.encode()}
 
 
 def to_proxy_error(exc: BaseException, upstream: str, *, reading: bool) -> ProxyError:
@@ -260,6 +294,25 @@ def to_proxy_error(exc: BaseException, upstream: str, *, reading: bool) -> Proxy
     where = "while streaming the response" if reading else "before its response headers"
     if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ServerDisconnectedError):
         return UpstreamTimeout(f"upstream '{upstream}' timed out {where}")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = _tls_reason(exc.certificate_error)
+        return UpstreamTlsError(
+            f"the certificate of upstream '{upstream}' could not be verified{reason}"
+        )
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        reason = _tls_reason(exc)
+        return UpstreamTlsError(f"the TLS handshake with upstream '{upstream}' failed{reason}")
     if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
         return UpstreamUnreachable(f"upstream '{upstream}' is unreachable")
     return UpstreamProtocolError(f"upstream '{upstream}' closed the connection {where}")
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """What OpenSSL said (": certificate has expired"), without the connection's details."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f": {exc.verify_message}"
+    cause = exc.__cause__ or exc.__context__
+    if not isinstance(exc, ssl.SSLError) and isinstance(cause, ssl.SSLError):
+        exc = cause
+    reason = getattr(exc, "reason", None)
+    return f": {str(reason).lower().replace('_', ' ')}" if reason else ""
