@@ -10,6 +10,7 @@ here, so nothing above this module knows which library failed.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import ssl
 import time
@@ -285,8 +286,8 @@ def _proxy(upstream: Upstream) -> tuple[URL | None, dict[str, str] | None]:
     url = URL(upstream.proxy.reveal())
     if url.user is None:
         return url, None
-    auth = aiohttp.BasicAuth(url.user, url.password or "")
-    return url.with_user(None), {"proxy-authorization": auth.encode()}
+    basic = base64.b64encode(f"{url.user}:{url.password or ''}".encode()).decode("ascii")
+    return url.with_user(None), {"proxy-authorization": f"Basic {basic}"}
 
 
 def to_proxy_error(exc: BaseException, upstream: str, *, reading: bool) -> ProxyError:
@@ -302,6 +303,10 @@ def to_proxy_error(exc: BaseException, upstream: str, *, reading: bool) -> Proxy
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
         reason = _tls_reason(exc)
         return UpstreamTlsError(f"the TLS handshake with upstream '{upstream}' failed{reason}")
+    if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy's URL is not shown
+        return UpstreamUnreachable(
+            f"upstream '{upstream}' is unreachable: its proxy answered {exc.status}"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
         return UpstreamUnreachable(f"upstream '{upstream}' is unreachable")
     return UpstreamProtocolError(f"upstream '{upstream}' closed the connection {where}")
