@@ -12,6 +12,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from proxy import cli
 from proxy.app import create_app
 from proxy.config import ConfigError, parse_config
 from proxy.mock.upstream import MockUpstream
@@ -199,3 +200,12 @@ def test_tls_config_checks(tmp_path: Path, pki: Pki) -> None:
     plain = _issues(f"{{ca_file: {pki.ca}}}", tmp_path, "http://up")
     assert plain == ["warning: routes.yaml:4: upstreams.up.tls: applies to https:// upstreams "
                      "only; base_url is not one"]  # fmt: skip
+
+
+def test_check_warns_about_verify_false(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(ROUTES.format(url="https://far.example", tls="    tls: {verify: false}"))
+    assert cli.main(["check", str(path)]) == 0
+    out = capsys.readouterr()
+    assert out.err.startswith(f"warning: {path}:4: upstreams.tls.tls.verify: false: the upstream")
+    assert out.out.startswith("ok: ")
