@@ -300,7 +300,7 @@ def to_proxy_error(exc: BaseException, upstream: str, *, reading: bool) -> Proxy
         return UpstreamTlsError(
             f"the certificate of upstream '{upstream}' could not be verified{reason}"
         )
-    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+    if not reading and isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
         reason = _tls_reason(exc)
         return UpstreamTlsError(f"the TLS handshake with upstream '{upstream}' failed{reason}")
     if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy's URL is not shown
@@ -316,8 +316,8 @@ def _tls_reason(exc: BaseException) -> str:
     """What OpenSSL said (": certificate has expired"), without the connection's details."""
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f": {exc.verify_message}"
-    cause = exc.__cause__ or exc.__context__
-    if not isinstance(exc, ssl.SSLError) and isinstance(cause, ssl.SSLError):
-        exc = cause
+    original = getattr(exc, "os_error", None)  # aiohttp's ClientConnectorSSLError wraps it
+    if isinstance(original, ssl.SSLError):
+        exc = original
     reason = getattr(exc, "reason", None)
     return f": {str(reason).lower().replace('_', ' ')}" if reason else ""

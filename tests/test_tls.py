@@ -209,3 +209,17 @@ def test_check_warns_about_verify_false(tmp_path: Path, capsys: pytest.CaptureFi
     out = capsys.readouterr()
     assert out.err.startswith(f"warning: {path}:4: upstreams.tls.tls.verify: false: the upstream")
     assert out.out.startswith("ok: ")
+
+
+def test_https_to_a_plain_http_upstream_is_a_tls_failure_named_as_such(
+    tmp_path: Path, mock_server: RunningServer
+) -> None:
+    records: list[RequestRecord] = []
+    https = mock_server.url.replace("http://", "https://")
+    with _proxy(tmp_path, https, None, records) as proxy:
+        answer = _post(proxy.url, "bot")
+    assert answer.status_code == 502
+    assert answer.json()["error"]["code"] == "upstream_tls_error"
+    message = answer.json()["error"]["message"]
+    assert message == "the TLS handshake with upstream 'tls' failed: wrong version number"
+    assert [a.outcome for a in records[0].attempts] == ["tls_error"]
