@@ -14,6 +14,7 @@ import base64
 import os
 import ssl
 import time
+import urllib.request
 from collections.abc import Mapping
 
 import aiohttp
@@ -152,8 +153,10 @@ class _Pool:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=t.connect, sock_connect=t.connect, sock_read=None
         )
-        # A per-upstream `proxy:` wins over HTTPS_PROXY/HTTP_PROXY; its credentials go in a
-        # header of their own, so the URL aiohttp holds (and may quote) has none.
+        # A per-upstream `proxy:` wins over HTTPS_PROXY/HTTP_PROXY (NO_PROXY honoured), read
+        # here once per upstream: aiohttp's `trust_env` would look them up (and ~/.netrc) in a
+        # thread for every request. Credentials go in a header of their own, so the URL
+        # aiohttp holds (and may quote) has none.
         self.proxy, self.proxy_headers = _proxy(upstream)
 
     def session(self) -> aiohttp.ClientSession:
@@ -176,7 +179,7 @@ class _Pool:
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=self._timeout,
             auto_decompress=False,
-            trust_env=True,  # HTTPS_PROXY, HTTP_PROXY, NO_PROXY (and ~/.netrc for proxies)
+            trust_env=False,  # the environment's proxy is resolved once, in `_proxy`
         )
         return self._session
 
@@ -279,11 +282,22 @@ def _ssl_context(tls: Tls) -> ssl.SSLContext:
     return context
 
 
+def _env_proxy(base_url: str) -> str | None:
+    """$HTTPS_PROXY or $HTTP_PROXY (as the scheme of `base_url` asks), unless $NO_PROXY
+    names its host."""
+    url = URL(base_url)
+    if url.host is None or urllib.request.proxy_bypass(url.host):
+        return None
+    return urllib.request.getproxies().get(url.scheme)
+
+
 def _proxy(upstream: Upstream) -> tuple[URL | None, dict[str, str] | None]:
-    """The upstream's `proxy:` URL without its credentials, and the header that carries them."""
-    if upstream.proxy is None:
+    """The proxy for this upstream (its `proxy:`, else the environment's) without its
+    credentials, and the header that carries them."""
+    raw = upstream.proxy.reveal() if upstream.proxy is not None else _env_proxy(upstream.base_url)
+    if raw is None:
         return None, None
-    url = URL(upstream.proxy.reveal())
+    url = URL(raw)
     if url.user is None:
         return url, None
     basic = base64.b64encode(f"{url.user}:{url.password or ''}".encode()).decode("ascii")

@@ -98,11 +98,14 @@ def test_https_proxy_from_the_environment_and_no_proxy_bypassing_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, server = upstream
-    with ConnectProxy() as egress:
-        monkeypatch.setenv("HTTPS_PROXY", egress.url)
-        answer, _, _ = _answer(tmp_path, pki, server, "", {})
+    with ConnectProxy(authorization=BASIC) as egress:
+        where = egress.url.removeprefix("http://")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://egress:{PASSWORD}@{where}")
+        answer, _, logs = _answer(tmp_path, pki, server, "", {})
         assert answer.status_code == 200
         assert [t.target for t in egress.tunnels] == [_tunnelled_to(server)]
+        assert egress.tunnels[0].authorization == BASIC
+        assert PASSWORD not in repr(logs)
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         answer, _, _ = _answer(tmp_path, pki, server, "", {})
         assert answer.status_code == 200
