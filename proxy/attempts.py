@@ -39,6 +39,7 @@ from proxy.routing import (
     outcome_of,
     plan,
     rejects_stream_options,
+    retried,
 )
 from proxy.scrub import scrub_key
 from proxy.sse import EventSplitter, completion_to_sse, parse
@@ -91,7 +92,10 @@ class Attempts:
         """One attempt, or None when the candidate is skipped (cooldown, budget)."""
         health = self._state.health[target.upstream]
         now = time.monotonic()
-        repeat = any(a.upstream == target.upstream for a in self._record.attempts)
+        earlier = [a.outcome for a in self._record.attempts if a.upstream == target.upstream]
+        if not all(map(retried, earlier)):
+            return None
+        repeat = bool(earlier)
         if not health.available(now) and self._others_available(now, target):
             self._log_attempt(target, "skipped_cooldown", 0.0)
             return None

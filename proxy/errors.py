@@ -21,6 +21,7 @@
     ├── UpstreamUnreachable         502     upstream_error          upstream_unreachable
     ├── UpstreamProtocolError       502     upstream_error          upstream_protocol_error
     │   └── UpstreamTooLarge        502     upstream_error          upstream_response_too_large
+    ├── UpstreamTlsError            502     upstream_error          upstream_tls_error
     ├── NotReady                    503     server_error            not_ready
     ├── StateUnavailable            503     server_error            state_unavailable
     ├── TooManyConnections          503     server_error            too_many_connections
@@ -202,6 +203,12 @@ class UpstreamTooLarge(UpstreamProtocolError):
     its first token: its message names the limit."""
 
     code = "upstream_response_too_large"
+
+
+class UpstreamTlsError(ProxyError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_tls_error"
 
 
 class NotReady(ProxyError):

@@ -16,6 +16,7 @@ UsageSource = Literal["reported", "header", "estimated"]
 AttemptOutcome = Literal[
     "ok",  # committed: its answer went to the client
     "connect_error",
+    "tls_error",  # the upstream's certificate failed verification, or the handshake failed
     "timeout",  # no response headers in time
     "first_token_timeout",  # headers came, content did not
     "reset",  # the connection dropped before the answer was committed

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 from proxy.api_request import StreamOptionsAction
 from proxy.config import Route, StreamOptionsMode, Target
-from proxy.errors import ProxyError, UpstreamTimeout, UpstreamTooLarge, UpstreamUnreachable
+from proxy.errors import (
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamTlsError,
+    UpstreamTooLarge,
+    UpstreamUnreachable,
+)
 from proxy.latency import Latency, draw_keys, fastest, without_ejected
 from proxy.record import AttemptOutcome
 
@@ -65,6 +71,11 @@ _VERDICTS: dict[AttemptOutcome, Verdict] = {
     "first_token_timeout": Verdict(next_candidate=True, unhealthy=True),
     # An error event in place of the first token (overload reported in-stream).
     "stream_error": Verdict(next_candidate=True, unhealthy=True),
+    # A certificate that fails verification fails every request the same way until someone
+    # changes the certificate or the config: another upstream may answer, this one never
+    # gets a retry (`attempts`), and it counts toward cooldown so that later requests skip it
+    # and only a probe finds out when it is fixed.
+    "tls_error": Verdict(next_candidate=True, unhealthy=True),
     # Rate limits are about us, not the upstream's health: move on, no cooldown.
     "status_429": Verdict(next_candidate=True, unhealthy=False),
     # A wrong key or a model the upstream lacks: a fallback elsewhere may still answer.
@@ -78,6 +89,11 @@ _VERDICTS: dict[AttemptOutcome, Verdict] = {
 
 def classify(outcome: AttemptOutcome) -> Verdict:
     return _VERDICTS.get(outcome, Verdict(next_candidate=False, unhealthy=False))
+
+
+def retried(outcome: AttemptOutcome) -> bool:
+    """Whether the same upstream may be tried again in this request after this outcome."""
+    return outcome != "tls_error"
 
 
 def outcome_for_status(status: int) -> AttemptOutcome:
@@ -94,6 +110,8 @@ def outcome_of(error: ProxyError) -> AttemptOutcome:
     """Our own error for an attempt (see `upstream.to_proxy_error`): which failure it was."""
     if isinstance(error, UpstreamUnreachable):
         return "connect_error"
+    if isinstance(error, UpstreamTlsError):
+        return "tls_error"
     if isinstance(error, UpstreamTimeout):
         return "timeout"
     if isinstance(error, UpstreamTooLarge):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+import ssl
 import threading
 import time
+from dataclasses import dataclass
 from types import TracebackType
 
 import uvicorn
@@ -30,6 +32,16 @@ def fastest_loop() -> str:
     return "uvloop" if importlib.util.find_spec("uvloop") else "auto"
 
 
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """Serve https: the server's PEM certificate and key; with `client_ca`, clients must
+    present a certificate that CA signed (mTLS)."""
+
+    cert_file: str
+    key_file: str
+    client_ca: str | None = None
+
+
 class RunningServer:
     """`with RunningServer(app) as srv: httpx.get(srv.url + "/healthz")`."""
 
@@ -41,6 +53,7 @@ class RunningServer:
         *,
         loop: str = "asyncio",
         limits: ConnectionLimits = DEFAULT_LIMITS,
+        tls: ServerTls | None = None,
     ) -> None:
         # Binding here rather than letting uvicorn do it means port 0 resolves before start()
         # and a taken port fails in the caller's thread instead of as sys.exit in the server's.
@@ -56,7 +69,9 @@ class RunningServer:
             self._sock.close()
             raise
         self.port: int = self._sock.getsockname()[1]
-        self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        scheme = "http" if tls is None else "https"
+        where = f"[{host}]" if ":" in host else host
+        self.url = f"{scheme}://{where}:{self.port}"
         config = uvicorn.Config(
             app,
             loop=loop,
@@ -66,6 +81,10 @@ class RunningServer:
             lifespan="auto",
             timeout_graceful_shutdown=1,
             server_header=False,  # no `server: uvicorn`, as on the main listener
+            ssl_certfile=tls.cert_file if tls else None,
+            ssl_keyfile=tls.key_file if tls else None,
+            ssl_ca_certs=tls.client_ca if tls else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE,
         )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(

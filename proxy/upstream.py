@@ -10,9 +10,11 @@ here, so nothing above this module knows which library failed.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import ssl
 import time
+import urllib.request
 import zlib
 from collections.abc import Mapping
 
@@ -21,11 +23,12 @@ import certifi
 from yarl import URL
 
 from proxy import __version__
-from proxy.config import Upstream
+from proxy.config import Tls, Upstream
 from proxy.errors import (
     ProxyError,
     UpstreamProtocolError,
     UpstreamTimeout,
+    UpstreamTlsError,
     UpstreamTooLarge,
     UpstreamUnreachable,
 )
@@ -191,6 +194,11 @@ class _Pool:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=t.connect, sock_connect=t.connect, sock_read=None
         )
+        # A per-upstream `proxy:` wins over HTTPS_PROXY/HTTP_PROXY (NO_PROXY honoured), read
+        # here once per upstream: aiohttp's `trust_env` would look them up (and ~/.netrc) in a
+        # thread for every request. Credentials go in a header of their own, so the URL
+        # aiohttp holds (and may quote) has none.
+        self.proxy, self.proxy_headers = _proxy(upstream)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is not None:
@@ -201,7 +209,9 @@ class _Pool:
             limit=self._upstream.max_connections,
             limit_per_host=0,
             keepalive_timeout=30.0,
-            ssl=_ssl_context() if self._upstream.base_url.startswith("https:") else True,
+            ssl=_ssl_context(self._upstream.tls)
+            if self._upstream.base_url.startswith("https:")
+            else True,
         )
         # No cookie jar: upstream cookies must never leak from one client's request into
         # another's. Bodies pass through as they come: no decompression, no redirects.
@@ -210,7 +220,7 @@ class _Pool:
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=self._timeout,
             auto_decompress=False,
-            trust_env=False,
+            trust_env=False,  # the environment's proxy is resolved once, in `_proxy`
         )
         return self._session
 
@@ -268,6 +278,8 @@ class UpstreamClients:
                 headers=request_headers,
                 allow_redirects=False,
                 compress=False,
+                proxy=pool.proxy,
+                proxy_headers=pool.proxy_headers,
             )
         except _TRANSPORT_ERRORS as exc:
             raise to_proxy_error(exc, upstream.name, reading=False) from None
@@ -281,13 +293,45 @@ async def close_all(clients: list[_Pool]) -> None:
     await asyncio.gather(*(c.aclose() for c in clients))
 
 
-def _ssl_context() -> ssl.SSLContext:
-    """The trust store httpx used: $SSL_CERT_FILE or $SSL_CERT_DIR if set, else certifi's."""
-    if cafile := os.environ.get("SSL_CERT_FILE"):
-        return ssl.create_default_context(cafile=cafile)
-    if capath := os.environ.get("SSL_CERT_DIR"):
-        return ssl.create_default_context(capath=capath)
-    return ssl.create_default_context(cafile=certifi.where())
+def _ssl_context(tls: Tls) -> ssl.SSLContext:
+    """`tls.ca_file` if set, else the trust store httpx used: $SSL_CERT_FILE or $SSL_CERT_DIR
+    if set, else certifi's; with the client certificate of `tls.cert_file` (mTLS)."""
+    if tls.ca_file:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+    elif cafile := os.environ.get("SSL_CERT_FILE"):
+        context = ssl.create_default_context(cafile=cafile)
+    elif capath := os.environ.get("SSL_CERT_DIR"):
+        context = ssl.create_default_context(capath=capath)
+    else:
+        context = ssl.create_default_context(cafile=certifi.where())
+    if not tls.verify:  # the config warns about it at every start and in `check`
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
+def _env_proxy(base_url: str) -> str | None:
+    """$HTTPS_PROXY or $HTTP_PROXY (as the scheme of `base_url` asks), unless $NO_PROXY
+    names its host."""
+    url = URL(base_url)
+    if url.host is None or urllib.request.proxy_bypass(url.host):
+        return None
+    return urllib.request.getproxies().get(url.scheme)
+
+
+def _proxy(upstream: Upstream) -> tuple[URL | None, dict[str, str] | None]:
+    """The proxy for this upstream (its `proxy:`, else the environment's) without its
+    credentials, and the header that carries them."""
+    raw = upstream.proxy.reveal() if upstream.proxy is not None else _env_proxy(upstream.base_url)
+    if raw is None:
+        return None, None
+    url = URL(raw)
+    if url.user is None:
+        return url, None
+    basic = base64.b64encode(f"{url.user}:{url.password or ''}".encode()).decode("ascii")
+    return url.with_user(None), {"proxy-authorization": f"Basic {basic}"}
 
 
 def to_proxy_error(exc: BaseException, upstream: str, *, reading: bool) -> ProxyError:
@@ -295,6 +339,29 @@ def to_proxy_error(exc: BaseException, upstream: str, *, reading: bool) -> Proxy
     where = "while streaming the response" if reading else "before its response headers"
     if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ServerDisconnectedError):
         return UpstreamTimeout(f"upstream '{upstream}' timed out {where}")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = _tls_reason(exc.certificate_error)
+        return UpstreamTlsError(
+            f"the certificate of upstream '{upstream}' could not be verified{reason}"
+        )
+    if not reading and isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        reason = _tls_reason(exc)
+        return UpstreamTlsError(f"the TLS handshake with upstream '{upstream}' failed{reason}")
+    if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy's URL is not shown
+        return UpstreamUnreachable(
+            f"upstream '{upstream}' is unreachable: its proxy answered {exc.status}"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
         return UpstreamUnreachable(f"upstream '{upstream}' is unreachable")
     return UpstreamProtocolError(f"upstream '{upstream}' closed the connection {where}")
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """What OpenSSL said (": certificate has expired"), without the connection's details."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f": {exc.verify_message}"
+    original = getattr(exc, "os_error", None)  # aiohttp's ClientConnectorSSLError wraps it
+    if isinstance(original, ssl.SSLError):
+        exc = original
+    reason = getattr(exc, "reason", None)
+    return f": {str(reason).lower().replace('_', ' ')}" if reason else ""

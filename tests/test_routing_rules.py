@@ -16,10 +16,11 @@ from proxy.errors import (
     ProxyError,
     UpstreamProtocolError,
     UpstreamTimeout,
+    UpstreamTlsError,
     UpstreamUnreachable,
 )
 from proxy.record import AttemptOutcome
-from proxy.routing import Verdict, backoff, classify, outcome_for_status, plan
+from proxy.routing import Verdict, backoff, classify, outcome_for_status, plan, retried
 from proxy.routing import outcome_of as outcome_of_error
 from proxy.routing import rejects_stream_options as rejects
 
@@ -129,6 +130,9 @@ FINAL = Verdict(next_candidate=False, unhealthy=False)
 VERDICTS: dict[str, Verdict] = {
     "ok": FINAL,  # committed: nothing to classify
     "connect_error": RETRY_UNHEALTHY,
+    # A certificate that fails verification: another upstream may answer; it counts toward
+    # cooldown, so later requests skip it until a probe finds it fixed.
+    "tls_error": RETRY_UNHEALTHY,
     "timeout": RETRY_UNHEALTHY,
     "first_token_timeout": RETRY_UNHEALTHY,
     "reset": RETRY_UNHEALTHY,
@@ -196,6 +200,7 @@ def test_5xx_move_on_and_count_against_the_upstream(status: int) -> None:
     ("error", "outcome"),
     [
         (UpstreamUnreachable("refused"), "connect_error"),
+        (UpstreamTlsError("certificate verify failed"), "tls_error"),
         (UpstreamTimeout("silent"), "timeout"),
         (UpstreamProtocolError("closed"), "reset"),
         (ProxyError("anything else"), "reset"),
@@ -206,6 +211,13 @@ def test_5xx_move_on_and_count_against_the_upstream(status: int) -> None:
 def test_outcome_of_our_own_errors(error: ProxyError, outcome: AttemptOutcome) -> None:
     assert outcome_of_error(error) == outcome
     assert classify(outcome) == RETRY_UNHEALTHY  # another upstream may answer
+
+
+@pytest.mark.parametrize("outcome", sorted(VERDICTS), ids=str)
+def test_only_a_tls_failure_rules_out_a_retry_on_the_same_upstream(
+    outcome: AttemptOutcome,
+) -> None:
+    assert retried(outcome) == (outcome != "tls_error")
 
 
 NAMES_IT = b'{"error": {"message": "Unrecognized request argument: stream_options"}}'

@@ -78,9 +78,20 @@ CLIENT = Key("client", "sk-sg-" + _chars(43), "sk-sg-")  # as `sluicegate hash-k
 NARROW = Key("narrow client", "sk-sg-" + _chars(43), "sk-sg-")
 COOKIE = Key("client cookie", "session=" + _chars(32), "session=")
 REDIS = Key("REDIS_URL's password", _chars(40))  # state.url: limits shared through Redis
+EGRESS = Key("EGRESS_PASSWORD", _chars(32))  # an upstream's `proxy:` credentials
 UPSTREAM_KEYS = (OPENAI, ANTHROPIC, DEEPSEEK, GEMINI)
-SECRETS = (*UPSTREAM_KEYS, PASTED, URL_PASSWORD, METRICS_TOKEN, CLIENT, NARROW, COOKIE, REDIS)
-ENV = {key.name: key.value for key in (OPENAI, ANTHROPIC, DEEPSEEK, GEMINI, METRICS_TOKEN)}
+SECRETS = (
+    *UPSTREAM_KEYS,
+    PASTED,
+    URL_PASSWORD,
+    METRICS_TOKEN,
+    CLIENT,
+    NARROW,
+    COOKIE,
+    REDIS,
+    EGRESS,
+)
+ENV = {key.name: key.value for key in (OPENAI, ANTHROPIC, DEEPSEEK, GEMINI, METRICS_TOKEN, EGRESS)}
 # Nothing listens there (`check` never connects); `serve` gets a real redis-server's URL.
 ENV["REDIS_URL"] = f"redis://:{REDIS.value}@127.0.0.1:9/0"
 ENV["REDIS_BAD_URL"] = f"http://:{REDIS.value}@127.0.0.1:9/0"  # the wrong scheme
@@ -120,11 +131,14 @@ def routes_yaml(mock_url: str, dead_port: int, *, rpm: int = 1000, broken: bool 
         f" api_key: '${{{GEMINI.name}}}', timeouts: {{connect: 1, read: 2}}}}",
         f"  pasted: {{base_url: '{mock_url}/v1', api_key: '${{{PASTED.name}}}'}}",
         f"  mistyped: {{base_url: 'http://{MISTYPED_HOST}/v1', api_key: '${{{PASTED.name}}}'}}",
+        # Its proxy refuses connections: the credentials ride along into an error path.
+        f"  egress: {{base_url: 'https://far.example/v1', timeouts: {{connect: 1}},"
+        f" proxy: 'http://egress:${{{EGRESS.name}}}@127.0.0.1:{dead_port}'}}",
     ]
     if broken:
         lines.append(f"  creds: {{base_url: 'ftp://user:{URL_PASSWORD.value}@h/v1'}}")
     lines.append("routes:")
-    for route in (*ROUTES, "offline", "pasted", "mistyped"):
+    for route in (*ROUTES, "offline", "pasted", "mistyped", "egress"):
         target = f"{{upstream: {route}, model: m-{route}}}"
         lines.append(f"  - {{model: {route}, targets: [{target}], retries: 0}}")
     lines.append("pricing:")
@@ -245,6 +259,7 @@ def drive(url: str, http: httpx.Client, seen: Seen) -> None:
             pass
     seen.add("the SDK's exception for a cut stream", str(cut.value))
     _fails(seen, 502, chat, model="offline", messages=HI)
+    _fails(seen, 502, chat, model="egress", messages=HI)  # through a proxy that refuses
     assert chat(model="pasted", messages=HI).choices  # its key's newline trimmed
     _fails(seen, 500, chat, model="mistyped", messages=HI)  # the traceback
     wrong = _client(url, WRONG_CLIENT_KEY, http)
@@ -254,7 +269,7 @@ def drive(url: str, http: httpx.Client, seen: Seen) -> None:
     narrow = _client(url, NARROW.value, http)
     _fails(seen, 403, narrow.chat.completions.create, model="claude", messages=HI)
     assert [m.id for m in narrow.models.list()] == ["gpt"]
-    assert len(app.models.list().data) == 7
+    assert len(app.models.list().data) == 8
 
 
 def scrape(http: httpx.Client, url: str) -> None:

@@ -26,6 +26,7 @@ from proxy.config.model import (
     StreamOptionsMode,
     Target,
     Timeouts,
+    Tls,
     Upstream,
     UsageHeaders,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "StreamOptionsMode",
     "Target",
     "Timeouts",
+    "Tls",
     "Upstream",
     "UsageHeaders",
     "load_config",

@@ -72,6 +72,16 @@ STREAM_OPTIONS_MODES: dict[str, StreamOptionsMode] = {
 
 
 @dataclass(frozen=True, slots=True)
+class Tls:
+    """How an https:// upstream's certificate is checked, and the client certificate (mTLS)."""
+
+    ca_file: str | None = None  # PEM bundle trusted for this upstream, in place of the default
+    verify: bool = True  # False: any certificate is accepted (warned at start-up and by check)
+    cert_file: str | None = None  # PEM client certificate, for upstreams that require one
+    key_file: str | None = None  # its private key; None: cert_file holds it too
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
     base_url: str  # http(s), no trailing "/"
@@ -83,6 +93,8 @@ class Upstream:
     cooldown: Cooldown = Cooldown()
     # An answer read whole (JSON, embeddings, an error) past this is not read on: a 502.
     max_response_bytes: int = 64 * 1024 * 1024
+    tls: Tls = Tls()
+    proxy: Secret | None = None  # an http:// CONNECT proxy URL; it may hold user:password
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from proxy.config.model import (
     UsageHeaders,
 )
 from proxy.config.outliers import LatencyChecks
+from proxy.config.tls import TransportChecks
 
 _UP, _SERVER = Upstream("", ""), ServerSettings()  # where the validator finds defaults
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
@@ -54,7 +55,7 @@ class _MetricsSettings(TypedDict):
     metrics_token: Secret | None
 
 
-class Validator(FleetChecks, LatencyChecks):
+class Validator(FleetChecks, LatencyChecks, TransportChecks):
     """The schema of routes.yaml, section by section, on top of the generic checks."""
 
     def config(self, raw: object) -> Config:
@@ -200,6 +201,8 @@ class Validator(FleetChecks, LatencyChecks):
             max_connections=int(pool),
             cooldown=self.cooldown(_optional(data.get("cooldown")), child_path(path, "cooldown")),
             max_response_bytes=int(most),
+            tls=self.tls(data.get("tls"), path, url),
+            proxy=self.proxy(data, path),
         )
 
     def api_key(self, data: Data, path: str, url: str) -> str:

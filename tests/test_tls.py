@@ -1,0 +1,225 @@
+"""HTTPS upstreams: the mock upstream served over TLS with a CA made for the run
+(tests/tls_certs.py), and real proxies in front of it."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from proxy import cli
+from proxy.app import create_app
+from proxy.config import ConfigError, parse_config
+from proxy.mock.upstream import MockUpstream
+from proxy.record import RequestRecord
+from proxy.serving import RunningServer, ServerTls
+from tests.tls_certs import Pki, make_pki
+
+MESSAGES = [{"role": "user", "content": "有哪些优惠? 🎉"}]
+ROUTES = """\
+upstreams:
+  tls:
+    base_url: {url}/v1
+{tls}
+routes:
+  - model: bot
+    targets: [{{upstream: tls, model: mock-chat}}]
+"""
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def https_mock(pki: Pki) -> Iterator[tuple[MockUpstream, RunningServer]]:
+    app = MockUpstream()
+    tls = ServerTls(str(pki.server_cert), str(pki.server_key))
+    with RunningServer(app, tls=tls) as server:
+        yield app, server
+
+
+@pytest.fixture(scope="session")
+def mtls_mock(pki: Pki) -> Iterator[tuple[MockUpstream, RunningServer]]:
+    """An upstream that requires a client certificate signed by the test CA."""
+    app = MockUpstream()
+    tls = ServerTls(str(pki.server_cert), str(pki.server_key), client_ca=str(pki.ca))
+    with RunningServer(app, tls=tls) as server:
+        yield app, server
+
+
+def _proxy(
+    tmp_path: Path, url: str, tls: dict[str, Any] | None, records: list[RequestRecord]
+) -> RunningServer:
+    block = "" if tls is None else f"    tls: {dict(tls)!r}".replace("'", '"')
+    path = tmp_path / "routes.yaml"
+    path.write_text(ROUTES.format(url=url, tls=block))
+    return RunningServer(create_app(path, observers=[records.append]))
+
+
+def _post(url: str, model: str, **extra: Any) -> httpx.Response:
+    body = {"model": model, "messages": MESSAGES, "seed": 7, **extra}
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=10)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_answers_over_https_are_byte_exact(
+    tmp_path: Path, pki: Pki, https_mock: tuple[MockUpstream, RunningServer], stream: bool
+) -> None:
+    _, upstream = https_mock
+    options = {"stream_options": {"include_usage": True}} if stream else {}
+    direct = httpx.post(
+        upstream.url + "/v1/chat/completions",
+        json={"model": "mock-chat", "messages": MESSAGES, "seed": 7, "stream": stream, **options},
+        verify=ssl.create_default_context(cafile=pki.ca),
+        timeout=10,
+    )
+    assert direct.status_code == 200
+    with _proxy(tmp_path, upstream.url, {"ca_file": str(pki.ca)}, []) as proxy:
+        via = _post(proxy.url, "bot", stream=stream, **options)
+    assert via.status_code == 200
+    assert via.content == direct.content
+    assert max(via.content) >= 0x80  # raw multibyte UTF-8 went through
+
+
+def test_an_untrusted_certificate_is_one_attempt_and_a_tls_502(
+    tmp_path: Path, pki: Pki, https_mock: tuple[MockUpstream, RunningServer]
+) -> None:
+    app, upstream = https_mock
+    seen, records = len(app.records), []
+    with (
+        capture_logs() as logs,
+        _proxy(tmp_path, upstream.url, {"ca_file": str(pki.other_ca)}, records) as proxy,
+    ):
+        answer = _post(proxy.url, "bot", stream=True)
+        metrics = httpx.get(proxy.url + "/metrics").text
+    assert answer.status_code == 502
+    error = answer.json()["error"]
+    assert error["code"] == "upstream_tls_error"
+    assert error["message"].startswith("the certificate of upstream 'tls' could not be verified")
+    assert "unable to get local issuer certificate" in error["message"]  # OpenSSL's reason
+    assert [a.outcome for a in records[0].attempts] == ["tls_error"]  # not retried
+    assert len(app.records) == seen  # no request got through
+    assert 'sluicegate_upstream_attempts_total{outcome="tls_error",upstream="tls"} 1.0' in metrics
+    logged = [e for e in logs if e.get("error") == "upstream_tls_error"]
+    assert logged
+    assert "unable to get local issuer certificate" in logged[0]["message"]
+
+
+def test_ssl_cert_file_is_still_honoured(
+    tmp_path: Path,
+    pki: Pki,
+    https_mock: tuple[MockUpstream, RunningServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, upstream = https_mock
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    with _proxy(tmp_path, upstream.url, None, []) as proxy:
+        assert _post(proxy.url, "bot").status_code == 200
+
+
+def test_verify_false_works_and_warns(
+    tmp_path: Path, https_mock: tuple[MockUpstream, RunningServer]
+) -> None:
+    _, upstream = https_mock
+    with capture_logs() as logs, _proxy(tmp_path, upstream.url, {"verify": False}, []) as proxy:
+        assert _post(proxy.url, "bot").status_code == 200
+    warned = [str(e) for e in logs if "NOT checked" in str(e)]
+    assert warned
+    assert "upstreams.tls.tls.verify" in warned[0]
+
+
+def test_mtls_works_with_a_client_certificate_and_fails_cleanly_without(
+    tmp_path: Path, pki: Pki, mtls_mock: tuple[MockUpstream, RunningServer]
+) -> None:
+    _, upstream = mtls_mock
+    client = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert)}
+    with _proxy(tmp_path, upstream.url, {**client, "key_file": str(pki.client_key)}, []) as proxy:
+        assert _post(proxy.url, "bot", stream=True).status_code == 200
+    records: list[RequestRecord] = []
+    with _proxy(tmp_path, upstream.url, {"ca_file": str(pki.ca)}, records) as proxy:
+        answer = _post(proxy.url, "bot", stream=True)
+    assert answer.status_code == 502
+    assert answer.json()["error"]["type"] == "upstream_error"
+    assert "'tls'" in answer.json()["error"]["message"]
+    assert records[0].attempts  # answered as a failed attempt, not a crash
+
+
+def test_sequential_requests_reuse_one_tls_connection(
+    tmp_path: Path, pki: Pki, https_mock: tuple[MockUpstream, RunningServer]
+) -> None:
+    app, upstream = https_mock
+    seen = len(app.records)
+    with _proxy(tmp_path, upstream.url, {"ca_file": str(pki.ca)}, []) as proxy:
+        for stream in (True, False) * 3:
+            assert _post(proxy.url, "bot", stream=stream).status_code == 200
+    peers = {record.peer for record in app.records[seen:]}
+    assert len(app.records) - seen == 6
+    assert len(peers) == 1  # one connection, so one handshake
+
+
+_ROUTE = "routes: [{model: m, targets: [{upstream: up, model: m}]}]\n"
+
+
+def _issues(tls: str, tmp_path: Path, base_url: str = "https://up") -> list[str]:
+    text = f"upstreams:\n  up:\n    base_url: {base_url}\n    tls: {tls}\n{_ROUTE}"
+    try:
+        config = parse_config(text, "routes.yaml", {})
+    except ConfigError as exc:
+        return [str(issue) for issue in exc.issues]
+    return [f"warning: {w}" for w in config.warnings]
+
+
+def test_tls_config_checks(tmp_path: Path, pki: Pki) -> None:
+    missing = tmp_path / "nope.pem"
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    table = [
+        (f"{{ca_file: {pki.ca}}}", []),
+        (
+            f"{{ca_file: {missing}}}",
+            [f"routes.yaml:4: upstreams.up.tls.ca_file: no such file '{missing}'"],
+        ),
+        (f"{{ca_file: {tmp_path / 'junk.pem'}}}", ["upstreams.up.tls.ca_file: expected PEM"]),
+        (f"{{key_file: {pki.client_key}}}", ["upstreams.up.tls.key_file: needs tls.cert_file"]),
+        (f"{{cert_file: {pki.client_cert}}}", ["upstreams.up.tls.cert_file: expected PEM"]),
+        ("{verify: 'no'}", ["upstreams.up.tls.verify: expected true or false"]),
+        ("{verify: false}", ["warning: routes.yaml:4: upstreams.up.tls.verify: false: the"]),
+        ("{vrify: true}", ["upstreams.up.tls.vrify: unknown key 'vrify' (did you mean 'verify'"]),
+    ]
+    for tls, expected in table:
+        got = _issues(tls, tmp_path)
+        assert len(got) == len(expected), (tls, got)
+        for line, want in zip(got, expected, strict=True):
+            assert want in line, (tls, got)
+    plain = _issues(f"{{ca_file: {pki.ca}}}", tmp_path, "http://up")
+    assert plain == ["warning: routes.yaml:4: upstreams.up.tls: applies to https:// upstreams "
+                     "only; base_url is not one"]  # fmt: skip
+
+
+def test_check_warns_about_verify_false(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(ROUTES.format(url="https://far.example", tls="    tls: {verify: false}"))
+    assert cli.main(["check", str(path)]) == 0
+    out = capsys.readouterr()
+    assert out.err.startswith(f"warning: {path}:4: upstreams.tls.tls.verify: false: the upstream")
+    assert out.out.startswith("ok: ")
+
+
+def test_https_to_a_plain_http_upstream_is_a_tls_failure_named_as_such(
+    tmp_path: Path, mock_server: RunningServer
+) -> None:
+    records: list[RequestRecord] = []
+    https = mock_server.url.replace("http://", "https://")
+    with _proxy(tmp_path, https, None, records) as proxy:
+        answer = _post(proxy.url, "bot")
+    assert answer.status_code == 502
+    assert answer.json()["error"]["code"] == "upstream_tls_error"
+    message = answer.json()["error"]["message"]
+    assert message == "the TLS handshake with upstream 'tls' failed: wrong version number"
+    assert [a.outcome for a in records[0].attempts] == ["tls_error"]
