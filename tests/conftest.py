@@ -10,8 +10,9 @@ import pytest
 
 from proxy.app import create_app
 from proxy.mock.upstream import Knobs, MockUpstream
-from proxy.serving import RunningServer
+from proxy.serving import RunningServer, ServerTls
 from tests.provider_shapes import Shapes, serve_shapes
+from tests.tls_certs import Pki, make_pki
 
 # Random-looking, as real keys are: runs of 8 key characters are scrubbed from error answers,
 # so a key spelt of words ("upstream") would take those words out of every error body.
@@ -117,3 +118,18 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shapes]:
     """Providers' recorded streams replayed behind a real proxy (tests/provider_shapes.py)."""
     with serve_shapes(tmp_path_factory.mktemp("shapes")) as served:
         yield served
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA made for the run, a server certificate for 127.0.0.1 and a client certificate."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def https_mock(pki: Pki) -> Iterator[tuple[MockUpstream, RunningServer]]:
+    """The mock upstream served over HTTPS with the run's CA."""
+    app = MockUpstream()
+    tls = ServerTls(str(pki.server_cert), str(pki.server_key))
+    with RunningServer(app, tls=tls) as server:
+        yield app, server

@@ -3,6 +3,7 @@ framings streams are run over, and the `sluicegate` command run as a real subpro
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -36,6 +37,16 @@ def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.01)
+    return True
+
+
+async def until(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """`wait_for` inside an event loop: polls without blocking it."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
     return True
 
 

@@ -4,7 +4,6 @@ per-upstream `proxy:` URL with credentials from the environment, HTTPS_PROXY and
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,9 +14,9 @@ from proxy.app import create_app
 from proxy.config import ConfigError, parse_config
 from proxy.mock.upstream import MockUpstream
 from proxy.record import RequestRecord
-from proxy.serving import RunningServer, ServerTls
+from proxy.serving import RunningServer
 from tests.connect_proxy import ConnectProxy
-from tests.tls_certs import Pki, make_pki
+from tests.tls_certs import Pki
 
 PASSWORD = "pr0xy-S3cret-9f8e7d6c5b4a"
 BASIC = "Basic " + base64.b64encode(f"egress:{PASSWORD}".encode()).decode()
@@ -31,18 +30,6 @@ routes:
   - model: bot
     targets: [{{upstream: far, model: mock-chat}}]
 """
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def upstream(pki: Pki) -> Iterator[tuple[MockUpstream, RunningServer]]:
-    app = MockUpstream()
-    with RunningServer(app, tls=ServerTls(str(pki.server_cert), str(pki.server_key))) as server:
-        yield app, server
 
 
 def _answer(
@@ -64,9 +51,9 @@ def _tunnelled_to(upstream: RunningServer) -> str:
 
 @pytest.mark.parametrize("password", [PASSWORD, "wrong-password-0123"], ids=["right", "wrong"])
 def test_a_per_upstream_proxy_carries_the_request_and_never_shows_its_password(
-    tmp_path: Path, pki: Pki, upstream: tuple[MockUpstream, RunningServer], password: str
+    tmp_path: Path, pki: Pki, https_mock: tuple[MockUpstream, RunningServer], password: str
 ) -> None:
-    app, server = upstream
+    app, server = https_mock
     seen = len(app.records)
     line = "    proxy: http://egress:${EGRESS_PASSWORD}@{where}"
     with ConnectProxy(authorization=BASIC) as egress:
@@ -94,10 +81,10 @@ def test_a_per_upstream_proxy_carries_the_request_and_never_shows_its_password(
 def test_https_proxy_from_the_environment_and_no_proxy_bypassing_it(
     tmp_path: Path,
     pki: Pki,
-    upstream: tuple[MockUpstream, RunningServer],
+    https_mock: tuple[MockUpstream, RunningServer],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _, server = upstream
+    _, server = https_mock
     with ConnectProxy(authorization=BASIC) as egress:
         where = egress.url.removeprefix("http://")
         monkeypatch.setenv("HTTPS_PROXY", f"http://egress:{PASSWORD}@{where}")

@@ -15,6 +15,7 @@ from proxy.errors import BudgetExceeded, RateLimited, StateUnavailable
 from proxy.fleet import FleetStore
 from proxy.fleet.remote import POOL_SIZE, RedisState
 from proxy.fleet.shared import PROBE_SECONDS
+from tests.helpers import until
 from tests.redis_server import RedisServer
 
 PASSWORD = "fleet-store-test-pass"
@@ -62,15 +63,6 @@ class Fleet:
 def _spend(server: RedisServer, name: str, period: str = "total") -> int:
     with server.client() as client:
         return int(client.get(f"test:{{{name}}}:spend:{period}") or 0)
-
-
-async def _until(predicate: object, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 def test_requests_per_minute_hold_across_processes(server: RedisServer) -> None:
@@ -209,7 +201,7 @@ def test_open_mode_admits_while_redis_is_down_and_writes_back_after(
         assert not one.up
         assert not two.up
         server.start()  # empty: what was charged before the crash must be written again
-        assert await _until(lambda: one.up and two.up, 5 * PROBE_SECONDS + 2)
+        assert await until(lambda: one.up and two.up, 5 * PROBE_SECONDS + 2)
         await one.charge(SPENDER, 1, 0.0001)
         await fleet.aclose()
         return fleet
@@ -228,9 +220,9 @@ def test_a_redis_restarted_empty_between_calls_is_refilled(server: RedisServer) 
         await two.charge(SPENDER, 1, 0.0004)
         server.restart()  # a pooled connection's next call fails once; then all is gone
         await one.admit(SPENDER)  # `one` set the epoch before: it is the first back now
-        assert await _until(lambda: one.up, 5 * PROBE_SECONDS + 2)
+        assert await until(lambda: one.up, 5 * PROBE_SECONDS + 2)
         await two.charge(SPENDER, 1, 0.0001)
-        assert await _until(lambda: two.up, 5 * PROBE_SECONDS + 2)
+        assert await until(lambda: two.up, 5 * PROBE_SECONDS + 2)
         for store in fleet.stores:
             await store.admit(SPENDER)  # each finds the state gone and writes back its part
         await fleet.aclose()
@@ -251,7 +243,7 @@ def test_closed_mode_refuses_limited_keys_while_down(server: RedisServer) -> Non
         assert info.value.headers() == [(b"retry-after", b"1")]
         await store.admit(OPEN)  # needs nothing from the store
         server.start()
-        assert await _until(lambda: store.up, 5 * PROBE_SECONDS + 2)
+        assert await until(lambda: store.up, 5 * PROBE_SECONDS + 2)
         await store.admit(RPM)
         await fleet.aclose()
 
@@ -273,7 +265,7 @@ def test_a_slow_redis_costs_at_most_the_timeout(server: RedisServer) -> None:
             await store.admit(RPM)  # down: no waiting at all any more (local bucket: 5)
         assert time.monotonic() - started < TIMEOUT
         server.resume()
-        assert await _until(lambda: store.up, 5 * PROBE_SECONDS + 2)
+        assert await until(lambda: store.up, 5 * PROBE_SECONDS + 2)
         await fleet.aclose()
         return fleet
 

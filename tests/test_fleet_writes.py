@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +15,7 @@ from proxy.config import Budget, ClientKey, Secret, StateSettings
 from proxy.fleet import FleetStore
 from proxy.fleet.remote import POOL_SIZE, RedisState
 from proxy.fleet.shared import PROBE_SECONDS
+from tests.helpers import until
 from tests.redis_server import RedisServer
 
 PASSWORD = "fleet-writes-test-pass"
@@ -52,15 +52,6 @@ def _spend(server: RedisServer, name: str) -> int:
         return int(client.get(f"test:{{{name}}}:spend:total") or 0)
 
 
-async def _until(predicate: object, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
 def test_a_charge_applied_after_its_timeout_is_counted_once(server: RedisServer) -> None:
     """Redis busy for about the timeout: the charge queued behind it runs, but its reply
     may come too late; the write-back after recovery must not add it again."""
@@ -75,7 +66,7 @@ def test_a_charge_applied_after_its_timeout_is_counted_once(server: RedisServer)
             await asyncio.sleep(0.005)  # the busy script has started
             await store.charge(_key(name), 10, 1.0)
             await asyncio.to_thread(busy.join)
-        recovered = await _until(lambda: store.up, 5 * PROBE_SECONDS + 2)
+        recovered = await until(lambda: store.up, 5 * PROBE_SECONDS + 2)
         await store.spend([_key(name)])  # the periodic read: writes back what is pending
         await store.charge(_key(name), 10, 0.5)
         await store.aclose()

@@ -18,7 +18,7 @@ from proxy.config import ConfigError, parse_config
 from proxy.mock.upstream import MockUpstream
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer, ServerTls
-from tests.tls_certs import Pki, make_pki
+from tests.tls_certs import Pki
 
 MESSAGES = [{"role": "user", "content": "有哪些优惠? 🎉"}]
 ROUTES = """\
@@ -30,19 +30,6 @@ routes:
   - model: bot
     targets: [{{upstream: tls, model: mock-chat}}]
 """
-
-
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="session")
-def https_mock(pki: Pki) -> Iterator[tuple[MockUpstream, RunningServer]]:
-    app = MockUpstream()
-    tls = ServerTls(str(pki.server_cert), str(pki.server_key))
-    with RunningServer(app, tls=tls) as server:
-        yield app, server
 
 
 @pytest.fixture(scope="session")
