@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from proxy.config.checks import Data
 from proxy.config.document import child_path
 from proxy.config.fleet import FleetChecks
+from proxy.config.headers import HeaderChecks
 from proxy.config.model import (
     STRATEGIES,
     STREAM_OPTIONS_MODES,
@@ -55,7 +56,7 @@ class _MetricsSettings(TypedDict):
     metrics_token: Secret | None
 
 
-class Validator(FleetChecks, LatencyChecks, TransportChecks):
+class Validator(FleetChecks, HeaderChecks, LatencyChecks, TransportChecks):
     """The schema of routes.yaml, section by section, on top of the generic checks."""
 
     def config(self, raw: object) -> Config:
@@ -203,6 +204,9 @@ class Validator(FleetChecks, LatencyChecks, TransportChecks):
             max_response_bytes=int(most),
             tls=self.tls(data.get("tls"), path, url),
             proxy=self.proxy(data, path),
+            forward_headers=self.forward_headers(data, path),
+            headers=self.static_headers(data, path, api_key),
+            query=self.query(data, path),
         )
 
     def api_key(self, data: Data, path: str, url: str) -> str:
@@ -382,5 +386,5 @@ def _url_problem(url: str) -> str | None:
         return "expected an http:// or https:// URL with a host"
     if parts.query or parts.fragment:
         # Paths are appended to base_url; a query or fragment would end up in the middle.
-        return "expected a URL without a query or fragment"
+        return "expected a URL without a query or fragment (parameters go in `query:`)"
     return None
