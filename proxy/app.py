@@ -26,9 +26,10 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.admission import identify
 from proxy.api_request import APIS
-from proxy.asgi import escaped, send_error
+from proxy.asgi import escaped, send_body, send_error
 from proxy.catalog import model_entries, model_entry
 from proxy.config import Config, ConfigError
+from proxy.cors import granted, granting, preflight
 from proxy.endpoint import ApiEndpoint
 from proxy.errors import (
     HeadersTooLarge,
@@ -302,19 +303,25 @@ class _Proxy(Starlette):
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = scope["headers"]
+        state = self._ref.current
+        origins = state.config.server.cors_origins if state is not None else None
+        origin = granted(headers, origins) if origins else None  # no CORS config: no cost
+        plain, send = send, granting(send, origin) if origin is not None else send
         if len(headers) > MAX_HEADERS:
             await send_error(send, HeadersTooLarge("request headers are too large"))
             return
         if escaped(scope):
             await send_error(send, NotFound(NO_SUCH_PATH))
             return
-        state = self._ref.current
         if state is not None and scope["path"] not in UNCHECKED_HOST_PATHS:
             try:
                 check_host(headers, state.config.server)
             except ProxyError as exc:
                 await send_error(send, exc)
                 return
+        if origin is not None and state is not None and scope["method"] == "OPTIONS":
+            await send_body(plain, 204, b"", preflight(headers, origin, state.config))
+            return
         endpoint = self._endpoints.get(scope["path"])
         if endpoint is not None and scope["method"] == "POST":
             await endpoint(scope, receive, send)

@@ -146,9 +146,11 @@ class Validator(FleetChecks, HeaderChecks, LatencyChecks, TransportChecks):
     def browsers(self, server: Data) -> _BrowserSettings:
         origins = self.strings(server, "cors_origins", "server", "origin")
         for opath, origin in origins:
-            if not _ORIGIN.fullmatch(origin):
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
                 got = self.shown(opath, origin, bare=True)
-                self.issue(opath, f"expected scheme://host[:port] as a browser sends it, got {got}")
+                self.issue(
+                    opath, f"expected scheme://host[:port] as a browser sends it, or *, got {got}"
+                )
         hosts = self.strings(server, "allowed_hosts", "server", "host name")
         for hpath, host in hosts:
             if not _HOST.fullmatch(host.strip("[]")) or host.count(":") == 1:  # name:port
