@@ -44,7 +44,6 @@ PROXY_SET = frozenset(
 NEVER_FORWARDED = CREDENTIALS | HOP_BY_HOP | PROXY_SET
 _DEFAULT_BYTES = frozenset(name.encode() for name in DEFAULT_FORWARDED)
 _NEVER_BYTES = frozenset(name.encode() for name in NEVER_FORWARDED)
-_PROXY_SET_BYTES = frozenset(name.encode() for name in PROXY_SET)
 
 # Upstream response headers that reach the client, by exact name or by prefix; the proxy's
 # own x-request-id replaces the upstream's, and the body is re-framed (no length, encoding).
@@ -56,6 +55,7 @@ RELAYED_RESPONSE_PREFIXES = (b"openai-", b"x-ratelimit-")
 # x-request-id; Anthropic's request-id; Azure API Management's apim-request-id.
 UPSTREAM_REQUEST_IDS = (b"x-request-id", b"request-id", b"apim-request-id")
 UPSTREAM_REQUEST_ID = b"x-upstream-request-id"
+_ID_RANK = {name: rank for rank, name in enumerate(UPSTREAM_REQUEST_IDS)}
 
 SSE_HEADERS: Headers = [
     (b"cache-control", b"no-cache"),
@@ -97,14 +97,18 @@ class Forwarding:
     """One upstream's request headers: which client headers it gets (the defaults and its
     `forward_headers`) and its static `headers:` (names lower-case), which win over them."""
 
-    __slots__ = ("_names", "_patterns", "_static", "_static_names")
+    __slots__ = ("_keep", "_names", "_patterns", "_static")
 
     def __init__(self, rules: Iterable[str] = (), static: Iterable[tuple[str, str]] = ()) -> None:
         rules = [rule.lower() for rule in rules]
         self._names = _DEFAULT_BYTES | {r.encode() for r in rules if "*" not in r}
         self._patterns = [pattern(r) for r in rules if "*" in r]
         self._static = [(name.lower().encode(), value.encode("latin-1")) for name, value in static]
-        self._static_names = {name for name, _ in self._static}
+        # What `request_headers` keeps by name alone: one set lookup a header.
+        overridden = {name for name, _ in self._static}
+        self._keep = (
+            (self._names - _NEVER_BYTES) | {b"content-type", b"x-request-id"}
+        ) - overridden
 
     def forwards(self, name: bytes) -> bool:
         """Whether a client header (lower-case name, as ASGI gives it) goes upstream."""
@@ -116,12 +120,16 @@ class Forwarding:
         return any(p.fullmatch(text) for p in self._patterns)
 
     def request_headers(self, sent: Headers) -> Headers:
-        """`sent` (from `upstream_request_headers`) as this upstream gets it."""
-        out = [
-            (k, v)
-            for k, v in sent
-            if k not in self._static_names and (k in _PROXY_SET_BYTES or self.forwards(k))
-        ]
+        """`sent` (from `upstream_request_headers`: the proxy's own headers, then the client's
+        that may travel at all) as this upstream gets it."""
+        keep = self._keep
+        if self._patterns:
+            overridden = {name for name, _ in self._static}
+            out = [
+                (k, v) for k, v in sent if k in keep or (k not in overridden and self.forwards(k))
+            ]
+        else:
+            out = [(k, v) for k, v in sent if k in keep]
         out.extend(self._static)
         return out
 
@@ -136,16 +144,15 @@ def upstream_request_headers(client_headers: Iterable[tuple[bytes, bytes]], rid:
 
 def client_response_headers(upstream_headers: Iterable[tuple[bytes, bytes]], rid: bytes) -> Headers:
     out: Headers = []
-    ids: dict[bytes, bytes] = {}
+    upstream_id, rank = None, len(UPSTREAM_REQUEST_IDS)
     for raw, value in upstream_headers:
         name = raw.lower()
         if relayed(name):
             out.append((name, value))
-        elif name in UPSTREAM_REQUEST_IDS:
-            ids.setdefault(name, value)
+        elif name in _ID_RANK and _ID_RANK[name] < rank:
+            upstream_id, rank = value, _ID_RANK[name]
     if any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in out):
         out.extend(SSE_HEADERS)
-    upstream_id = next((ids[name] for name in UPSTREAM_REQUEST_IDS if name in ids), None)
     if upstream_id is not None:
         out.append((UPSTREAM_REQUEST_ID, upstream_id))
     out.append((b"x-request-id", rid))
