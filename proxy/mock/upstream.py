@@ -179,7 +179,8 @@ class MockUpstream:
                 # Injected errors answer at once, as an overloaded or rate-limiting upstream does.
                 retry = knobs.retry_after
                 extra = [] if retry is None else [(b"retry-after", f"{retry:g}".encode())]
-                echo = headers.get("authorization", "") if knobs.echo_auth else None
+                key = headers.get("authorization") or headers.get("api-key", "")  # Azure's
+                echo = key if knobs.echo_auth else None
                 extra += [*echo_headers(echo), *_cdn_headers(knobs)]
                 record.finished = time.monotonic()
                 error = injected_error_body(knobs.status, echo, knobs.echo_form)
