@@ -26,9 +26,10 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.admission import identify
 from proxy.api_request import APIS
-from proxy.asgi import escaped, send_error
-from proxy.catalog import model_entries
+from proxy.asgi import escaped, send_body, send_error
+from proxy.catalog import model_entries, model_entry
 from proxy.config import Config, ConfigError
+from proxy.cors import granted, granting, preflight
 from proxy.endpoint import ApiEndpoint
 from proxy.errors import (
     HeadersTooLarge,
@@ -56,8 +57,8 @@ CONFIG_ENV = "SLUICEGATE_CONFIG"
 # proxy.connection, by server.max_header_bytes).
 MAX_HEADERS = 100
 NO_SUCH_PATH = (
-    "no such path; this proxy serves /v1/chat/completions, /v1/completions, /v1/embeddings "
-    "and /v1/models"
+    "no such path; this proxy serves /v1/chat/completions, /v1/completions, /v1/embeddings, "
+    "/v1/models and /v1/models/{model} (and each without /v1)"
 )
 WATCH_ENV = "SLUICEGATE_WATCH"
 METRICS_ROUTE_ENV = "SLUICEGATE_METRICS_ROUTE"  # "0": /metrics is on the metrics listener
@@ -141,7 +142,10 @@ def create_app(
             await fleet.aclose()
             await reloader.aclose()
 
-    endpoints = {path: ApiEndpoint(ref, runtime, api) for path, api in APIS.items()}
+    # Each API at /v1/... and, for a base_url without /v1 (as LiteLLM serves them), at /...
+    endpoints = {
+        served: ApiEndpoint(ref, runtime, api) for path, api in APIS.items() for served in v1(path)
+    }
     routes = [
         *(Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()),
         *([Route("/metrics", scrape, methods=["GET"])] if metrics_route else []),
@@ -221,12 +225,23 @@ def _small_routes(ref: StateRef, runtime: Runtime) -> list[Route]:
             return _json(503, {"status": "draining" if runtime.draining else "not ready"})
         return _json(200, {"status": "ready"})
 
+    async def model(request: Request) -> Response:
+        config = ref.get().config
+        key = identify(config, request.scope["headers"])
+        return _json(200, model_entry(config, key, request.path_params["model"]))
+
     return [
-        Route("/v1/models", models, methods=["GET"]),
+        *(Route(path, models, methods=["GET"]) for path in v1("/v1/models")),
+        *(Route(path, model, methods=["GET"]) for path in v1("/v1/models/{model:path}")),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/", playground, methods=["GET"]),  # and HEAD
     ]
+
+
+def v1(path: str) -> tuple[str, str]:
+    """A /v1 path and the same path without /v1: clients whose base_url lacks it."""
+    return path, path.removeprefix("/v1")
 
 
 def _render(metrics: list[Metrics]) -> tuple[bytes, str]:
@@ -288,19 +303,25 @@ class _Proxy(Starlette):
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = scope["headers"]
+        state = self._ref.current
+        origins = state.config.server.cors_origins if state is not None else None
+        origin = granted(headers, origins) if origins else None  # no CORS config: no cost
+        plain, send = send, granting(send, origin) if origin is not None else send
         if len(headers) > MAX_HEADERS:
             await send_error(send, HeadersTooLarge("request headers are too large"))
             return
         if escaped(scope):
             await send_error(send, NotFound(NO_SUCH_PATH))
             return
-        state = self._ref.current
         if state is not None and scope["path"] not in UNCHECKED_HOST_PATHS:
             try:
                 check_host(headers, state.config.server)
             except ProxyError as exc:
                 await send_error(send, exc)
                 return
+        if origin is not None and state is not None and scope["method"] == "OPTIONS":
+            await send_body(plain, 204, b"", preflight(headers, origin, state.config))
+            return
         endpoint = self._endpoints.get(scope["path"])
         if endpoint is not None and scope["method"] == "POST":
             await endpoint(scope, receive, send)

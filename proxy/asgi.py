@@ -46,11 +46,17 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
+# Paths whose rest is a name, not a route: the openai SDKs escape a model's `/` as `%2F`.
+ESCAPABLE = (b"/v1/models/", b"/models/")
+
+
 def escaped(scope: Scope) -> bool:
     """Whether the path was sent with percent-escapes. The server decodes them into
     scope["path"], so `/%6detrics` would route as `/metrics`: no path of ours needs an escape,
-    and one that has any reaches none of them (they match byte for byte)."""
-    return b"%" in (scope.get("raw_path") or b"")
+    and one that has any reaches none of them (they match byte for byte). Past an
+    `ESCAPABLE` prefix they spell a model name, which can only be looked up."""
+    raw = scope.get("raw_path") or b""
+    return b"%" in raw and not raw.startswith(ESCAPABLE)
 
 
 class ClientGone(Exception):

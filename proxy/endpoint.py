@@ -15,11 +15,10 @@ from proxy.attempts import Attempts
 from proxy.config import ClientKey
 from proxy.errors import (
     InternalError,
-    ModelNotFound,
     Overloaded,
     ProxyError,
     UpstreamProtocolError,
-    clipped,
+    unknown_model,
 )
 from proxy.headers import Headers, client_response_headers, request_id, upstream_request_headers
 from proxy.metering.cost import cost_usd
@@ -123,9 +122,7 @@ class _RequestFlow:
             request = parse_request(body, self.api)
             route = config.route(request.model)
             if route is None:
-                model = clipped(request.model, config.server.max_echoed_chars)
-                message = f"The model '{model}' does not exist or you do not have access to it."
-                raise ModelNotFound(message, param="model")
+                raise unknown_model(request.model, config.server.max_echoed_chars)
             check_model(key, route.model)
             await state.runtime.store.admit(key)
         except ProxyError as exc:

@@ -101,6 +101,13 @@ class ModelNotFound(ProxyError):
     code = "model_not_found"
 
 
+def unknown_model(model: str, max_chars: int) -> ModelNotFound:
+    """OpenAI's 404 for a model that is not served, or not to this caller."""
+    shown = clipped(model, max_chars)
+    message = f"The model '{shown}' does not exist or you do not have access to it."
+    return ModelNotFound(message, param="model")
+
+
 class NotFound(ProxyError):
     status = 404
     type = "invalid_request_error"

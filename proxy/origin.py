@@ -4,10 +4,10 @@ is described in docs/SECURITY.md.
 Any page a visitor opens can POST `text/plain` or form data to any address that visitor's
 browser reaches (a laptop's loopback, an office network) without a CORS preflight. So the API
 endpoints take `application/json` only, as OpenAI's do: a page can send that only after a
-preflight, which this proxy never grants. An open proxy (no `keys:`) also refuses a request
-whose `Origin` is neither its own nor listed in `server.cors_origins`. DNS rebinding (a page
-whose own name comes to point at the proxy) is same-origin to the browser; `server.allowed_hosts`
-refuses every `Host` not listed.
+preflight, which this proxy grants only to `server.cors_origins` (proxy.cors). An open proxy
+(no `keys:`) also refuses a request whose `Origin` is neither its own nor listed there (`*`:
+any). DNS rebinding (a page whose own name comes to point at the proxy) is same-origin to the
+browser; `server.allowed_hosts` refuses every `Host` not listed.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _is_json(content_type: bytes) -> bool:
 
 def _origin_allowed(origin: bytes, host: bytes | None, server: ServerSettings) -> bool:
     text = origin.decode("latin-1").lower()
-    if text in server.cors_origins:
+    if text in server.cors_origins or "*" in server.cors_origins:
         return True
     _, sep, authority = text.partition("://")  # the page's own proxy: same scheme-less authority
     return bool(sep) and host is not None and authority == host.decode("latin-1").lower()

@@ -16,7 +16,7 @@ import re
 from bisect import bisect_left
 from itertools import accumulate
 
-from proxy.config import Upstream
+from proxy.config import Secret, Upstream
 from proxy.headers import Headers
 
 SCRUBBED = b"***"
@@ -28,12 +28,15 @@ _ESCAPE = re.compile(rb'\\(?:u00([2-7][0-9a-fA-F])|(["\\/]))')
 
 
 def scrub_key(upstream: Upstream, body: bytes, headers: Headers) -> tuple[bytes, Headers]:
-    """An error answer without the upstream's own key. For answers read whole (error
-    answers); a committed answer's bytes are never touched."""
-    key = upstream.api_key.reveal().encode() if upstream.api_key is not None else b""
-    if len(key) < MIN_RUN:
+    """An error answer without the upstream's own key, nor the `headers:` values taken from
+    the environment (Azure's api-key). For answers read whole (error answers); a committed
+    answer's bytes are never touched."""
+    secrets = [value for _, value in upstream.headers if isinstance(value, Secret)]
+    if upstream.api_key is not None:
+        secrets.append(upstream.api_key)
+    runs = tuple({run for secret in secrets for run in _runs(secret.reveal().encode())})
+    if not runs:
         return body, headers
-    runs = _runs(key)
     return scrub(runs, body), [(name, scrub(runs, value)) for name, value in headers]
 
 

@@ -32,7 +32,7 @@ from proxy.errors import (
     UpstreamTooLarge,
     UpstreamUnreachable,
 )
-from proxy.headers import Headers
+from proxy.headers import Forwarding, Headers
 
 USER_AGENT = f"sluicegate/{__version__}"
 # What a body compressed against our `accept-encoding: identity` is decoded with (zlib's
@@ -199,6 +199,8 @@ class _Pool:
         # thread for every request. Credentials go in a header of their own, so the URL
         # aiohttp holds (and may quote) has none.
         self.proxy, self.proxy_headers = _proxy(upstream)
+        static = [(k, v if isinstance(v, str) else v.reveal()) for k, v in upstream.headers]
+        self.forwarding = Forwarding(upstream.forward_headers, static)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is not None:
@@ -227,7 +229,10 @@ class _Pool:
     def url(self, path: str) -> URL:
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = URL(self._upstream.base_url + path)
+            url = URL(self._upstream.base_url + path)
+            if self._upstream.query:
+                url = url.extend_query(self._upstream.query)
+            self._urls[path] = url
         return url
 
     async def aclose(self) -> None:
@@ -262,7 +267,8 @@ class UpstreamClients:
         self, upstream: Upstream, path: str, body: bytes, headers: Headers
     ) -> UpstreamResponse:
         pool = self._clients[upstream.name]
-        names = {name.lower() for name, _ in headers}
+        headers = pool.forwarding.request_headers(headers)
+        names = {name for name, _ in headers}
         request_headers = [
             (text, value) for raw, text, value in _DEFAULT_HEADERS if raw not in names
         ]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Browser, sync_playwright
 
 from proxy.app import create_app
 from proxy.mock.upstream import Knobs, MockUpstream
@@ -43,6 +46,7 @@ pricing:
 """
 
 ProxyFactory = Callable[..., RunningServer]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="session")
@@ -133,3 +137,18 @@ def https_mock(pki: Pki) -> Iterator[tuple[MockUpstream, RunningServer]]:
     tls = ServerTls(str(pki.server_cert), str(pki.server_key))
     with RunningServer(app, tls=tls) as server:
         yield app, server
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    executable = shutil.which("chromium")
+    if executable is None:
+        if IN_CI:
+            pytest.fail("chromium is missing in CI: scripts/test installs it as root")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        # Chromium's sandbox cannot start as root (CI containers).
+        args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        browser = playwright.chromium.launch(executable_path=executable, args=args)
+        yield browser
+        browser.close()

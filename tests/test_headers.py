@@ -91,5 +91,6 @@ def test_client_headers_are_an_allowlist() -> None:
         (b"retry-after", b"2"),
         (b"cache-control", b"no-cache"),
         (b"x-accel-buffering", b"no"),
+        (b"x-upstream-request-id", b"upstream-id"),  # the upstream's own, to quote to it
         (b"x-request-id", b"rid"),
     ]

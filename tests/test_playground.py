@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from playwright.sync_api import Browser, Page, Request, sync_playwright
+from playwright.sync_api import Browser, Page, Request
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
@@ -30,7 +29,6 @@ from proxy.mock.content import count_prompt_tokens, expected_content
 from proxy.serving import RunningServer
 from tests.helpers import ROOT, sluicegate, wait_for
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ARTIFACTS = Path(os.environ.get("SLUICEGATE_ARTIFACTS") or ROOT / "test-artifacts")
 # `sluicegate serve --demo`: its upstream answers 40 tokens, 0.2 s to the first, 0.04 s apart,
 # priced at input 0.28, output 0.42 USD per million tokens (proxy/cli.py).
@@ -99,21 +97,6 @@ def priced(
     app = create_app(path, env={"BETA_KEY": UPSTREAM_KEY}, watch_interval=None)
     with RunningServer(app) as server:
         yield server.url
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    executable = shutil.which("chromium")
-    if executable is None:
-        if IN_CI:
-            pytest.fail("chromium is missing in CI: scripts/test installs it as root")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        # Chromium's sandbox cannot start as root (CI containers).
-        args = ["--no-sandbox"] if os.geteuid() == 0 else []
-        browser = playwright.chromium.launch(executable_path=executable, args=args)
-        yield browser
-        browser.close()
 
 
 @dataclass

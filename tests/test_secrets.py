@@ -79,6 +79,7 @@ NARROW = Key("narrow client", "sk-sg-" + _chars(43), "sk-sg-")
 COOKIE = Key("client cookie", "session=" + _chars(32), "session=")
 REDIS = Key("REDIS_URL's password", _chars(40))  # state.url: limits shared through Redis
 EGRESS = Key("EGRESS_PASSWORD", _chars(32))  # an upstream's `proxy:` credentials
+AZURE = Key("AZURE_OPENAI_KEY", secrets.token_hex(16))  # sent in a `headers:` api-key
 UPSTREAM_KEYS = (OPENAI, ANTHROPIC, DEEPSEEK, GEMINI)
 SECRETS = (
     *UPSTREAM_KEYS,
@@ -90,8 +91,12 @@ SECRETS = (
     COOKIE,
     REDIS,
     EGRESS,
+    AZURE,
 )
-ENV = {key.name: key.value for key in (OPENAI, ANTHROPIC, DEEPSEEK, GEMINI, METRICS_TOKEN, EGRESS)}
+ENV = {
+    key.name: key.value
+    for key in (OPENAI, ANTHROPIC, DEEPSEEK, GEMINI, METRICS_TOKEN, EGRESS, AZURE)
+}
 # Nothing listens there (`check` never connects); `serve` gets a real redis-server's URL.
 ENV["REDIS_URL"] = f"redis://:{REDIS.value}@127.0.0.1:9/0"
 ENV["REDIS_BAD_URL"] = f"http://:{REDIS.value}@127.0.0.1:9/0"  # the wrong scheme
@@ -134,11 +139,13 @@ def routes_yaml(mock_url: str, dead_port: int, *, rpm: int = 1000, broken: bool 
         # Its proxy refuses connections: the credentials ride along into an error path.
         f"  egress: {{base_url: 'https://far.example/v1', timeouts: {{connect: 1}},"
         f" proxy: 'http://egress:${{{EGRESS.name}}}@127.0.0.1:{dead_port}'}}",
+        f"  azure: {{base_url: '{mock_url}/openai/deployments/d', query: {{api-version: v1}},"
+        f" headers: {{api-key: '${{{AZURE.name}}}'}}}}",
     ]
     if broken:
         lines.append(f"  creds: {{base_url: 'ftp://user:{URL_PASSWORD.value}@h/v1'}}")
     lines.append("routes:")
-    for route in (*ROUTES, "offline", "pasted", "mistyped", "egress"):
+    for route in (*ROUTES, "offline", "pasted", "mistyped", "egress", "azure"):
         target = f"{{upstream: {route}, model: m-{route}}}"
         lines.append(f"  - {{model: {route}, targets: [{target}], retries: 0}}")
     lines.append("pricing:")
@@ -236,7 +243,7 @@ def drive(url: str, http: httpx.Client, seen: Seen) -> None:
     """Every kind of answer, through the openai SDK."""
     app = _client(url, CLIENT.value, http)
     chat = app.chat.completions.create
-    for route in ROUTES:
+    for route in (*ROUTES, "azure"):
         answer = chat(model=route, messages=HI, extra_headers={"cookie": COOKIE.value})
         assert answer.choices[0].message.content
         knobs: dict[str, object] = {"set_cookie": True}
@@ -252,7 +259,8 @@ def drive(url: str, http: httpx.Client, seen: Seen) -> None:
                 seen, status, chat, model=route, messages=HI, stream=status == 500,
                 extra_body={"mock": knobs}, extra_headers={"cookie": COOKIE.value},
             )  # fmt: skip
-            assert "credentials not accepted: 'Bearer ***'" in error.message  # echoed, scrubbed
+            scrubbed = "'***'" if route == "azure" else "'Bearer ***'"  # api-key: no scheme
+            assert f"credentials not accepted: {scrubbed}" in error.message  # echoed, scrubbed
     knobs = {"reset_after": 2}  # a reset mid-stream: the stream ends with an error event
     with pytest.raises(openai.APIError) as cut:
         for _ in chat(model="deepseek", messages=HI, stream=True, extra_body={"mock": knobs}):
@@ -269,7 +277,7 @@ def drive(url: str, http: httpx.Client, seen: Seen) -> None:
     narrow = _client(url, NARROW.value, http)
     _fails(seen, 403, narrow.chat.completions.create, model="claude", messages=HI)
     assert [m.id for m in narrow.models.list()] == ["gpt"]
-    assert len(app.models.list().data) == 8
+    assert len(app.models.list().data) == 9
 
 
 def scrape(http: httpx.Client, url: str) -> None:
@@ -338,7 +346,10 @@ def test_no_secret_in_anything_a_run_produces(
     sent = upstream.records[first:]
     with redis_server.client() as client:  # the client key's rpm was checked in Redis
         assert client.exists("sluicegate:{app}:epoch")
-    used = {record.headers["authorization"] for record in sent}
+    azure = [record.headers for record in sent if "api-key" in record.headers]
+    assert {headers["api-key"] for headers in azure} == {AZURE.value}
+    assert not [headers for headers in azure if "authorization" in headers]
+    used = {record.headers["authorization"] for record in sent if "api-key" not in record.headers}
     assert used == {f"Bearer {key.value}" for key in (*UPSTREAM_KEYS, PASTED)}
     for marker in ('"event":"request"', '"config_reloaded"', '"config_reload_refused"'):
         assert output.count(marker) >= workers, marker  # JSON lines, from every worker

@@ -95,6 +95,12 @@ class Upstream:
     max_response_bytes: int = 64 * 1024 * 1024
     tls: Tls = Tls()
     proxy: Secret | None = None  # an http:// CONNECT proxy URL; it may hold user:password
+    # Client headers sent on besides proxy.headers.DEFAULT_FORWARDED: lower-case names, or
+    # patterns where `*` stands for any run of characters (`x-team-*`).
+    forward_headers: tuple[str, ...] = ()
+    # Sent on every request; names lower-case, a value written as ${VAR} held as a Secret.
+    headers: tuple[tuple[str, str | Secret], ...] = ()
+    query: tuple[tuple[str, str], ...] = ()  # added to every request's URL (`api-version`)
 
 
 @dataclass(frozen=True, slots=True)

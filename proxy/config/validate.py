@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from proxy.config.checks import Data
 from proxy.config.document import child_path
 from proxy.config.fleet import FleetChecks
+from proxy.config.headers import HeaderChecks
 from proxy.config.model import (
     STRATEGIES,
     STREAM_OPTIONS_MODES,
@@ -55,7 +56,7 @@ class _MetricsSettings(TypedDict):
     metrics_token: Secret | None
 
 
-class Validator(FleetChecks, LatencyChecks, TransportChecks):
+class Validator(FleetChecks, HeaderChecks, LatencyChecks, TransportChecks):
     """The schema of routes.yaml, section by section, on top of the generic checks."""
 
     def config(self, raw: object) -> Config:
@@ -145,9 +146,11 @@ class Validator(FleetChecks, LatencyChecks, TransportChecks):
     def browsers(self, server: Data) -> _BrowserSettings:
         origins = self.strings(server, "cors_origins", "server", "origin")
         for opath, origin in origins:
-            if not _ORIGIN.fullmatch(origin):
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
                 got = self.shown(opath, origin, bare=True)
-                self.issue(opath, f"expected scheme://host[:port] as a browser sends it, got {got}")
+                self.issue(
+                    opath, f"expected scheme://host[:port] as a browser sends it, or *, got {got}"
+                )
         hosts = self.strings(server, "allowed_hosts", "server", "host name")
         for hpath, host in hosts:
             if not _HOST.fullmatch(host.strip("[]")) or host.count(":") == 1:  # name:port
@@ -203,6 +206,9 @@ class Validator(FleetChecks, LatencyChecks, TransportChecks):
             max_response_bytes=int(most),
             tls=self.tls(data.get("tls"), path, url),
             proxy=self.proxy(data, path),
+            forward_headers=self.forward_headers(data, path),
+            headers=self.static_headers(data, path, api_key),
+            query=self.query(data, path),
         )
 
     def api_key(self, data: Data, path: str, url: str) -> str:
@@ -382,5 +388,5 @@ def _url_problem(url: str) -> str | None:
         return "expected an http:// or https:// URL with a host"
     if parts.query or parts.fragment:
         # Paths are appended to base_url; a query or fragment would end up in the middle.
-        return "expected a URL without a query or fragment"
+        return "expected a URL without a query or fragment (parameters go in `query:`)"
     return None

@@ -44,7 +44,7 @@ class Knobs:
     status: int | None = None
     retry_after: float | None = None
     stall: float = 0.0
-    echo_auth: bool = False  # an injected error quotes the Authorization header it got
+    echo_auth: bool = False  # an injected error quotes the Authorization (or api-key) it got
     echo_form: str = "plain"  # ...spelt so (content.ECHO_FORMS): plain, unicode, slash, truncated
     encoding: str = "identity"  # bodies sent whole (answers, errors): identity, gzip, deflate, br
     hostile_headers: bool = False  # every answer carries content.HOSTILE_HEADERS

@@ -73,6 +73,7 @@ class RequestRecord:
     completion_tokens: int = 0
     sent_tokens: int = 0  # content events actually written (fewer on reset or disconnect)
     peer: tuple[str, int] | None = None  # the client's address: which connection carried it
+    target: str = ""  # the path and query it was sent to
 
 
 class MockReset(Exception):
@@ -100,11 +101,8 @@ _MODELS_BODY = orjson.dumps(
     }
 )
 _HEALTH_BODY = b'{"status":"ok"}'
-_APIS = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-}
+# By the end of the path: any prefix serves (Azure's /openai/deployments/NAME/...).
+_APIS = {"/chat/completions": "chat", "/completions": "completions", "/embeddings": "embeddings"}
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -138,7 +136,7 @@ class MockUpstream:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
-        api = _APIS.get(path)
+        api = next((name for end, name in _APIS.items() if path.endswith(end)), None)
         if method == "POST" and api is not None:
             await self._generate(scope, receive, send, api)
         elif method == "GET" and path == "/v1/models":
@@ -171,7 +169,9 @@ class MockUpstream:
         for raw_name, raw_value in scope["headers"]:
             name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        record = RequestRecord(headers, body, started, peer=scope.get("client"))
+        query = scope["query_string"].decode()
+        target = scope["path"] + ("?" + query if query else "")
+        record = RequestRecord(headers, body, started, peer=scope.get("client"), target=target)
         self._record(record)
         try:
             knobs = knobs_for(self.defaults, body, headers, self.fields)
@@ -179,7 +179,8 @@ class MockUpstream:
                 # Injected errors answer at once, as an overloaded or rate-limiting upstream does.
                 retry = knobs.retry_after
                 extra = [] if retry is None else [(b"retry-after", f"{retry:g}".encode())]
-                echo = headers.get("authorization", "") if knobs.echo_auth else None
+                key = headers.get("authorization") or headers.get("api-key", "")  # Azure's
+                echo = key if knobs.echo_auth else None
                 extra += [*echo_headers(echo), *_cdn_headers(knobs)]
                 record.finished = time.monotonic()
                 error = injected_error_body(knobs.status, echo, knobs.echo_form)
