@@ -35,8 +35,11 @@ class Secret:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
+    """Sized as the OpenAI SDKs' own (connect 5 s, read 600 s): a reasoning model may think
+    for minutes before its headers (non-stream) or its first token (stream)."""
+
     connect: float = 5.0  # TCP connect, and waiting for a pooled connection
-    read: float = 30.0  # request sent → response headers
+    read: float = 600.0  # request sent → response headers
     idle: float | None = None  # longest silence inside a body; None: same as read
     total: float | None = None  # the whole non-stream exchange; None: unbounded
 
@@ -95,6 +98,9 @@ class Upstream:
     max_response_bytes: int = 64 * 1024 * 1024
     tls: Tls = Tls()
     proxy: Secret | None = None  # an http:// CONNECT proxy URL; it may hold user:password
+    # A timeout after the request went out is re-sent (next candidate, retries) only with
+    # this: the upstream may still be generating, and billing, the abandoned answer.
+    retry_on_timeout: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -203,6 +203,7 @@ class Validator(FleetChecks, LatencyChecks, TransportChecks):
             max_response_bytes=int(most),
             tls=self.tls(data.get("tls"), path, url),
             proxy=self.proxy(data, path),
+            retry_on_timeout=self.flag(data, "retry_on_timeout", path, default=False),
         )
 
     def api_key(self, data: Data, path: str, url: str) -> str:
