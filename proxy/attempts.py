@@ -236,7 +236,8 @@ class Attempts:
                     upstream, request.api.path, body, self._headers
                 )
         except TimeoutError:
-            if first_token is not None and header_wait == first_token and request.stream:
+            # The route's deadline fired (for a non-stream answer too): its deliberate fallback.
+            if first_token is not None and header_wait == first_token:
                 error = UpstreamTimeout(f"upstream '{upstream.name}' sent no first token in time")
                 return Failure(target, "first_token_timeout", error)
             error = UpstreamTimeout(f"upstream '{upstream.name}' sent no response headers in time")
@@ -355,8 +356,8 @@ class Attempts:
                 for result in results:
                     if isinstance(result, Failure):
                         last = result
-                if not running and not self._moves_on(last):
-                    return last
+                        if not self._moves_on(result):
+                            order = iter(())  # not sent again; a hedge running may still win
         finally:
             try:
                 await self._cancel(running, won=winner is not None)

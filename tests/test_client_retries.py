@@ -65,6 +65,11 @@ class Servers:
             ("slow", 2, {"fallbacks": [{"upstream": "fallback", "model": "fb"}]}),
             ("slow-resent", 2, {"fallbacks": [{"upstream": "fallback", "model": "fb"}]}),
             ("blackhole", 2, {"fallbacks": [{"upstream": "fallback", "model": "fb"}]}),
+            (
+                "hedged",
+                2,
+                {"fallbacks": [{"upstream": "fallback", "model": "fb"}], "hedge_after": 0.1},
+            ),
             *[(f"storm-{n}", 2, {}) for n in range(4)],
             *[(f"alone-{n}", 0, {}) for n in range(2)],
         ]:
@@ -150,6 +155,25 @@ def test_an_upstream_with_retry_on_timeout_has_its_timeouts_re_sent(servers: Ser
     assert answer.choices[0].message.content == expected_content(3, 16)
     assert (servers.seen(servers.primary, tag), servers.seen(servers.fallback, tag)) == (1, 1)
     assert wait_for(lambda: _attempts(servers, tag) == [["timeout", "ok"]])
+
+
+def test_a_timeout_starts_no_new_candidate_but_a_hedge_running_may_still_win(
+    servers: Servers,
+) -> None:
+    # The hedge (the fallback) starts at 0.1 s and answers at ~0.6 s; the primary times out at
+    # 0.3 s, which must not start its retry.
+    tag = uuid.uuid4().hex
+    client = openai.OpenAI(base_url=servers.proxy.url + "/v1", api_key="k", max_retries=0)
+    answer = client.chat.completions.create(
+        model="hedged",
+        messages=MESSAGES,
+        seed=5,
+        extra_body={"mock": {"ttft": 0.6}, "fault": SLOW},
+        extra_headers={"x-request-id": tag},
+    )
+    assert answer.choices[0].message.content == expected_content(5, 16)
+    assert (servers.seen(servers.primary, tag), servers.seen(servers.fallback, tag)) == (1, 1)
+    assert wait_for(lambda: [sorted(a) for a in _attempts(servers, tag)] == [["ok", "timeout"]])
 
 
 def test_a_connect_timeout_sent_nothing_so_the_next_candidate_is_tried(servers: Servers) -> None:
