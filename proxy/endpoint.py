@@ -193,6 +193,7 @@ class _RequestFlow:
             headers = client_response_headers(failure.headers, self.rid)
             if advice:  # replaces the upstream's own advice, which knew nothing of our retries
                 headers = [(k, v) for k, v in headers if k != b"x-should-retry"] + advice
+                record.should_retry = False
             await reply.whole(failure.status, failure.body, headers)
 
     async def _send_answer(
@@ -227,6 +228,8 @@ class _RequestFlow:
         the `reply` once the request was admitted."""
         self.record.fail(exc.status, exc.code, exc.message)
         headers = [(b"x-request-id", self.rid), *exc.headers(), *(extra or [])]
+        if NO_RETRY in headers:
+            self.record.should_retry = False
         if reply is None:
             await send_error(self.send, exc, headers)
         else:

@@ -120,6 +120,11 @@ def _call(
     return tag, info.value
 
 
+def _advice(servers: Servers, tag: str) -> list[bool | None]:
+    """What each proxy request of the call tagged `tag` logged as `should_retry`."""
+    return [r.should_retry for r in servers.records if r.request_id == tag]
+
+
 def _attempts(servers: Servers, tag: str) -> list[list[str]]:
     """The outcomes of each proxy request of the SDK call tagged `tag`."""
     mine = [r for r in servers.records if r.request_id == tag]
@@ -140,6 +145,7 @@ def test_an_answer_slower_than_the_read_timeout_is_asked_for_once_per_sdk_call(
     # Not re-sent, not even to the fallback: the upstream may still be generating it.
     assert (servers.seen(servers.primary, tag), servers.seen(servers.fallback, tag)) == (1, 0)
     assert wait_for(lambda: _attempts(servers, tag) == [["timeout"]])
+    assert _advice(servers, tag) == [False]
 
 
 def test_an_upstream_with_retry_on_timeout_has_its_timeouts_re_sent(servers: Servers) -> None:
@@ -204,6 +210,7 @@ def test_an_always_failing_upstream_gets_one_plus_retries_requests_per_sdk_call(
     assert servers.seen(servers.primary, tag) == 1 + 2  # one attempt and the route's retries
     outcome = "status_429" if fault is LIMITED else "status_5xx"
     assert wait_for(lambda: _attempts(servers, tag) == [[outcome] * 3])
+    assert _advice(servers, tag) == [False]  # in the access log too
 
 
 def test_with_retries_0_the_sdk_retries_after_the_upstream_s_retry_after(
@@ -215,6 +222,7 @@ def test_with_retries_0_the_sdk_retries_after_the_upstream_s_retry_after(
     assert error.response.headers["retry-after"] == "0.05"  # the upstream's, passed on
     assert servers.seen(servers.primary, tag) == 1 + 2  # the SDK's two retries, one each
     assert wait_for(lambda: _attempts(servers, tag) == [["status_429"]] * 3)
+    assert _advice(servers, tag) == [None] * 3
 
 
 # --- openai-node -------------------------------------------------------------------------------
