@@ -148,17 +148,23 @@ def test_an_answer_slower_than_the_read_timeout_is_asked_for_once_per_sdk_call(
     assert _advice(servers, tag) == [False]
 
 
-def test_an_upstream_with_retry_on_timeout_has_its_timeouts_re_sent(servers: Servers) -> None:
+def _answered(servers: Servers, route: str, seed: int, body: dict[str, Any]) -> str:
+    """One SDK call, which must be answered (by the fallback, here); returns its tag."""
     tag = uuid.uuid4().hex
     client = openai.OpenAI(base_url=servers.proxy.url + "/v1", api_key="k", max_retries=0)
     answer = client.chat.completions.create(
-        model="slow-resent",
+        model=route,
         messages=MESSAGES,
-        seed=3,
-        extra_body={"fault": SLOW},
+        seed=seed,
+        extra_body=body,
         extra_headers={"x-request-id": tag},
     )
-    assert answer.choices[0].message.content == expected_content(3, 16)
+    assert answer.choices[0].message.content == expected_content(seed, 16)
+    return tag
+
+
+def test_an_upstream_with_retry_on_timeout_has_its_timeouts_re_sent(servers: Servers) -> None:
+    tag = _answered(servers, "slow-resent", 3, {"fault": SLOW})
     assert (servers.seen(servers.primary, tag), servers.seen(servers.fallback, tag)) == (1, 1)
     assert wait_for(lambda: _attempts(servers, tag) == [["timeout", "ok"]])
 
@@ -168,27 +174,13 @@ def test_a_timeout_starts_no_new_candidate_but_a_hedge_running_may_still_win(
 ) -> None:
     # The hedge (the fallback) starts at 0.1 s and answers at ~0.6 s; the primary times out at
     # 0.3 s, which must not start its retry.
-    tag = uuid.uuid4().hex
-    client = openai.OpenAI(base_url=servers.proxy.url + "/v1", api_key="k", max_retries=0)
-    answer = client.chat.completions.create(
-        model="hedged",
-        messages=MESSAGES,
-        seed=5,
-        extra_body={"mock": {"ttft": 0.6}, "fault": SLOW},
-        extra_headers={"x-request-id": tag},
-    )
-    assert answer.choices[0].message.content == expected_content(5, 16)
+    tag = _answered(servers, "hedged", 5, {"mock": {"ttft": 0.6}, "fault": SLOW})
     assert (servers.seen(servers.primary, tag), servers.seen(servers.fallback, tag)) == (1, 1)
     assert wait_for(lambda: [sorted(a) for a in _attempts(servers, tag)] == [["ok", "timeout"]])
 
 
 def test_a_connect_timeout_sent_nothing_so_the_next_candidate_is_tried(servers: Servers) -> None:
-    tag = uuid.uuid4().hex
-    client = openai.OpenAI(base_url=servers.proxy.url + "/v1", api_key="k", max_retries=0)
-    answer = client.chat.completions.create(
-        model="blackhole", messages=MESSAGES, seed=4, extra_headers={"x-request-id": tag}
-    )
-    assert answer.choices[0].message.content == expected_content(4, 16)
+    tag = _answered(servers, "blackhole", 4, {})
     assert wait_for(lambda: _attempts(servers, tag) == [["connect_error", "ok"]])
 
 
