@@ -1,5 +1,6 @@
 """What an attempt ends in: a committed `Answer`, which holds its upstream until `aclose`, or
-a `Failure` to classify (and relay, if no other candidate does better)."""
+a `Failure` to classify (and relay, if no other candidate does better); `whole_answer` makes
+one of them from a complete 2xx body."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.api_request import StreamOptionsAction
+from proxy.api_request import ApiRequest, StreamOptionsAction
 from proxy.config import Target
-from proxy.errors import ProxyError
-from proxy.headers import Headers
+from proxy.errors import ProxyError, UpstreamProtocolError
+from proxy.headers import Headers, without_content_type
 from proxy.health import UpstreamHealth
 from proxy.record import AttemptOutcome
+from proxy.sse import completion_to_sse
 
 if TYPE_CHECKING:  # only the type: the response is opened in `attempts`, by `upstream`
     from proxy.upstream import UpstreamResponse
@@ -76,6 +78,35 @@ class Failure:
     headers: Headers = field(default_factory=list)
     body: bytes = b""
     retry_after: float | None = None
+    may_retry: bool = True  # False: the client is told not to send it again (x-should-retry)
+
+
+def whole_answer(
+    request: ApiRequest,
+    target: Target,
+    action: StreamOptionsAction,
+    response: UpstreamResponse,
+    payload: bytes,
+) -> Answer | Failure:
+    """A complete 2xx body: a chat completion, or not an answer at all."""
+    headers = response.headers
+    completion = completion_of(payload)  # parsed once; its usage travels on the Answer
+    if completion is None:  # an HTML error page with a 200, say: not an answer
+        odd = f"upstream '{target.upstream}' answered {response.status} without a completion"
+        return Failure(target, "reset", UpstreamProtocolError(odd))
+    usage = completion.get("usage")
+    reported = usage if isinstance(usage, dict) else None
+    if request.stream:  # JSON for a stream request: give the client a stream
+        converted = completion_to_sse(payload, with_usage=request.wants_usage)
+        if converted is not None:
+            sse_headers = [(b"content-type", b"text/event-stream"), *without_content_type(headers)]
+            return Answer(
+                target, response.status, sse_headers, converted,
+                stream_options=action, body_usage=reported,
+            )  # fmt: skip
+    return Answer(
+        target, response.status, headers, payload, stream_options=action, body_usage=reported
+    )
 
 
 def completion_of(body: bytes) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 
-from proxy.answer import Answer, Failure, Hold, completion_of
+from proxy.answer import Answer, Failure, Hold, whole_answer
 from proxy.api_request import ApiRequest, StreamOptionsAction
 from proxy.config import Route, Target, Upstream
 from proxy.errors import (
@@ -29,12 +29,13 @@ from proxy.errors import (
     UpstreamTooLarge,
     UpstreamUnreachable,
 )
-from proxy.headers import Headers, retry_after, without_content_type
+from proxy.headers import Headers, retry_after
 from proxy.latency import hedge_after, request_size
 from proxy.record import Attempt, AttemptOutcome, RequestRecord
 from proxy.routing import (
     backoff,
     classify,
+    client_may_retry,
     outcome_for_status,
     outcome_of,
     plan,
@@ -42,7 +43,7 @@ from proxy.routing import (
     retried,
 )
 from proxy.scrub import scrub_key
-from proxy.sse import EventSplitter, completion_to_sse, parse
+from proxy.sse import EventSplitter, parse
 from proxy.state import AppState
 from proxy.upstream import UpstreamResponse
 
@@ -62,12 +63,24 @@ class Attempts:
         self._state, self._route, self._request = state, route, request
         self._headers, self._record = headers, record
         self._hedged: set[asyncio.Task[Answer | Failure | None]] = set()
+        self._declined = False  # a re-send the upstream's retry budget did not pay for
 
     @functools.cached_property
     def _size(self) -> float:
         return request_size(self._request)  # what a first-token time is divided by
 
     async def run(self) -> Answer | Failure:
+        result = await self._walk()
+        if isinstance(result, Failure):
+            result.may_retry = client_may_retry(
+                result.outcome,
+                self._record.attempts,
+                retry_on_timeout=self._retries_timeouts(result),
+                declined=self._declined,
+            )
+        return result
+
+    async def _walk(self) -> Answer | Failure:
         health, latency, now = self._state.health, self._state.latency, time.monotonic()
         candidates = plan(self._route, self._state.rng, lambda n: health[n].inflight, latency, now)
         after = hedge_after(self._route, candidates[0], latency, self._request)
@@ -78,10 +91,19 @@ class Attempts:
             result = await self._try_candidate(target)
             if result is None:
                 continue
-            if isinstance(result, Answer) or not classify(result.outcome).next_candidate:
+            if isinstance(result, Answer) or not self._moves_on(result):
                 return result
             last = result
         return last
+
+    def _retries_timeouts(self, failure: Failure) -> bool:
+        target = failure.target
+        return target is not None and self._state.config.upstreams[target.upstream].retry_on_timeout
+
+    def _moves_on(self, failure: Failure) -> bool:
+        """Whether the request goes on to the next candidate after this failure."""
+        verdict = classify(failure.outcome, retry_on_timeout=self._retries_timeouts(failure))
+        return verdict.next_candidate
 
     def _order(self, candidates: tuple[Target, ...]) -> Iterator[Target]:
         yield from candidates
@@ -102,7 +124,10 @@ class Attempts:
         if repeat:
             wait = backoff(len(self._record.attempts), self._state.rng)
             wait = max(wait, health.not_before - now)
-            if wait > MAX_RETRY_AFTER or not health.withdraw():
+            if wait > MAX_RETRY_AFTER:
+                return None
+            if not health.withdraw():
+                self._declined = True
                 return None
             await asyncio.sleep(wait)
         else:
@@ -211,7 +236,8 @@ class Attempts:
                     upstream, request.api.path, body, self._headers
                 )
         except TimeoutError:
-            if first_token is not None and header_wait == first_token and request.stream:
+            # The route's deadline fired (for a non-stream answer too): its deliberate fallback.
+            if first_token is not None and header_wait == first_token:
                 error = UpstreamTimeout(f"upstream '{upstream.name}' sent no first token in time")
                 return Failure(target, "first_token_timeout", error)
             error = UpstreamTimeout(f"upstream '{upstream.name}' sent no response headers in time")
@@ -240,38 +266,7 @@ class Attempts:
             return Failure(target, "timeout", error)
         except ProxyError as exc:
             return Failure(target, outcome_of(exc), exc)
-        return self._whole(upstream, target, action, response, payload)
-
-    def _whole(
-        self,
-        upstream: Upstream,
-        target: Target,
-        action: StreamOptionsAction,
-        response: UpstreamResponse,
-        payload: bytes,
-    ) -> Answer | Failure:
-        """A complete 2xx body: a chat completion, or not an answer at all."""
-        headers = response.headers
-        completion = completion_of(payload)  # parsed once; its usage travels on the Answer
-        if completion is None:  # an HTML error page with a 200, say: not an answer
-            odd = f"upstream '{upstream.name}' answered {response.status} without a completion"
-            return Failure(target, "reset", UpstreamProtocolError(odd))
-        usage = completion.get("usage")
-        reported = usage if isinstance(usage, dict) else None
-        if self._request.stream:  # JSON for a stream request: give the client a stream
-            converted = completion_to_sse(payload, with_usage=self._request.wants_usage)
-            if converted is not None:
-                sse_headers = [
-                    (b"content-type", b"text/event-stream"),
-                    *without_content_type(headers),
-                ]
-                return Answer(
-                    target, response.status, sse_headers, converted,
-                    stream_options=action, body_usage=reported,
-                )  # fmt: skip
-        return Answer(
-            target, response.status, headers, payload, stream_options=action, body_usage=reported
-        )
+        return whole_answer(self._request, target, action, response, payload)
 
     async def _refusal(
         self,
@@ -361,8 +356,8 @@ class Attempts:
                 for result in results:
                     if isinstance(result, Failure):
                         last = result
-                if not running and not classify(last.outcome).next_candidate:
-                    return last
+                        if not self._moves_on(result):
+                            order = iter(())  # not sent again; a hedge running may still win
         finally:
             try:
                 await self._cancel(running, won=winner is not None)

@@ -14,6 +14,7 @@ from proxy.asgi import ClientGone, ClientWatch, Receive, Scope, Send, read_body,
 from proxy.attempts import Attempts
 from proxy.config import ClientKey
 from proxy.errors import (
+    NO_RETRY,
     InternalError,
     Overloaded,
     ProxyError,
@@ -126,7 +127,7 @@ class _RequestFlow:
             check_model(key, route.model)
             await state.runtime.store.admit(key)
         except ProxyError as exc:
-            await self._fail(exc, exc.headers())
+            await self._fail(exc)
             return
         self.record.route, self.record.stream = route.model, request.stream
         observers.started(route.model)
@@ -179,11 +180,17 @@ class _RequestFlow:
             record.fail(200, error.code, error.message)
             record.stream_error = "no_answer"
             await reply.error_event(error)
-        elif failure.error is not None or not failure.status:
-            await self._fail(failure.error or ProxyError("no upstream could answer"), reply=reply)
+            return
+        advice: Headers = [] if failure.may_retry else [NO_RETRY]
+        if failure.error is not None or not failure.status:
+            error = failure.error or ProxyError("no upstream could answer")
+            await self._fail(error, advice, reply=reply)
         else:
             record.status = failure.status
             headers = client_response_headers(failure.headers, self.rid)
+            if advice:  # replaces the upstream's own advice, which knew nothing of our retries
+                headers = [(k, v) for k, v in headers if k != b"x-should-retry"] + advice
+                record.should_retry = False
             await reply.whole(failure.status, failure.body, headers)
 
     async def _send_answer(
@@ -214,9 +221,12 @@ class _RequestFlow:
     async def _fail(
         self, exc: ProxyError, extra: Headers | None = None, *, reply: Reply | None = None
     ) -> None:
-        """The proxy's own error; through the `reply` once the request was admitted."""
+        """The proxy's own error, with its own headers (`exc.headers()`) and `extra`; through
+        the `reply` once the request was admitted."""
         self.record.fail(exc.status, exc.code, exc.message)
-        headers = [(b"x-request-id", self.rid), *(extra or [])]
+        headers = [(b"x-request-id", self.rid), *exc.headers(), *(extra or [])]
+        if NO_RETRY in headers:
+            self.record.should_retry = False
         if reply is None:
             await send_error(self.send, exc, headers)
         else:

@@ -30,8 +30,9 @@
 `(given)`: set where the error is raised (none if not given); `a|b`: one of them, per error.
 Every ProxyError subclass is defined here, and listed here (tests/test_errors.py checks both).
 `headers()` is what an error adds to the response: RateLimited `retry-after`, BudgetExceeded
-`x-should-retry: false` (openai-python then does not retry a spent budget), StateUnavailable
-`retry-after`.
+`x-should-retry: false` (`NO_RETRY`: the OpenAI SDKs then do not retry a spent budget),
+StateUnavailable `retry-after`. After a failed walk of the upstreams, whether the client gets
+`NO_RETRY` is `routing.client_may_retry`'s call (the endpoint adds it).
 
 Errors that the upstream itself answered (4xx/5xx with a body) are not in this tree:
 the relay passes them on with the upstream's own status and body.
@@ -46,6 +47,8 @@ from __future__ import annotations
 import math
 
 import orjson
+
+NO_RETRY = (b"x-should-retry", b"false")  # openai-python and openai-node obey it
 
 
 class ProxyError(Exception):
@@ -181,7 +184,7 @@ class BudgetExceeded(ProxyError):
     status = 429
     type = "insufficient_quota"
     code = "budget_exceeded"
-    extra_headers = ((b"x-should-retry", b"false"),)  # openai-python then does not retry
+    extra_headers = (NO_RETRY,)
 
 
 class StateUnavailable(ProxyError):

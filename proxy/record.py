@@ -80,6 +80,7 @@ class RequestRecord:
     fallback_reason: str | None = None  # why the answer came from other than the first pick
     api: str = "chat"  # chat, completions, embeddings
     key_name: str | None = None  # the client key's configured name, when keys are configured
+    should_retry: bool | None = None  # False: the error answer carried `x-should-retry: false`
 
     def fail(self, status: int, code: str | None, message: str) -> None:
         self.status, self.error, self.message = status, code, message

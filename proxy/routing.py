@@ -2,15 +2,15 @@
 
 `plan` turns a route into the ordered candidates for one request; `outcome_of`,
 `outcome_for_status` and `rejects_stream_options` name how an attempt failed; `classify`
-decides, for each way an attempt can fail, whether the next candidate should be tried and
-whether the failure counts against the upstream's health. Every rule says which upstream
-behaviour it answers.
+decides, for each way an attempt can fail, whether the request is sent again (the next
+candidate) and whether the failure counts against the upstream's health; `client_may_retry`
+whether the client should send it again. Every rule says which upstream behaviour it answers.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from proxy.api_request import StreamOptionsAction
@@ -23,7 +23,7 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.latency import Latency, draw_keys, fastest, without_ejected
-from proxy.record import AttemptOutcome
+from proxy.record import Attempt, AttemptOutcome
 
 
 def plan(
@@ -61,19 +61,32 @@ class Verdict:
     unhealthy: bool  # counts toward the upstream's cooldown
 
 
+# Which failures re-send the request (to the next candidate, or to the same upstream again),
+# and why. A re-send is safe when the upstream is not working on the request any more: it
+# never got it, it refused it, or it answered. It is not when the request went out and the
+# proxy stopped waiting: the upstream may still be generating, and billing, that answer.
 _VERDICTS: dict[AttemptOutcome, Verdict] = {
-    # Nothing was sent, or the upstream is overloaded or broken: another upstream may answer.
+    # Refused or unreachable (a connect timeout too): nothing was sent.
     "connect_error": Verdict(next_candidate=True, unhealthy=True),
-    "timeout": Verdict(next_candidate=True, unhealthy=True),
+    # Sent, then no headers (or no end of the body, or a silence past `idle`) in time: the
+    # upstream may still be generating. Not re-sent, unless the upstream is marked
+    # `retry_on_timeout` (a self-hosted server that stops when the proxy hangs up).
+    "timeout": Verdict(next_candidate=False, unhealthy=True),
+    # The connection dropped before an answer (a reset before or after the headers, a cut
+    # body, a 200 without an answer). Ambiguous, but the upstream hung up itself: it is not
+    # delivering this answer to anyone. Usually a stale pooled connection, a load balancer
+    # shedding load, a crashed worker: a re-send is what cures those (the SDKs do the same).
     "reset": Verdict(next_candidate=True, unhealthy=True),
+    # The upstream answered: it is not generating any more, so a re-send is safe.
     "status_5xx": Verdict(next_candidate=True, unhealthy=True),
-    # DeepSeek under load: headers and keep-alives for minutes, no tokens.
+    # DeepSeek under load: headers and keep-alives for minutes, no tokens. The route asked
+    # for this deliberately (`first_token_timeout`): the one timeout that moves on.
     "first_token_timeout": Verdict(next_candidate=True, unhealthy=True),
     # An error event in place of the first token (overload reported in-stream).
     "stream_error": Verdict(next_candidate=True, unhealthy=True),
     # A certificate that fails verification fails every request the same way until someone
     # changes the certificate or the config: another upstream may answer, this one never
-    # gets a retry (`attempts`), and it counts toward cooldown so that later requests skip it
+    # gets a retry (`retried`), and it counts toward cooldown so that later requests skip it
     # and only a probe finds out when it is fixed.
     "tls_error": Verdict(next_candidate=True, unhealthy=True),
     # Rate limits are about us, not the upstream's health: move on, no cooldown.
@@ -85,15 +98,39 @@ _VERDICTS: dict[AttemptOutcome, Verdict] = {
     # The request itself is wrong (400, 413, 422...): every upstream would say the same.
     "status_4xx": Verdict(next_candidate=False, unhealthy=False),
 }
+_RESENT_TIMEOUT = Verdict(next_candidate=True, unhealthy=True)
+# Attempts that did not send the request (or sent it again at once, without stream_options).
+_NOT_SENT = frozenset({"skipped_cooldown", "stream_options_rejected"})
 
 
-def classify(outcome: AttemptOutcome) -> Verdict:
+def classify(outcome: AttemptOutcome, *, retry_on_timeout: bool = False) -> Verdict:
+    """`retry_on_timeout`: the failed upstream's setting of that name."""
+    if outcome == "timeout" and retry_on_timeout:
+        return _RESENT_TIMEOUT
     return _VERDICTS.get(outcome, Verdict(next_candidate=False, unhealthy=False))
 
 
 def retried(outcome: AttemptOutcome) -> bool:
     """Whether the same upstream may be tried again in this request after this outcome."""
     return outcome != "tls_error"
+
+
+def client_may_retry(
+    outcome: AttemptOutcome,
+    attempts: Sequence[Attempt],
+    *,
+    retry_on_timeout: bool = False,
+    declined: bool = False,
+) -> bool:
+    """Whether the client may send again the request that ended in this failure: not when
+    the proxy already sent it more than once (its retries and fallbacks were the retries),
+    nor when it declined a re-send because the upstream's retry budget is spent (`declined`),
+    nor after a failure it would not re-send itself. Otherwise (one attempt: `retries: 0`,
+    or a Retry-After too long to wait for) the client's own backoff applies. The answer
+    then carries `x-should-retry: false`, which the OpenAI SDKs obey."""
+    if declined or sum(a.outcome not in _NOT_SENT for a in attempts) > 1:
+        return False
+    return classify(outcome, retry_on_timeout=retry_on_timeout).next_candidate and retried(outcome)
 
 
 def outcome_for_status(status: int) -> AttemptOutcome:

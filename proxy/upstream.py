@@ -343,7 +343,11 @@ def _proxy(upstream: Upstream) -> tuple[URL | None, dict[str, str] | None]:
 def to_proxy_error(exc: BaseException, upstream: str, *, reading: bool) -> ProxyError:
     """Map a transport failure to the proxy's error tree."""
     where = "while streaming the response" if reading else "before its response headers"
-    if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ServerDisconnectedError):
+    # A connect timeout sent nothing: unreachable (re-sent), not a timeout (`routing`).
+    connecting = aiohttp.ConnectionTimeoutError
+    if isinstance(exc, TimeoutError) and not isinstance(
+        exc, aiohttp.ServerDisconnectedError | connecting
+    ):
         return UpstreamTimeout(f"upstream '{upstream}' timed out {where}")
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         reason = _tls_reason(exc.certificate_error)
@@ -357,7 +361,7 @@ def to_proxy_error(exc: BaseException, upstream: str, *, reading: bool) -> Proxy
         return UpstreamUnreachable(
             f"upstream '{upstream}' is unreachable: its proxy answered {exc.status}"
         )
-    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError | connecting):
         return UpstreamUnreachable(f"upstream '{upstream}' is unreachable")
     return UpstreamProtocolError(f"upstream '{upstream}' closed the connection {where}")
 

@@ -160,12 +160,36 @@ def test_defaults_fill_in_whatever_is_left_out() -> None:
     assert deepseek.api_key is None
     assert deepseek.stream_options == "auto"
     assert deepseek.usage_headers == UsageHeaders(None, None)
-    assert deepseek.timeouts == Timeouts(5.0, 30.0)
+    # The OpenAI SDKs' own: a reasoning model may think for minutes before its first byte.
+    assert deepseek.timeouts == Timeouts(connect=5.0, read=600.0, idle=None, total=None)
+    assert deepseek.timeouts.body_idle == 600.0
+    assert deepseek.retry_on_timeout is False
     assert deepseek.max_connections == 1000
     assert config.server.max_body_bytes == 4 * 1024 * 1024
     assert config.routes[0].targets[0].weight == 1.0
     assert config.routes[0].first_token_timeout is None
     assert config.pricing == {}
+
+
+def test_retry_on_timeout_is_read_per_upstream_and_must_be_a_boolean() -> None:
+    text = _edit(
+        "    base_url: https://gemini.example/v1\n",
+        "    base_url: https://gemini.example/v1\n    retry_on_timeout: true\n",
+    )
+    upstreams = parse_config(text, "routes.yaml", {}).upstreams
+    assert (upstreams["deepseek"].retry_on_timeout, upstreams["gemini"].retry_on_timeout) == (
+        False,
+        True,
+    )
+    broken = _edit(
+        "    base_url: https://gemini.example/v1\n",
+        "    base_url: https://gemini.example/v1\n    retry_on_timeout: sometimes\n",
+    )
+    issue = _one(_issues(broken), "upstreams.gemini.retry_on_timeout")
+    assert str(issue) == (
+        "routes.yaml:6: upstreams.gemini.retry_on_timeout: "
+        "expected true or false, got string 'sometimes'"
+    )
 
 
 def test_cached_input_defaults_to_input_and_zero_is_a_price() -> None:

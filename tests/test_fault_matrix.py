@@ -132,8 +132,15 @@ class Fails:
     outcome: str
     status: int
     code: str | None = None
-    moves_on: bool = True  # False: a bad request goes straight back, no other candidate
+    # False: a bad request, or a timeout after the request was sent (the upstream may still
+    # be generating it), goes straight back: no other candidate, no retry
+    moves_on: bool = True
     retried: bool = True  # False: a Retry-After over 10 s takes the upstream out of the request
+
+    @property
+    def no_retry(self) -> bool:
+        """The client is told `x-should-retry: false`: the proxy retried, or would not."""
+        return self.retried or not self.moves_on
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,7 @@ def _status_rows() -> list[Row]:
 
 UNREACHABLE = Fails("connect_error", 502, "upstream_unreachable")
 CUT_BEFORE_CONTENT = Fails("reset", 502, "upstream_protocol_error")
-TIMED_OUT = Fails("timeout", 504, "upstream_timeout")
+TIMED_OUT = Fails("timeout", 504, "upstream_timeout", moves_on=False)
 FIRST_TOKEN_LATE = Fails("first_token_timeout", 504, "upstream_timeout")
 RESET_CUT = Cuts("reset", "upstream_protocol_error", expected_content(SEED, 3))
 IDLE_CUT = Cuts("idle_timeout", "upstream_timeout", expected_content(SEED, 1))
@@ -209,9 +216,9 @@ ROWS = [
     *_rows("stall_before_headers", Knobs(ttft=3.0), TIMED_OUT),
     *_rows("headers_slower_than_idle_timeout", Knobs(ttft=1.0), Answers(), **SLOW_BY_IDLE),
     *_rows("headers_slower_than_first_token_timeout", Knobs(ttft=1.0), FIRST_TOKEN_LATE,
-           TIMED_OUT, **SLOW_BY_FIRST_TOKEN),
+           **SLOW_BY_FIRST_TOKEN),
     *_rows("keepalive_flood_then_stall", Knobs(keepalives=20, ttft=3.0), FIRST_TOKEN_LATE,
-           TIMED_OUT, **FIRST_TOKEN),
+           **FIRST_TOKEN),
     *_rows("stall_after_headers", Knobs(stall=3.0), TIMED_OUT),
     *_rows("stall_after_headers_past_idle", Knobs(stall=1.0), TIMED_OUT, **SLOW_BY_IDLE),
     *_rows("reset_mid_stream", fast(reset_after=3), RESET_CUT, STREAM_ONLY),
@@ -376,6 +383,7 @@ def _assert_client_got(row: Row, fallback: bool, status: int, headers: Any, raw:
     then = row.then
     if isinstance(then, Fails) and not (fallback and then.moves_on):
         assert status == then.status, raw[:300]
+        assert headers.get("x-should-retry") == ("false" if then.no_retry else None)
         if then.code is not None:
             _assert_openai_error(raw, then.code)
         else:  # the upstream's own error answer, relayed as it was
@@ -439,7 +447,8 @@ def _describe(then: Then, fallback: bool) -> str:
         return f"fallback's answer (`{then.outcome}`, then `ok`)"
     answer = f"{then.status} `{then.code}`" if then.code else f"{then.status} relayed"
     tries = 2 if then.moves_on and then.retried else 1
-    return f"{answer} (`{then.outcome}` x{tries})"
+    advice = ", `x-should-retry: false`" if then.no_retry else ""
+    return f"{answer} (`{then.outcome}` x{tries}){advice}"
 
 
 def matrix_table() -> list[str]:

@@ -19,8 +19,16 @@ from proxy.errors import (
     UpstreamTlsError,
     UpstreamUnreachable,
 )
-from proxy.record import AttemptOutcome
-from proxy.routing import Verdict, backoff, classify, outcome_for_status, plan, retried
+from proxy.record import Attempt, AttemptOutcome
+from proxy.routing import (
+    Verdict,
+    backoff,
+    classify,
+    client_may_retry,
+    outcome_for_status,
+    plan,
+    retried,
+)
 from proxy.routing import outcome_of as outcome_of_error
 from proxy.routing import rejects_stream_options as rejects
 
@@ -126,6 +134,7 @@ def test_least_inflight_ties_behind_the_least_loaded_follow_their_weights() -> N
 RETRY_UNHEALTHY = Verdict(next_candidate=True, unhealthy=True)
 RETRY_HEALTHY = Verdict(next_candidate=True, unhealthy=False)
 FINAL = Verdict(next_candidate=False, unhealthy=False)
+FINAL_UNHEALTHY = Verdict(next_candidate=False, unhealthy=True)
 
 VERDICTS: dict[str, Verdict] = {
     "ok": FINAL,  # committed: nothing to classify
@@ -133,7 +142,8 @@ VERDICTS: dict[str, Verdict] = {
     # A certificate that fails verification: another upstream may answer; it counts toward
     # cooldown, so later requests skip it until a probe finds it fixed.
     "tls_error": RETRY_UNHEALTHY,
-    "timeout": RETRY_UNHEALTHY,
+    # Sent, then given up on: the upstream may still be generating (and billing) it.
+    "timeout": FINAL_UNHEALTHY,
     "first_token_timeout": RETRY_UNHEALTHY,
     "reset": RETRY_UNHEALTHY,
     "status_5xx": RETRY_UNHEALTHY,
@@ -210,7 +220,14 @@ def test_5xx_move_on_and_count_against_the_upstream(status: int) -> None:
 )
 def test_outcome_of_our_own_errors(error: ProxyError, outcome: AttemptOutcome) -> None:
     assert outcome_of_error(error) == outcome
-    assert classify(outcome) == RETRY_UNHEALTHY  # another upstream may answer
+    # another upstream may answer; a timeout only where the upstream allows its re-send
+    assert classify(outcome, retry_on_timeout=True) == RETRY_UNHEALTHY
+
+
+@pytest.mark.parametrize("outcome", sorted(VERDICTS), ids=str)
+def test_retry_on_timeout_changes_only_the_timeout(outcome: AttemptOutcome) -> None:
+    resent = classify(outcome, retry_on_timeout=True)
+    assert resent == (RETRY_UNHEALTHY if outcome == "timeout" else VERDICTS[outcome])
 
 
 @pytest.mark.parametrize("outcome", sorted(VERDICTS), ids=str)
@@ -266,3 +283,41 @@ def test_retry_after_wins_over_the_backoff(attempt: int, retry_after: float) -> 
     before = rng.getstate()
     assert backoff(attempt, rng, retry_after) == retry_after
     assert rng.getstate() == before
+
+
+# --- what the client is told: x-should-retry ------------------------------------------------
+
+
+def _tried(*outcomes: AttemptOutcome) -> list[Attempt]:
+    return [Attempt("u", "m", outcome) for outcome in outcomes]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "attempts", "may"),
+    [
+        ("status_429", _tried("status_429"), True),  # retries: 0 — the SDK's backoff applies
+        ("status_5xx", _tried("status_5xx"), True),
+        ("connect_error", _tried("connect_error"), True),
+        ("reset", _tried("reset"), True),
+        ("first_token_timeout", _tried("first_token_timeout"), True),
+        ("status_429", _tried("status_429", "status_429"), False),  # the proxy retried
+        ("status_5xx", _tried("connect_error", "status_5xx"), False),  # it fell back
+        ("status_5xx", _tried("status_5xx", "hedge_lost"), False),  # a hedge is a send too
+        ("status_5xx", _tried("skipped_cooldown", "status_5xx"), True),  # one was skipped
+        ("status_5xx", _tried("stream_options_rejected", "status_5xx"), True),  # one request
+        ("timeout", _tried("timeout"), False),  # the upstream may still be generating
+        ("tls_error", _tried("tls_error"), False),  # fails the same way until fixed
+        ("status_4xx", _tried("status_4xx"), False),  # every upstream would say the same
+    ],
+)
+def test_client_may_retry(outcome: AttemptOutcome, attempts: list[Attempt], may: bool) -> None:
+    assert client_may_retry(outcome, attempts) is may
+
+
+def test_a_spent_retry_budget_tells_the_client_not_to_retry() -> None:
+    assert client_may_retry("status_5xx", _tried("status_5xx"), declined=True) is False
+
+
+def test_a_timeout_of_an_upstream_that_allows_its_re_send_may_be_retried() -> None:
+    assert client_may_retry("timeout", _tried("timeout"), retry_on_timeout=True) is True
+    assert client_may_retry("timeout", _tried("timeout", "timeout"), retry_on_timeout=True) is False

@@ -35,8 +35,11 @@ class Secret:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
+    """Sized as the OpenAI SDKs' own (connect 5 s, read 600 s): a reasoning model may think
+    for minutes before its headers (non-stream) or its first token (stream)."""
+
     connect: float = 5.0  # TCP connect, and waiting for a pooled connection
-    read: float = 30.0  # request sent → response headers
+    read: float = 600.0  # request sent → response headers
     idle: float | None = None  # longest silence inside a body; None: same as read
     total: float | None = None  # the whole non-stream exchange; None: unbounded
 
@@ -101,6 +104,9 @@ class Upstream:
     # Sent on every request; names lower-case, a value written as ${VAR} held as a Secret.
     headers: tuple[tuple[str, str | Secret], ...] = ()
     query: tuple[tuple[str, str], ...] = ()  # added to every request's URL (`api-version`)
+    # A timeout after the request went out is re-sent (next candidate, retries) only with
+    # this: the upstream may still be generating, and billing, the abandoned answer.
+    retry_on_timeout: bool = False
 
 
 @dataclass(frozen=True, slots=True)

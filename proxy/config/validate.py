@@ -209,6 +209,7 @@ class Validator(FleetChecks, HeaderChecks, LatencyChecks, TransportChecks):
             forward_headers=self.forward_headers(data, path),
             headers=self.static_headers(data, path, api_key),
             query=self.query(data, path),
+            retry_on_timeout=self.flag(data, "retry_on_timeout", path, default=False),
         )
 
     def api_key(self, data: Data, path: str, url: str) -> str:
