@@ -2,7 +2,8 @@
 chat and the Responses API; so does the Vercel AI SDK's default provider (Responses API).
 
 tests/node/ pins the SDKs in package.json and package-lock.json (the AI SDK at 6: its 7 needs
-Node 22); `scripts/test` installs them with `npm ci`. Without node the test is skipped locally and fails in CI."""
+Node 22); `scripts/test` installs them with `npm ci`. Without node the tests are skipped
+locally and fail in CI."""
 
 from __future__ import annotations
 
