@@ -21,6 +21,7 @@ from proxy.errors import (
     UpstreamProtocolError,
     clipped,
 )
+from proxy.exchange import translated
 from proxy.headers import Headers, client_response_headers, request_id, upstream_request_headers
 from proxy.metering.cost import cost_usd
 from proxy.metering.usage import tee_for, usage_of_body, usage_of_stream
@@ -197,8 +198,8 @@ class _RequestFlow:
     ) -> None:
         record, upstream = self.record, state.config.upstreams[answer.target.upstream]
         headers = client_response_headers(answer.headers, self.rid)
-        if request.api is RESPONSES and record.route is not None:
-            learn(state, answer, record.route, record.key_name)
+        if request.api is RESPONSES and record.route and not translated(request, upstream):
+            learn(state, answer, record.route, record.key_name)  # for retrieval
         if not request.stream:
             await reply.whole(answer.status, answer.head, headers)
             record.ttft_s = time.perf_counter() - self.arrived
