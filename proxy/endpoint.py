@@ -9,7 +9,7 @@ import time
 
 from proxy.admission import check_model, identify
 from proxy.answer import Answer, Failure
-from proxy.api_request import CHAT, Api, ApiRequest, parse_request
+from proxy.api_request import CHAT, RESPONSES, Api, ApiRequest, parse_request
 from proxy.asgi import ClientGone, ClientWatch, Receive, Scope, Send, read_body, send_error
 from proxy.attempts import Attempts
 from proxy.config import ClientKey
@@ -21,12 +21,14 @@ from proxy.errors import (
     UpstreamProtocolError,
     unknown_model,
 )
+from proxy.exchange import translated
 from proxy.headers import Headers, client_response_headers, request_id, upstream_request_headers
 from proxy.metering.cost import cost_usd
 from proxy.metering.usage import tee_for, usage_of_body, usage_of_stream
 from proxy.origin import check_api_request
 from proxy.record import Observers, RequestRecord, Usage
 from proxy.relay import Reply
+from proxy.retrieval import learn, pinned
 from proxy.state import AppState, Runtime, StateRef
 
 SSE_TYPE = [(b"content-type", b"text/event-stream")]
@@ -126,13 +128,15 @@ class _RequestFlow:
                 raise unknown_model(request.model, config.server.max_echoed_chars)
             check_model(key, route.model)
             await state.runtime.store.admit(key)
+            if request.api is RESPONSES:  # a `previous_response_id` lives on one upstream
+                route = await pinned(route, request, state.runtime.owners)
         except ProxyError as exc:
             await self._fail(exc)
             return
         self.record.route, self.record.stream = route.model, request.stream
         observers.started(route.model)
         watch = ClientWatch(self.receive, state.config.server.finish_after_abort)
-        reply = Reply(self.send, watch)
+        reply = Reply(self.send, watch, responses=request.api is RESPONSES)
         result: Answer | Failure | None = None
         try:
             headers = upstream_request_headers(self.scope["headers"], self.rid)
@@ -198,6 +202,8 @@ class _RequestFlow:
     ) -> None:
         record, upstream = self.record, state.config.upstreams[answer.target.upstream]
         headers = client_response_headers(answer.headers, self.rid)
+        if request.api is RESPONSES and record.route and not translated(request, upstream):
+            learn(state, answer, record.route, record.key_name)  # for retrieval
         if not request.stream:
             await reply.whole(answer.status, answer.head, headers)
             record.ttft_s = time.perf_counter() - self.arrived

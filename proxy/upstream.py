@@ -49,6 +49,7 @@ _DEFAULT_HEADERS = (
     (b"accept-encoding", "accept-encoding", "identity"),
 )
 _TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+_URLS_KEPT = 16  # parsed URLs kept per upstream
 
 
 class _SilenceExceeded(Exception):
@@ -232,7 +233,8 @@ class _Pool:
             url = URL(self._upstream.base_url + path)
             if self._upstream.query:
                 url = url.extend_query(self._upstream.query)
-            self._urls[path] = url
+            if len(self._urls) < _URLS_KEPT:  # the API paths; not every retrieved id
+                self._urls[path] = url
         return url
 
     async def aclose(self) -> None:
@@ -264,7 +266,14 @@ class UpstreamClients:
         await close_all(self.not_in(other))
 
     async def send(
-        self, upstream: Upstream, path: str, body: bytes, headers: Headers
+        self,
+        upstream: Upstream,
+        path: str,
+        body: bytes,
+        headers: Headers,
+        *,
+        method: str = "POST",
+        query: str = "",  # the client's query string (retrieval), as it came
     ) -> UpstreamResponse:
         pool = self._clients[upstream.name]
         headers = pool.forwarding.request_headers(headers)
@@ -278,8 +287,8 @@ class UpstreamClients:
         sent_at = time.monotonic()
         try:
             response = await pool.session().request(
-                "POST",
-                pool.url(path),
+                method,
+                pool.url(path).update_query(query) if query else pool.url(path),
                 data=body,
                 headers=request_headers,
                 allow_redirects=False,

@@ -67,6 +67,9 @@ STRATEGIES: dict[str, Strategy] = {
     "least_inflight": "least_inflight",
     "fastest": "fastest",
 }
+# How a Responses API request reaches the upstream: relayed as it is, or translated to chat.
+ResponsesMode = Literal["native", "chat"]
+RESPONSES_MODES: dict[str, ResponsesMode] = {"native": "native", "chat": "chat"}
 STREAM_OPTIONS_MODES: dict[str, StreamOptionsMode] = {
     "auto": "auto",
     "pass": "pass",
@@ -107,6 +110,7 @@ class Upstream:
     # A timeout after the request went out is re-sent (next candidate, retries) only with
     # this: the upstream may still be generating, and billing, the abandoned answer.
     retry_on_timeout: bool = False
+    responses: ResponsesMode = "native"  # POST /v1/responses: relayed, or translated to chat
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from proxy.config.document import child_path
 from proxy.config.fleet import FleetChecks
 from proxy.config.headers import HeaderChecks
 from proxy.config.model import (
+    RESPONSES_MODES,
     STRATEGIES,
     STREAM_OPTIONS_MODES,
     ClientKey,
@@ -210,6 +211,7 @@ class Validator(FleetChecks, HeaderChecks, LatencyChecks, TransportChecks):
             headers=self.static_headers(data, path, api_key),
             query=self.query(data, path),
             retry_on_timeout=self.flag(data, "retry_on_timeout", path, default=False),
+            responses=self.choice(data, "responses", path, RESPONSES_MODES),
         )
 
     def api_key(self, data: Data, path: str, url: str) -> str:
