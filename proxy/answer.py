@@ -79,13 +79,16 @@ class Failure:
 
 
 def completion_of(body: bytes) -> dict[str, Any] | None:
-    """The body as an answer (an object with `choices`, or embeddings' `data`), or None."""
+    """The body as an answer (an object with `choices`, embeddings' `data`, or the Responses
+    API's `response` object), or None."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
     if isinstance(parsed, dict) and (
-        isinstance(parsed.get("choices"), list) or isinstance(parsed.get("data"), list)
+        isinstance(parsed.get("choices"), list)
+        or isinstance(parsed.get("data"), list)
+        or parsed.get("object") == "response"
     ):
         return parsed
     return None

@@ -1,5 +1,5 @@
-"""The client's request to one of the generation APIs (chat, completions, embeddings):
-validated just enough to route it (pure).
+"""The client's request to one of the generation APIs (chat, completions, embeddings,
+responses): validated just enough to route it (pure).
 
 The body is forwarded with only `model` replaced (and `stream_options` adjusted, see
 `upstream_body`); every other field, known or not, travels unchanged so new OpenAI
@@ -27,16 +27,19 @@ class Api:
     """One OpenAI endpoint the proxy routes: where it lives upstream, and the request field
     that holds the prompt (what an offline estimate counts)."""
 
-    name: str  # as in the access log: chat, completions, embeddings
+    name: str  # as in the access log: chat, completions, embeddings, responses
     path: str  # below an upstream's base_url
     prompt_field: str
     streams: bool  # the API has `stream`; embeddings do not
+    stream_options: bool = True  # a stream reports usage only when asked (not: responses)
 
 
 CHAT = Api("chat", "/chat/completions", "messages", streams=True)
 COMPLETIONS = Api("completions", "/completions", "prompt", streams=True)
 EMBEDDINGS = Api("embeddings", "/embeddings", "input", streams=False)
-APIS = {"/v1" + api.path: api for api in (CHAT, COMPLETIONS, EMBEDDINGS)}
+# Usage always comes with `response.completed`; `stream_options` does not exist there.
+RESPONSES = Api("responses", "/responses", "input", streams=True, stream_options=False)
+APIS = {"/v1" + api.path: api for api in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,21 @@ class ApiRequest:
 
     @property
     def prompt(self) -> Any:
-        return self.payload.get(self.api.prompt_field)
+        """What an offline estimate counts: for the Responses API, `instructions` and `input`
+        as chat messages (an input string is one user message)."""
+        prompt = self.payload.get(self.api.prompt_field)
+        if self.api is not RESPONSES:
+            return prompt
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        instructions = self.payload.get("instructions")
+        if isinstance(instructions, str):
+            return [{"role": "system", "content": instructions}, *messages]
+        return messages
+
+    @property
+    def counts_messages(self) -> bool:
+        """`prompt` is a list of chat messages (chat, responses), for `estimate_usage`."""
+        return self.api is CHAT or self.api is RESPONSES
 
     @property
     def wants_usage(self) -> bool:
@@ -59,6 +76,8 @@ class ApiRequest:
     def upstream_body(self, model: str, action: StreamOptionsAction = "pass") -> bytes:
         """The body for one upstream attempt: the client's, with the target's model name."""
         body = {**self.payload, "model": model}
+        if not self.api.stream_options:
+            return orjson.dumps(body)  # the client's own body, whatever `action` says
         if action == "strip":
             body.pop("stream_options", None)
         elif action == "inject" and self.stream and not self.wants_usage:
@@ -87,6 +106,9 @@ def parse_request(body: bytes, api: Api = CHAT) -> ApiRequest:
     if api is CHAT:
         if not isinstance(prompt, list) or not prompt:
             raise BadRequest("'messages' must be a non-empty array", param=field)
+    elif api is RESPONSES:  # `input` may be left out (a `prompt` template, say)
+        if prompt is not None and not isinstance(prompt, str | list):
+            raise BadRequest("'input' must be a string or an array", param=field)
     elif not isinstance(prompt, str | list) or (isinstance(prompt, list) and not prompt):
         raise BadRequest(f"'{field}' must be a string or a non-empty array", param=field)
     stream = payload.get("stream", False) if api.streams else False

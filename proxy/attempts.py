@@ -29,6 +29,7 @@ from proxy.errors import (
     UpstreamTooLarge,
     UpstreamUnreachable,
 )
+from proxy.exchange import event_reader, upstream_call
 from proxy.headers import Headers, retry_after, without_content_type
 from proxy.latency import hedge_after, request_size
 from proxy.record import Attempt, AttemptOutcome, RequestRecord
@@ -42,7 +43,7 @@ from proxy.routing import (
     retried,
 )
 from proxy.scrub import scrub_key
-from proxy.sse import EventSplitter, completion_to_sse, parse
+from proxy.sse import EventSplitter, completion_to_sse
 from proxy.state import AppState
 from proxy.upstream import UpstreamResponse
 
@@ -150,7 +151,7 @@ class Attempts:
             self._log_attempt(target, outcome, time.monotonic() - started)
 
     def _action(self, upstream: Upstream) -> StreamOptionsAction:
-        mode = upstream.stream_options
+        mode = upstream.stream_options if self._request.api.stream_options else "pass"
         if mode == "auto" and self._state.health[upstream.name].rejects_stream_options:
             return "strip"
         return "inject" if mode == "auto" else mode
@@ -204,12 +205,10 @@ class Attempts:
         header_wait = min(timeouts.read, first_token or timeouts.read)
         if not request.stream:
             header_wait = min(header_wait, timeouts.total or header_wait)
-        body = request.upstream_body(target.model, action)
         try:
             async with asyncio.timeout(header_wait):
-                return await self._state.clients.send(
-                    upstream, request.api.path, body, self._headers
-                )
+                path, body = upstream_call(request, upstream, target.model, action)
+                return await self._state.clients.send(upstream, path, body, self._headers)
         except TimeoutError:
             if first_token is not None and header_wait == first_token and request.stream:
                 error = UpstreamTimeout(f"upstream '{upstream.name}' sent no first token in time")
@@ -305,8 +304,8 @@ class Attempts:
         if encoding := response.content_encoding:  # events the proxy could not read
             odd = f"upstream '{target.upstream}' streamed in content-encoding {encoding[:32]!r}"
             raise UpstreamProtocolError(odd)
-        next_chunk = response.next_chunk
-        splitter, held = EventSplitter(), bytearray()
+        next_chunk, upstream = response.next_chunk, self._state.config.upstreams[target.upstream]
+        splitter, held, read = EventSplitter(), bytearray(), event_reader(self._request, upstream)
         most = self._state.config.server.max_event_bytes
         remaining = None if first_token is None else max(0.0, first_token - response.elapsed())
         try:
@@ -320,7 +319,7 @@ class Attempts:
                     if len(held) > most:
                         raise UpstreamTooLarge(response.too_large("server.max_event_bytes", most))
                     for event in splitter.feed(chunk):
-                        kind, payload = parse(event)
+                        kind, payload = read(event)
                         if kind == "error":
                             instead = f"upstream '{target.upstream}' sent an error, not an answer"
                             return Failure(target, "stream_error", UpstreamProtocolError(instead))

@@ -9,7 +9,7 @@ import time
 
 from proxy.admission import check_model, identify
 from proxy.answer import Answer, Failure
-from proxy.api_request import CHAT, Api, ApiRequest, parse_request
+from proxy.api_request import CHAT, RESPONSES, Api, ApiRequest, parse_request
 from proxy.asgi import ClientGone, ClientWatch, Receive, Scope, Send, read_body, send_error
 from proxy.attempts import Attempts
 from proxy.config import ClientKey
@@ -134,7 +134,7 @@ class _RequestFlow:
         self.record.route, self.record.stream = route.model, request.stream
         observers.started(route.model)
         watch = ClientWatch(self.receive, state.config.server.finish_after_abort)
-        reply = Reply(self.send, watch)
+        reply = Reply(self.send, watch, responses=request.api is RESPONSES)
         result: Answer | Failure | None = None
         try:
             headers = upstream_request_headers(self.scope["headers"], self.rid)

@@ -22,7 +22,7 @@ from proxy.asgi import ClientWatch, Send, send_body, send_error
 from proxy.errors import ProxyError, UpstreamTimeout
 from proxy.headers import Headers
 from proxy.metering.tee import Tee
-from proxy.sse import BLANK_LINES
+from proxy.sse import BLANK_LINES, responses_error_event
 
 KEEPALIVE = b": keep-alive\n\n"
 
@@ -40,11 +40,12 @@ class Reply:
     goes through `_end`, which marks the client watch done just before the last bytes: from
     then on, a client leaving is normal."""
 
-    __slots__ = ("_opened", "_send", "_watch")
+    __slots__ = ("_opened", "_responses", "_send", "_watch")
 
-    def __init__(self, send: Send, watch: ClientWatch) -> None:
+    def __init__(self, send: Send, watch: ClientWatch, *, responses: bool = False) -> None:
         self._send, self._watch = send, watch
         self._opened = False
+        self._responses = responses  # the Responses API: its own error event
 
     @property
     def opened(self) -> bool:
@@ -93,7 +94,7 @@ class Reply:
 
     async def error_event(self, error: ProxyError) -> None:
         """No answer came after keep-alives opened the stream: an error event ends it."""
-        await self._end_body(sse_error_event(error, at_boundary=True))
+        await self._end_body(self._error_event(error, at_boundary=True, after=b""))
 
     async def relay(self, answer: Answer, headers: Headers, tee: Tee) -> Relayed:
         """Send a committed stream: its held head at once, then the rest as it arrives."""
@@ -115,11 +116,18 @@ class Reply:
         )
         tail = tee.end()
         if result.failure is not None:
-            tail += sse_error_event(
-                result.failure, at_boundary=(tail or last).endswith(BLANK_LINES)
+            after = tail or last
+            tail += self._error_event(
+                result.failure, at_boundary=after.endswith(BLANK_LINES), after=after
             )
         await self._end_body(tail)
         return result
+
+    def _error_event(self, error: ProxyError, *, at_boundary: bool, after: bytes) -> bytes:
+        if not self._responses:
+            return sse_error_event(error, at_boundary=at_boundary)
+        event = responses_error_event(error.code, error.message, error.param, after)
+        return event if at_boundary else b"\n\n" + event
 
     async def _end_body(self, body: bytes) -> None:
         last = {"type": "http.response.body", "body": body, "more_body": False}
@@ -150,7 +158,8 @@ async def _pump(
 
 
 def sse_error_event(error: ProxyError, *, at_boundary: bool) -> bytes:
-    """`data: {"error": {...}}`, the shape OpenAI's SDKs raise from mid-stream.
+    """`data: {"error": {...}}`, the shape OpenAI's SDKs raise from mid-stream (the Responses
+    API has its own `event: error`, `sse.responses_error_event`).
 
     After a cut inside an event, a blank line first ends the partial event so the error
     arrives as an event of its own.

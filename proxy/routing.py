@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from proxy.api_request import StreamOptionsAction
 from proxy.config import Route, StreamOptionsMode, Target
 from proxy.errors import (
+    BadRequest,
     ProxyError,
     UpstreamTimeout,
     UpstreamTlsError,
@@ -108,6 +109,8 @@ def outcome_for_status(status: int) -> AttemptOutcome:
 
 def outcome_of(error: ProxyError) -> AttemptOutcome:
     """Our own error for an attempt (see `upstream.to_proxy_error`): which failure it was."""
+    if isinstance(error, BadRequest):  # the request cannot go to this upstream as it is
+        return "status_4xx"
     if isinstance(error, UpstreamUnreachable):
         return "connect_error"
     if isinstance(error, UpstreamTlsError):

@@ -9,7 +9,7 @@ readers (`proxy.metering.scan`), which frame events with the same blank lines an
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import orjson
@@ -173,6 +173,22 @@ def parse(event: bytes) -> tuple[Kind, dict[str, Any] | None]:
     a usage-only event. Role-only chunks, empty deltas and keep-alive comments are "other": an
     upstream that sends only those has not started answering.
     """
+    return _parsed(event, _kind)
+
+
+def parse_responses(event: bytes) -> tuple[Kind, dict[str, Any] | None]:
+    """`parse` for the Responses API's events (`event:` lines, a `type` in the data): content
+    is a non-empty text, refusal, reasoning or function-call-arguments delta (or its `.done`),
+    an output item added other than an empty message or reasoning item (a function call,
+    say), a finished output item, or the response's end (`response.completed`/`incomplete`).
+    `response.created`, `response.in_progress`, `response.content_part.added` and comments are
+    not; `error` and `response.failed` are errors."""
+    return _parsed(event, _responses_kind)
+
+
+def _parsed(
+    event: bytes, judge: Callable[[dict[str, Any]], Kind]
+) -> tuple[Kind, dict[str, Any] | None]:
     data = event_data(event)
     if data is None:
         return "other", None
@@ -184,7 +200,68 @@ def parse(event: bytes) -> tuple[Kind, dict[str, Any] | None]:
         return "other", None
     if not isinstance(payload, dict):
         return "other", None
-    return _kind(payload), payload
+    return judge(payload), payload
+
+
+_RESPONSES_DELTAS = frozenset(
+    f"response.{part}.delta"
+    for part in (
+        "output_text", "refusal", "reasoning_summary_text", "reasoning_text",
+        "function_call_arguments", "custom_tool_call_input", "audio", "audio.transcript",
+    )
+)  # fmt: skip
+_RESPONSES_CONTENT = frozenset(
+    {d.removesuffix(".delta") + ".done" for d in _RESPONSES_DELTAS}
+    | {"response.output_item.done", "response.completed", "response.incomplete"}
+)
+_RESPONSES_ERRORS = frozenset({"error", "response.failed"})
+_EMPTY_ITEMS = frozenset({"message", "reasoning"})  # added empty: their text comes after
+
+
+def _responses_kind(payload: dict[str, Any]) -> Kind:
+    kind = payload.get("type")
+    if not isinstance(kind, str):
+        return "error" if payload.get("error") is not None else "other"
+    if kind in _RESPONSES_DELTAS:
+        return "content" if payload.get("delta") else "other"
+    if kind in _RESPONSES_CONTENT:
+        return "content"
+    if kind == "response.output_item.added":
+        item = payload.get("item")
+        return (
+            "content"
+            if isinstance(item, dict) and item.get("type") not in _EMPTY_ITEMS
+            else "other"
+        )
+    return "error" if kind in _RESPONSES_ERRORS else "other"
+
+
+def response_id(payload: dict[str, Any]) -> str | None:
+    """The id in a Responses stream's `response.created` event, else None."""
+    response = payload.get("response") if payload.get("type") == "response.created" else None
+    rid = response.get("id") if isinstance(response, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
+_SEQUENCE = b'"sequence_number":'
+
+
+def responses_error_event(code: str | None, message: str, param: str | None, after: bytes) -> bytes:
+    """The Responses API's own error event (openai-python's `ResponseErrorEvent`), numbered
+    one past the last `sequence_number` in `after` (the bytes relayed last)."""
+    at, sequence = after.rfind(_SEQUENCE), 0
+    if at != -1:
+        digits = after[at + len(_SEQUENCE) :].lstrip()[:20]
+        number = digits[: len(digits) - len(digits.lstrip(b"0123456789"))]
+        sequence = int(number) + 1 if number else 0
+    event = {
+        "type": "error",
+        "code": code,
+        "message": message,
+        "param": param,
+        "sequence_number": sequence,
+    }
+    return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
 def _kind(payload: dict[str, Any]) -> Kind:

@@ -9,7 +9,7 @@ import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from proxy.config.document import YamlDocument, child_path, describe
 from proxy.config.model import ConfigIssue
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 Data = Mapping[str, object]
 Kind = Literal["positive", "non-negative", "count"]  # > 0, >= 0, an integer >= 1
+T = TypeVar("T")
 
 
 class Checks:
@@ -117,6 +118,16 @@ class Checks:
         if not raw and not empty:
             self.issue(path, "expected a non-empty string")
         return raw
+
+    def choice(self, data: Data, key: str, path: str, words: Mapping[str, T]) -> T:
+        """data[key], one of `words` (the first is the default, also after an issue)."""
+        default = next(iter(words.values()))
+        word = self.string(data, key, path)
+        if word and word not in words:
+            wpath = child_path(path, key)
+            got = self.shown(wpath, word, bare=True)
+            self.issue(wpath, f"expected one of {', '.join(words)}, got {got}")
+        return words.get(word, default)
 
     def number(self, data: Data, key: str, path: str, default: float, kind: Kind) -> float:
         """data[key], or `default` when absent or invalid (then with an issue)."""

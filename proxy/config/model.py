@@ -64,6 +64,9 @@ STRATEGIES: dict[str, Strategy] = {
     "least_inflight": "least_inflight",
     "fastest": "fastest",
 }
+# How a Responses API request reaches the upstream: relayed as it is, or translated to chat.
+ResponsesMode = Literal["native", "chat"]
+RESPONSES_MODES: dict[str, ResponsesMode] = {"native": "native", "chat": "chat"}
 STREAM_OPTIONS_MODES: dict[str, StreamOptionsMode] = {
     "auto": "auto",
     "pass": "pass",
@@ -95,6 +98,7 @@ class Upstream:
     max_response_bytes: int = 64 * 1024 * 1024
     tls: Tls = Tls()
     proxy: Secret | None = None  # an http:// CONNECT proxy URL; it may hold user:password
+    responses: ResponsesMode = "native"  # POST /v1/responses: relayed, or translated to chat
 
 
 @dataclass(frozen=True, slots=True)

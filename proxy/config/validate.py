@@ -10,6 +10,7 @@ from proxy.config.checks import Data
 from proxy.config.document import child_path
 from proxy.config.fleet import FleetChecks
 from proxy.config.model import (
+    RESPONSES_MODES,
     STRATEGIES,
     STREAM_OPTIONS_MODES,
     ClientKey,
@@ -203,6 +204,7 @@ class Validator(FleetChecks, LatencyChecks, TransportChecks):
             max_response_bytes=int(most),
             tls=self.tls(data.get("tls"), path, url),
             proxy=self.proxy(data, path),
+            responses=self.choice(data, "responses", path, RESPONSES_MODES),
         )
 
     def api_key(self, data: Data, path: str, url: str) -> str:

@@ -122,6 +122,23 @@ def choice_texts(choice: Any) -> list[str]:
     return message_texts(inner if isinstance(inner, dict) else choice)
 
 
+def response_texts(response: Any) -> list[str]:
+    """The countable text of a Responses API answer's `output` items: message text and
+    refusals, reasoning summaries and text, and function calls' names and arguments."""
+    items = response.get("output") if isinstance(response, dict) else None
+    texts: list[str] = []
+    for item in items if isinstance(items, list) else ():
+        if not isinstance(item, dict):
+            continue
+        texts.extend(item[k] for k in ("name", "arguments") if _is_str(item, k))
+        for key in ("summary", "content"):
+            parts = item.get(key)
+            for part in parts if isinstance(parts, list) else ():
+                if isinstance(part, dict):
+                    texts.extend(part[k] for k in ("text", "refusal") if _is_str(part, k))
+    return texts
+
+
 def _is_str(mapping: dict[str, Any], key: str) -> bool:
     return isinstance(mapping.get(key), str)
 

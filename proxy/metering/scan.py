@@ -136,7 +136,11 @@ def _parse_usage_event(event: bytes) -> Usage | None:
         payload = orjson.loads(event_data(event) or b"")
     except orjson.JSONDecodeError:
         return None
-    usage = payload.get("usage") if isinstance(payload, dict) else None
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage")
+    if usage is None and isinstance(response := payload.get("response"), dict):
+        usage = response.get("usage")  # the Responses API's `response.completed`
     return usage_from_json(usage) if isinstance(usage, dict) else None
 
 

@@ -1,7 +1,8 @@
 """The metering tee on the relay: one small strategy per way of metering a stream, chosen once
 per request when its answer commits (`usage.tee_for`), all with the interface of `Tee`:
 
-- `Watch`: the stream will carry usage the client asked for: a cheap marker scan finds it;
+- `Watch`: the stream will carry usage the client asked for: a cheap marker scan finds it
+  (`WatchResponses`: the Responses API, whose streams always end with their usage);
 - `Drop`: the proxy added `include_usage` for its own metering: that usage event is taken out;
 - `Collect`: the upstream will not report usage (stream_options stripped, or passed without
   it): every event is parsed for the text of a token estimate, each chunk relayed as it comes;
@@ -32,6 +33,7 @@ class Tee(ABC):
 
     __slots__ = ("_read", "events")
     keeps_text: ClassVar[bool] = False  # whether `text` is the answer's, for an estimate
+    framing_events: ClassVar[int] = 1  # of `events`, those that carry no token (chat's role)
 
     def __init__(self, read: Callable[[bytes], bytes]) -> None:
         self._read = read
@@ -69,6 +71,18 @@ class Watch(Tee):
 
     def usage(self) -> Usage | None:
         return self._finder.usage
+
+
+class WatchResponses(Watch):
+    """`Watch` for the Responses API: the usage is in `response.completed`; a cut stream's
+    output is measured in its delta events (one marker count per chunk, as `Tee.feed`)."""
+
+    __slots__ = ()
+    framing_events = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.events += chunk.count(b'.delta"')
+        return self._read(chunk)
 
 
 class Drop(Tee):

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.api_request import CHAT, ApiRequest
+from proxy.api_request import RESPONSES, ApiRequest
 from proxy.config import Upstream
-from proxy.metering.estimate import choice_texts, estimate_usage
+from proxy.metering.estimate import choice_texts, estimate_usage, response_texts
 from proxy.metering.reported import usage_from_headers, usage_from_json
-from proxy.metering.tee import Collect, CollectAddingUsage, Drop, Tee, Watch
+from proxy.metering.tee import Collect, CollectAddingUsage, Drop, Tee, Watch, WatchResponses
 from proxy.record import Usage
 from proxy.sse import choices_of
 
@@ -23,16 +23,17 @@ if TYPE_CHECKING:  # only the type: this module stays free of I/O imports
 def tee_for(request: ApiRequest, answer: Answer, upstream: Upstream) -> Tee:
     if answer.next_chunk is None:  # complete already: a converted JSON answer, or no content at all
         return Collect()
+    if request.api is RESPONSES:  # every Responses stream ends with its usage
+        return WatchResponses()
     if answer.stream_options == "inject" and not request.wants_usage:
         return Drop()  # the usage event was requested by the proxy: the client never sees it
-    if request.wants_usage and answer.stream_options != "strip":
-        return Watch()
     headers = _header_usage(answer, upstream)
-    if headers is not None and not request.wants_usage:
-        return Watch()
+    asked = request.wants_usage
+    if (asked and answer.stream_options != "strip") or (headers is not None and not asked):
+        return Watch()  # the stream carries the usage the client asked for, or headers do
     if not request.wants_usage:
         return Collect()
-    prompt, chat = request.prompt, request.api is CHAT
+    prompt, chat = request.prompt, request.counts_messages
 
     def synthesize(text: str) -> dict[str, int]:
         return _openai_shape(headers or estimate_usage(prompt, text, chat=chat))
@@ -48,10 +49,10 @@ def usage_of_stream(request: ApiRequest, answer: Answer, upstream: Upstream, tee
     )
     if reported is not None:
         return reported
-    estimate = estimate_usage(request.prompt, tee.text, chat=request.api is CHAT)
+    estimate = estimate_usage(request.prompt, tee.text, chat=request.counts_messages)
     if not tee.keeps_text:  # a stream cut before its usage event, text not kept:
-        # upstreams stream about one token per event, after one role-only event
-        estimate = replace(estimate, output=max(tee.events - 1, 0))
+        # upstreams stream about one token per event, after one role-only event (chat)
+        estimate = replace(estimate, output=max(tee.events - tee.framing_events, 0))
     return estimate
 
 
@@ -67,7 +68,8 @@ def usage_of_body(request: ApiRequest, answer: Answer, upstream: Upstream) -> Us
         body = orjson.loads(answer.head)
     except orjson.JSONDecodeError:
         body = None
-    return estimate_usage(request.prompt, _answer_text(body), chat=request.api is CHAT)
+    text = "".join(response_texts(body)) if request.api is RESPONSES else _answer_text(body)
+    return estimate_usage(request.prompt, text, chat=request.counts_messages)
 
 
 def _header_usage(answer: Answer, upstream: Upstream) -> Usage | None:

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 import typing
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,15 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from proxy.errors import error_body
+from proxy.mock.asgi import (
+    JSON_TYPE,
+    KEEPALIVE,
+    Headers,
+    lifespan,
+    open_stream,
+    respond,
+    send_piece,
+)
 from proxy.mock.content import (
     COOKIE_HEADERS,
     CREATED,
@@ -28,6 +36,7 @@ from proxy.mock.content import (
     NEWLINES,
     Invalid,
     Plan,
+    StreamEvents,
     completion_body,
     count_prompt_tokens,
     cut_mid_event,
@@ -46,6 +55,7 @@ from proxy.mock.content import (
 )
 from proxy.mock.knobs import DEFAULTS, MOCK, MOCK_AND_FAULT, Knobs, knobs_for
 from proxy.mock.replay import Recording, load
+from proxy.mock.responses import ResponsePlan, ResponsesEvents, StoredResponses, plan_response
 from proxy.serving import RunningServer, fastest_http, fastest_loop
 
 __all__ = [
@@ -58,8 +68,6 @@ __all__ = [
     "expected_content",
     "serve",
 ]
-
-KEEPALIVE = b": keep-alive\n\n"
 
 
 @dataclass
@@ -88,7 +96,6 @@ class _HideResets(logging.Filter):
 logging.getLogger("uvicorn.error").addFilter(_HideResets())
 
 
-_JSON = (b"content-type", b"application/json")
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _MODELS_BODY = orjson.dumps(
     {
@@ -104,9 +111,8 @@ _APIS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
 }
-
-Headers = list[tuple[bytes, bytes]]
 
 
 class MockUpstream:
@@ -130,10 +136,11 @@ class MockUpstream:
         self.fields = MOCK_AND_FAULT if faults else MOCK
         self.keep_records = keep_records
         self.records: list[RequestRecord] = []
+        self.stored = StoredResponses()  # what /v1/responses answered, for retrieval
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -141,13 +148,16 @@ class MockUpstream:
         api = _APIS.get(path)
         if method == "POST" and api is not None:
             await self._generate(scope, receive, send, api)
+        elif path.startswith("/v1/responses/"):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            await respond(send, *self.stored.answer(method, path, auth))
         elif method == "GET" and path == "/v1/models":
-            await _respond(send, 200, _MODELS_BODY)
+            await respond(send, 200, _MODELS_BODY)
         elif method == "GET" and path == "/healthz":
-            await _respond(send, 200, _HEALTH_BODY)
+            await respond(send, 200, _HEALTH_BODY)
         else:
             msg = f"Unknown request URL: {method} {path}"
-            await _respond(send, 404, error_body(msg, "invalid_request_error", code="not_found"))
+            await respond(send, 404, error_body(msg, "invalid_request_error", code="not_found"))
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send, api: str) -> None:
         started = time.monotonic()
@@ -165,7 +175,7 @@ class MockUpstream:
             body = None
         if not isinstance(body, dict):
             msg = "We could not parse the JSON body of your request."
-            await _respond(send, 400, error_body(msg, "invalid_request_error"))
+            await respond(send, 400, error_body(msg, "invalid_request_error"))
             return
         headers: dict[str, str] = {}
         for raw_name, raw_value in scope["headers"]:
@@ -184,23 +194,36 @@ class MockUpstream:
                 record.finished = time.monotonic()
                 error = injected_error_body(knobs.status, echo, knobs.echo_form)
                 error, encoding = encoded(error, knobs.encoding)
-                await _respond(send, knobs.status, error, extra + encoding)
+                await respond(send, knobs.status, error, extra + encoding)
                 return
             if knobs.reject_stream_options and "stream_options" in body:
                 raise Invalid("Unknown parameter: stream_options", "stream_options")
-            plan = plan_request(body, 0 if api == "embeddings" else knobs.tokens, api)
+            plan = self._plan(body, knobs, api)
             replay = (
                 None if knobs.replay is None else load(self.replay_dir, knobs.replay, plan.stream)
             )
         except Invalid as exc:
             record.finished = time.monotonic()
-            await _respond(send, 400, exc.body())
+            await respond(send, 400, exc.body())
             return
         if replay is not None:
             await _guarded(record, receive, _replay(send, knobs, replay, record))
             return
         record.prompt_tokens, record.completion_tokens = plan.prompt_tokens, plan.tokens
+        if isinstance(plan, ResponsePlan):
+            record.completion_tokens = plan.output_tokens()
         await _guarded(record, receive, _answer(send, knobs, plan, record))
+
+    def _plan(self, body: dict[str, Any], knobs: Knobs, api: str) -> Plan:
+        if api != "responses":
+            return plan_request(body, 0 if api == "embeddings" else knobs.tokens, api)
+        previous = body.get("previous_response_id")
+        if previous is not None and not self.stored.knows(previous):
+            message = f"Previous response with id '{previous}' not found."
+            raise Invalid(message, "previous_response_id")
+        plan = plan_response(body, knobs)
+        self.stored.keep(plan)
+        return plan
 
     def _record(self, record: RequestRecord) -> None:
         self.records.append(record)
@@ -247,7 +270,7 @@ async def _answer(send: Send, knobs: Knobs, plan: Plan, record: RequestRecord) -
         return
     await asyncio.sleep(knobs.ttft + plan.tokens * knobs.delay)
     body, encoding = encoded(_body(plan), knobs.encoding)
-    headers = [_JSON, (b"content-length", b"%d" % len(body)), *extra, *encoding]
+    headers = [JSON_TYPE, (b"content-length", b"%d" % len(body)), *extra, *encoding]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     if knobs.stall:
         await asyncio.sleep(knobs.stall)
@@ -265,6 +288,8 @@ def _cdn_headers(knobs: Knobs) -> Headers:
 
 
 def _body(plan: Plan) -> bytes:
+    if isinstance(plan, ResponsePlan):
+        return orjson.dumps(plan.finished())
     if plan.api == "embeddings":
         return embeddings_body(plan.seed, plan.model, plan.inputs, plan.prompt_tokens)
     shape = text_completion_body if plan.api == "completions" else completion_body
@@ -275,11 +300,15 @@ async def _stream(
     send: Send, knobs: Knobs, plan: Plan, record: RequestRecord, extra: Headers
 ) -> None:
     shape = text_stream_events if plan.api == "completions" else stream_events
-    events = shape(plan.seed, plan.model, plan.tokens, plan.finish, plan.include_usage)
+    events: StreamEvents | ResponsesEvents = (
+        plan.events()
+        if isinstance(plan, ResponsePlan)
+        else shape(plan.seed, plan.model, plan.tokens, plan.finish, plan.include_usage)
+    )
     split, newline = knobs.split_utf8, NEWLINES[knobs.newline]
 
     async def write(event: bytes, more: bool = True) -> None:
-        if not event:  # the completions API has no role event
+        if not event and more:  # the completions API has no role event, responses no [DONE]
             return
         event = frame(event, newline)
         if split:
@@ -289,7 +318,7 @@ async def _stream(
                 await asyncio.sleep(knobs.split_pause)
         await send({"type": "http.response.body", "body": event, "more_body": more})
 
-    await _open(send, knobs, _SSE_HEADERS + extra, lambda: write(KEEPALIVE))
+    await open_stream(send, knobs, _SSE_HEADERS + extra, lambda: write(KEEPALIVE))
     for piece in preamble_writes(knobs.preamble, knobs.preamble_as) if knobs.preamble else ():
         await send({"type": "http.response.body", "body": piece, "more_body": True})
     reset = -1 if knobs.reset_after is None else knobs.reset_after
@@ -319,9 +348,9 @@ async def _stream(
 async def _replay(send: Send, knobs: Knobs, recording: Recording, record: RequestRecord) -> None:
     """A recording's bytes as they are, one write per event, `delay` apart (knob `replay`)."""
     headers = [(b"content-type", recording.content_type), (b"cache-control", b"no-cache")]
-    if recording.content_type == _JSON[1]:
+    if recording.content_type == JSON_TYPE[1]:
         headers[1] = (b"content-length", b"%d" % len(recording.payload))
-    await _open(send, knobs, headers, lambda: send_piece(send, KEEPALIVE, True))
+    await open_stream(send, knobs, headers, lambda: send_piece(send, KEEPALIVE, True))
     last = len(recording.pieces) - 1
     for i, piece in enumerate(recording.pieces):
         if i and knobs.delay:
@@ -331,46 +360,6 @@ async def _replay(send: Send, knobs: Knobs, recording: Recording, record: Reques
         if i == last:
             record.finished = time.monotonic()
         await send_piece(send, piece, i < last)
-
-
-async def send_piece(send: Send, body: bytes, more: bool) -> None:
-    await send({"type": "http.response.body", "body": body, "more_body": more})
-
-
-async def _open(
-    send: Send, knobs: Knobs, headers: Headers, keepalive: Callable[[], Awaitable[None]]
-) -> None:
-    """The stream's response headers, its keep-alive comments and the wait for its first
-    token. Without keep-alives the headers wait for the first token, as real upstreams' do;
-    with them the headers go at once so the comments have a response to ride on."""
-    start = {"type": "http.response.start", "status": 200, "headers": headers}
-    if knobs.ttft and not knobs.keepalives:
-        await asyncio.sleep(knobs.ttft)
-    await send(start)
-    if knobs.stall:
-        await asyncio.sleep(knobs.stall)
-    if knobs.keepalives:
-        gap = knobs.ttft / (knobs.keepalives + 1)
-        for _ in range(knobs.keepalives):
-            await asyncio.sleep(gap)
-            await keepalive()
-        await asyncio.sleep(gap)
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
-async def _respond(send: Send, status: int, body: bytes, extra: Headers | None = None) -> None:
-    headers = [_JSON, (b"content-length", b"%d" % len(body)), *(extra or [])]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def serve(host: str = "127.0.0.1", port: int = 8900, defaults: Knobs = DEFAULTS) -> None:
