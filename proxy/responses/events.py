@@ -72,6 +72,22 @@ class StreamTranslator:
         self._finish_reason: Any = None
         self._usage: dict[str, Any] | None = None
         self._out: list[bytes] = []
+        self._texts: list[str] = []  # every delta's text, for an estimate without usage
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """The usage the chat stream reported, in Responses terms."""
+        return self._usage
+
+    @property
+    def text(self) -> str:
+        """All the answer's text so far: reasoning, message, refusal and call arguments."""
+        return "".join(self._texts)
+
+    @property
+    def answered(self) -> bool:
+        """The chat stream said how it finished (a finish_reason came)."""
+        return self._finish_reason is not None
 
     def feed(self, chunk: Mapping[str, Any]) -> bytes:
         if self._finished:
@@ -262,6 +278,8 @@ class StreamTranslator:
         self._output[item.output_index] = shape
 
     def _emit_at(self, item: _Item, kind: str, **fields: Any) -> None:
+        if "delta" in fields:
+            self._texts.append(fields["delta"])
         self._emit(kind, item_id=item.id, output_index=item.output_index, **fields)
 
     def _emit(self, kind: str, **fields: Any) -> None:
