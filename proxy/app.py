@@ -49,6 +49,7 @@ from proxy.origin import UNCHECKED_HOST_PATHS, check_host
 from proxy.playground import playground
 from proxy.record import Observer, Observers
 from proxy.reload import POLL_SECONDS, Reloader
+from proxy.retrieval import RetrievalEndpoint
 from proxy.state import Runtime, StateRef
 
 CONFIG_ENV = "SLUICEGATE_CONFIG"
@@ -145,6 +146,7 @@ def create_app(
     routes = [
         *(Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()),
         *([Route("/metrics", scrape, methods=["GET"])] if metrics_route else []),
+        Route("/v1/responses/{rest:path}", RetrievalEndpoint(ref, runtime), methods=_RETRIEVAL),
         *_small_routes(ref, runtime),
     ]
     app = _Proxy(
@@ -196,13 +198,16 @@ async def _open_fleet(runtime: Runtime, ref: StateRef, meter: Metrics) -> Fleet:
             log.warning("state_unavailable", error=why, on_unavailable=config.state.on_unavailable)
 
     if config.state.url is None:
-        fleet = Fleet(runtime.store)
+        fleet = Fleet(runtime.store, owners=runtime.owners)
     else:
         fleet = open_fleet(config.state, runtime.health, transition, meter.state_failed)
-        runtime.store = fleet.store
+        runtime.store, runtime.owners = fleet.store, fleet.owners
         await fleet.open()
     fleet.start(lambda: ref.get().config, meter.set_spend)
     return fleet
+
+
+_RETRIEVAL = ["GET", "DELETE", "POST"]
 
 
 def _small_routes(ref: StateRef, runtime: Runtime) -> list[Route]:

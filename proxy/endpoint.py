@@ -28,6 +28,7 @@ from proxy.metering.usage import usage_of_body, usage_of_stream
 from proxy.origin import check_api_request
 from proxy.record import Observers, RequestRecord, Usage
 from proxy.relay import Reply
+from proxy.retrieval import learn, pinned
 from proxy.state import AppState, Runtime, StateRef
 
 SSE_TYPE = [(b"content-type", b"text/event-stream")]
@@ -129,6 +130,8 @@ class _RequestFlow:
                 raise ModelNotFound(message, param="model")
             check_model(key, route.model)
             await state.runtime.store.admit(key)
+            if request.api is RESPONSES:  # a `previous_response_id` lives on one upstream
+                route = await pinned(route, request, state.runtime.owners)
         except ProxyError as exc:
             await self._fail(exc, exc.headers())
             return
@@ -195,6 +198,8 @@ class _RequestFlow:
     ) -> None:
         record, upstream = self.record, state.config.upstreams[answer.target.upstream]
         headers = client_response_headers(answer.headers, self.rid)
+        if request.api is RESPONSES and record.route is not None:
+            learn(state, answer, record.route, record.key_name)
         if not request.stream:
             answer.head = client_body(request, answer, upstream)  # metered as the client has it
             await reply.whole(answer.status, answer.head, headers)

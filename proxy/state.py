@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from proxy.config import Config
 from proxy.errors import NotReady
 from proxy.fleet.local import LocalStore
+from proxy.fleet.owners import LocalOwners
 from proxy.fleet.store import Store
 from proxy.health import Health
 from proxy.latency import Latency
@@ -31,6 +32,7 @@ class Runtime:
     store: Store = field(
         default_factory=LocalStore
     )  # keys' limits and spend; set up in the lifespan
+    owners: LocalOwners = field(default_factory=LocalOwners)  # Responses API ids → upstream
 
 
 @dataclass(frozen=True, slots=True)

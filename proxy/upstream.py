@@ -49,6 +49,7 @@ _DEFAULT_HEADERS = (
     (b"accept-encoding", "accept-encoding", "identity"),
 )
 _TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+_URLS_KEPT = 16  # parsed URLs kept per upstream
 
 
 class _SilenceExceeded(Exception):
@@ -227,7 +228,9 @@ class _Pool:
     def url(self, path: str) -> URL:
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = URL(self._upstream.base_url + path)
+            url = URL(self._upstream.base_url + path)
+            if len(self._urls) < _URLS_KEPT:  # the API paths; not every retrieved id
+                self._urls[path] = url
         return url
 
     async def aclose(self) -> None:
@@ -259,7 +262,14 @@ class UpstreamClients:
         await close_all(self.not_in(other))
 
     async def send(
-        self, upstream: Upstream, path: str, body: bytes, headers: Headers
+        self,
+        upstream: Upstream,
+        path: str,
+        body: bytes,
+        headers: Headers,
+        *,
+        method: str = "POST",
+        query: str = "",  # the client's query string (retrieval), as it came
     ) -> UpstreamResponse:
         pool = self._clients[upstream.name]
         names = {name.lower() for name, _ in headers}
@@ -272,8 +282,8 @@ class UpstreamClients:
         sent_at = time.monotonic()
         try:
             response = await pool.session().request(
-                "POST",
-                pool.url(path),
+                method,
+                pool.url(path).with_query(query) if query else pool.url(path),
                 data=body,
                 headers=request_headers,
                 allow_redirects=False,

@@ -86,6 +86,7 @@ def _response(content_type: bytes, *chunks: bytes, length: bool = False, end: bo
 
 
 SSE, JSON = b"text/event-stream", b"application/json"
+RESPONSES = "responses"
 EVENTS = stream_events(SEED, "raw", 16, "stop", False)
 COMPLETION = completion_body(SEED, "raw", 16, "stop", 10)
 GARBAGE = b"hello\n\nevent: ping\n\ndata: {not json\n\n\xff\xfe\x00\n\ndata: 42\n\n"
@@ -162,6 +163,7 @@ class Row:
     route: dict[str, Any] = field(default_factory=dict)
     timeouts: dict[str, float] = field(default_factory=dict)  # over TIMEOUTS
     bug: str = ""
+    api: str = "chat"  # or "responses": POST /v1/responses
 
 
 def _rows(
@@ -230,6 +232,14 @@ ROWS = [
     *_rows("event_past_max_event_bytes", fast(preamble=FLOOD, preamble_as="event"), TOO_LARGE,
            STREAM_ONLY),
     *_status_rows(),
+    *_rows("responses_reset_mid_stream", fast(reset_after=3), RESET_CUT, STREAM_ONLY,
+           api=RESPONSES),
+    *_rows("responses_stall_mid_stream", fast(pause_after_first=3.0), IDLE_CUT, STREAM_ONLY,
+           api=RESPONSES),
+    *_rows("responses_keepalive_flood_then_stall", Knobs(keepalives=20, ttft=3.0),
+           FIRST_TOKEN_LATE, TIMED_OUT, api=RESPONSES, **FIRST_TOKEN),
+    *_rows("responses_split_events", fast(split_utf8=True), Answers(), api=RESPONSES),
+    *_rows("responses_http_503", Knobs(status=503), Fails("status_5xx", 503), api=RESPONSES),
 ]
 # fmt: on
 
@@ -345,14 +355,21 @@ def _expected_deltas(row: Row, fallback: bool) -> dict[Series, float]:
     return out
 
 
-def _request(url: str, model: str, stream: bool, rid: str) -> tuple[int, httpx.Headers, bytes]:
+def _request(
+    url: str, model: str, stream: bool, rid: str, api: str = "chat"
+) -> tuple[int, httpx.Headers, bytes]:
     body = {"model": model, "messages": MESSAGES, "stream": stream, "seed": SEED}
     url += "/v1/chat/completions"
+    if api == RESPONSES:
+        body = {"model": model, "input": MESSAGES, "stream": stream, "seed": SEED}
+        url = url.replace("/v1/chat/completions", "/v1/responses")
     with httpx.stream("POST", url, json=body, headers={"x-request-id": rid}, timeout=15) as r:
         return r.status_code, r.headers, b"".join(r.iter_raw())
 
 
-def _text(raw: bytes, stream: bool) -> str:
+def _text(raw: bytes, stream: bool, api: str = "chat") -> str:
+    if api == RESPONSES:
+        return _responses_text(raw, stream)
     if not stream:
         return str(orjson.loads(raw)["choices"][0]["message"]["content"])
     parts = []
@@ -363,6 +380,14 @@ def _text(raw: bytes, stream: bool) -> str:
             continue  # garbage an upstream sent, relayed as it was
         parts += [c["delta"].get("content") or "" for c in chunk.get("choices") or ()]
     return "".join(parts)
+
+
+def _responses_text(raw: bytes, stream: bool) -> str:
+    if not stream:
+        output = orjson.loads(raw)["output"]
+        return "".join(p["text"] for item in output for p in item.get("content") or ())
+    deltas = [orjson.loads(line[6:]) for line in raw.split(b"\n") if line.startswith(b"data: {")]
+    return "".join(d["delta"] for d in deltas if d["type"] == "response.output_text.delta")
 
 
 def _assert_openai_error(payload: bytes, code: str) -> None:
@@ -384,14 +409,27 @@ def _assert_client_got(row: Row, fallback: bool, status: int, headers: Any, raw:
         return
     assert status == 200, raw[:300]
     events = [e for e in raw.split(b"\n\n") if e.strip()]
-    if isinstance(then, Cuts):
+    if row.api == RESPONSES:
+        _assert_responses_end(events, then, row.stream)
+    elif isinstance(then, Cuts):
         assert b"data: [DONE]" not in events
         assert events[-1].startswith(b"data: {")
         _assert_openai_error(events[-1][6:], then.code)
     elif row.stream:
         assert events[-1] == b"data: [DONE]"
         assert events.count(b"data: [DONE]") == 1
-    assert _text(raw, row.stream) == (ANSWER if isinstance(then, Fails) else then.content)
+    assert _text(raw, row.stream, row.api) == (ANSWER if isinstance(then, Fails) else then.content)
+
+
+def _assert_responses_end(events: list[bytes], then: Then, stream: bool) -> None:
+    """A cut stream ends with the Responses API's own error event; a whole one completes."""
+    if isinstance(then, Cuts):
+        assert events[-1].startswith(b"event: error\ndata: {")
+        error = orjson.loads(events[-1].split(b"data: ", 1)[1])
+        assert set(error) == {"type", "code", "message", "param", "sequence_number"}
+        assert (error["type"], error["code"]) == ("error", then.code)
+    elif stream:
+        assert events[-1].startswith(b"event: response.completed\n")
 
 
 def _param(row: Row, fallback: bool) -> Any:
@@ -406,7 +444,7 @@ def test_fault_gives_the_documented_answer_and_metrics_and_the_proxy_serves_on(
     name = _name(row, fallback)
     proxy, rid = fleet.proxy, f"{name}-{time.monotonic_ns()}"
     before = _scrape(proxy)
-    status, headers, raw = _request(proxy.url, name, row.stream, rid)
+    status, headers, raw = _request(proxy.url, name, row.stream, rid, row.api)
     assert wait_for(lambda: any(r.request_id == rid for r in fleet.records))
     after = _scrape(proxy)
     _assert_client_got(row, fallback, status, headers, raw)

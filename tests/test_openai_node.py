@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,3 +81,40 @@ def test_node_sdk_stream_and_non_stream_through_the_proxy(proxy: RunningServer) 
     # The client asked for usage, so the stream's own usage event reached the SDK.
     assert answer["stream_usage"]["completion_tokens"] == 16
     assert answer["non_stream_usage"]["completion_tokens"] == 16
+
+
+def _run(script: str, proxy: RunningServer, seed: int) -> dict[str, Any]:
+    node = _installed_sdk()
+    result = subprocess.run(
+        [str(node), str(NODE_DIR / script)],
+        cwd=NODE_DIR,
+        env={**os.environ, "SLUICEGATE_BASE_URL": proxy.url + "/v1", "SEED": str(seed)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"openai@{_sdk_version()}: {result.stderr}"
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+def test_node_sdk_responses_through_the_proxy(proxy: RunningServer) -> None:
+    """responses.create whole and streamed, a function call and json_schema output."""
+    answer = _run("responses.mjs", proxy, 29)
+    want = expected_content(29, 16)
+    assert answer["non_stream"] == answer["stream"] == want
+    assert answer["non_stream_model"] == "mock-chat"
+    assert (answer["stream_first"], answer["stream_last"]) == (
+        "response.created",
+        "response.completed",
+    )
+    assert answer["stream_usage"] == answer["non_stream_usage"]
+    assert answer["stream_usage"]["output_tokens"] == 16
+    call = answer["call"]
+    assert (call["type"], call["name"], json.loads(call["arguments"])) == (
+        "function_call",
+        "get_weather",
+        {"city": "mock"},
+    )
+    assert answer["structured"] == {"city": "mock", "celsius": 1}

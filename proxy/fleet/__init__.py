@@ -16,6 +16,8 @@ What is shared, and the consistency each limit gives:
   rounding per key (`Carry`).
 - **Upstream health** (see `proxy.fleet.health`): consecutive failures, cooldowns and the
   learnt "rejects stream_options" are shared within a refresh interval.
+- **Which upstream created each Responses API response** (`proxy.fleet.owners`): one SET
+  per response (in the background), one GET when a process does not know an id.
 
 Round trips to Redis, for sizing: a request with a limited key costs 2 (the admission
 script before it goes upstream, the charge script after it ends; a key without rpm, tpm or
@@ -39,6 +41,7 @@ from collections.abc import Callable
 from proxy.config import Config, StateSettings
 from proxy.fleet.health import FleetHealth
 from proxy.fleet.local import LocalStore
+from proxy.fleet.owners import FleetOwners, Found, LocalOwners, Owner
 from proxy.fleet.periods import period_of
 from proxy.fleet.remote import RedisState
 from proxy.fleet.shared import FleetStore, Transition
@@ -48,14 +51,27 @@ from proxy.health import Health
 SPEND_SECONDS = 2.0  # how often each process reads the keys' spend for /metrics
 SpendReport = Callable[[dict[str, float], dict[str, str]], None]
 
-__all__ = ["Fleet", "FleetStore", "LocalStore", "Store", "open_fleet"]
+__all__ = [
+    "Fleet",
+    "FleetOwners",
+    "FleetStore",
+    "Found",
+    "LocalOwners",
+    "LocalStore",
+    "Owner",
+    "Store",
+    "open_fleet",
+]
 
 
 class Fleet:
     """One process's state store, its shared upstream health, and their background tasks."""
 
-    def __init__(self, store: Store, health: FleetHealth | None = None) -> None:
+    def __init__(
+        self, store: Store, health: FleetHealth | None = None, owners: LocalOwners | None = None
+    ) -> None:
         self.store, self.health = store, health
+        self.owners = owners or LocalOwners()  # who created each Responses API response
         self._tasks: list[asyncio.Task[None]] = []
 
     async def open(self) -> None:
@@ -84,6 +100,7 @@ class Fleet:
                 await task
         if self.health is not None:
             await self.health.aclose()
+        await self.owners.aclose()
         await self.store.aclose()
 
 
@@ -99,4 +116,5 @@ def open_fleet(
     remote = RedisState(settings)
     store = FleetStore(remote, settings, on_transition=on_transition, on_error=on_error)
     health.shared = FleetHealth(remote, health, settings.timeout, lambda: store.up)
-    return Fleet(store, health.shared)
+    owners = FleetOwners(remote, settings.timeout, lambda: store.up)
+    return Fleet(store, health.shared, owners)

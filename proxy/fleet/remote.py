@@ -143,6 +143,20 @@ class RedisState:
         reply = await self._call(self._states, keys, [int(flag) for _, flag in learnt])
         return [(int(f), int(ms), bool(r)) for f, ms, r in reply]
 
+    def response_key(self, response_id: str) -> str:
+        return f"{self._prefix}responses:{response_id}"
+
+    async def get_value(self, key: str) -> str | None:
+        value = await _guarded(self._redis.get(key))
+        self.answered = time.monotonic()
+        return str(value) if value is not None else None
+
+    async def set_value(self, key: str, value: str, seconds: int) -> None:
+        await _guarded(self._redis.set(key, value, ex=seconds))
+
+    async def delete_value(self, key: str) -> None:
+        await _guarded(self._redis.delete(key))
+
     async def ping(self) -> None:
         await _guarded(self._redis.ping())
 
