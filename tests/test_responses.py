@@ -25,7 +25,6 @@ upstreams:
   a: {{base_url: "{a}/v1", api_key: "${{KEY}}"}}
   b: {{base_url: "{b}/v1"}}
   slow: {{base_url: "{slow}/v1"}}
-  translating: {{base_url: "{a}/v1", responses: chat}}
 routes:
   - model: bot
     targets: [{{upstream: a, model: mock-a}}]
@@ -35,8 +34,6 @@ routes:
     first_token_timeout: 0.4
     targets: [{{upstream: slow, model: mock-slow}}]
     fallbacks: [{{upstream: b, model: mock-b}}]
-  - model: translated
-    targets: [{{upstream: translating, model: mock-a}}]
 pricing:
   mock-a: {{input: 1.0, cached_input: 0.1, output: 2.0}}
 """
@@ -196,13 +193,6 @@ def test_a_mid_stream_reset_ends_with_the_responses_error_event(
     assert b"event: error\ndata: " in raw
     error = orjson.loads(raw.rsplit(b"data: ", 1)[1])
     assert set(error) == {"type", "code", "message", "param", "sequence_number"}
-
-
-def test_responses_chat_upstream_says_translation_is_unavailable(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.responses.create(model="translated", input="hi")
-    assert caught.value.code == "translation_unavailable"
-    assert "translating" in caught.value.message
 
 
 @pytest.mark.parametrize(
