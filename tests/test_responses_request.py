@@ -51,6 +51,43 @@ def _chat_call(call_id: str, arguments: str = "{}") -> dict[str, Any]:
     }
 
 
+def _says(role: str, *content: Any) -> dict[str, Any]:
+    """A message: one string as its content, else the parts as a list."""
+    if len(content) == 1 and isinstance(content[0], str):
+        return {"role": role, "content": content[0]}
+    return {"role": role, "content": list(content)}
+
+
+def _part(kind: str, text: str | None = None, **fields: Any) -> dict[str, Any]:
+    return {"type": kind, **({} if text is None else {"text": text}), **fields}
+
+
+def _assistant(content: str | None, **fields: Any) -> dict[str, Any]:
+    return {"role": "assistant", "content": content, **fields}
+
+
+def _reasoning(summary: str = "", **fields: Any) -> dict[str, Any]:
+    """A reasoning item: its summary text, or `content` as reasoning text, or neither."""
+    content = fields.pop("content", None)
+    item: dict[str, Any] = {"type": "reasoning", "id": "rs_1", **fields}
+    item["summary"] = [{"type": "summary_text", "text": summary}] if summary else []
+    if content:
+        item["content"] = [{"type": "reasoning_text", "text": content}]
+    return item
+
+
+def _output(call_id: str, output: Any) -> dict[str, Any]:
+    return {"type": "function_call_output", "call_id": call_id, "output": output}
+
+
+def _tool_message(call_id: str, content: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+# One tool-loop step as Responses input items, and as the chat messages they become.
+LOOP = [_call("call_1"), _output("call_1", "x")]
+CALLED, RESULT = [_chat_call("call_1")], _tool_message("call_1", "x")
+
 # (the request's parameters besides model, the chat body's besides model)
 TRANSLATIONS: list[Any] = [
     pytest.param({"input": "hi"}, {"messages": USER}, id="input-string"),
@@ -81,54 +118,31 @@ TRANSLATIONS: list[Any] = [
     pytest.param(
         {
             "input": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "input_text", "text": "one"},
-                        {"type": "input_text", "text": "two"},
-                    ],
-                },
-                {
-                    "type": "message",
-                    "id": "msg_1",
-                    "status": "completed",
-                    "role": "assistant",
-                    "content": [{"type": "output_text", "text": "three", "annotations": []}],
-                },
+                _says("user", _part("input_text", "one"), _part("input_text", "two")),
+                {"type": "message", "id": "msg_1", "status": "completed"}
+                | _says("assistant", _part("output_text", "three", annotations=[])),
             ]
         },
-        {
-            "messages": [
-                {"role": "user", "content": "one\ntwo"},
-                {"role": "assistant", "content": "three"},
-            ]
-        },
+        {"messages": [_says("user", "one\ntwo"), _says("assistant", "three")]},
         id="text-parts-join",
     ),
     pytest.param(
         {
             "input": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "input_text", "text": "what is this?"},
-                        {"type": "input_image", "image_url": "https://x/cat.png", "detail": "low"},
-                    ],
-                }
+                _says(
+                    "user",
+                    _part("input_text", "what is this?"),
+                    _part("input_image", image_url="https://x/cat.png", detail="low"),
+                )
             ]
         },
         {
             "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "text", "text": "what is this?"},
-                        {
-                            "type": "image_url",
-                            "image_url": {"url": "https://x/cat.png", "detail": "low"},
-                        },
-                    ],
-                }
+                _says(
+                    "user",
+                    _part("text", "what is this?"),
+                    _part("image_url", image_url={"url": "https://x/cat.png", "detail": "low"}),
+                )
             ]
         },
         id="input-image",
@@ -166,45 +180,17 @@ TRANSLATIONS: list[Any] = [
         id="parallel-function-calls-one-assistant-message",
     ),
     pytest.param(
-        {
-            "input": [
-                *USER,
-                _call("call_1"),
-                {"type": "function_call_output", "call_id": "call_1", "output": "x"},
-            ]
-        },
-        {
-            "messages": [
-                *USER,
-                {"role": "assistant", "content": None, "tool_calls": [_chat_call("call_1")]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "x"},
-            ]
-        },
+        {"input": [*USER, *LOOP]},
+        {"messages": [*USER, _assistant(None, tool_calls=CALLED), RESULT]},
         id="function-call-alone",
     ),
     pytest.param(
-        {
-            "input": [
-                *USER,
-                {
-                    "type": "reasoning",
-                    "id": "rs_1",
-                    "summary": [{"type": "summary_text", "text": "need weather"}],
-                },
-                _call("call_1"),
-                {"type": "function_call_output", "call_id": "call_1", "output": "x"},
-            ]
-        },
+        {"input": [*USER, _reasoning(summary="need weather"), *LOOP]},
         {
             "messages": [
                 *USER,
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "reasoning_content": "need weather",
-                    "tool_calls": [_chat_call("call_1")],
-                },
-                {"role": "tool", "tool_call_id": "call_1", "content": "x"},
+                _assistant(None, reasoning_content="need weather", tool_calls=CALLED),
+                RESULT,
             ]
         },
         id="reasoning-goes-back-inside-a-tool-loop",
@@ -213,26 +199,16 @@ TRANSLATIONS: list[Any] = [
         {
             "input": [
                 *USER,
-                {
-                    "type": "reasoning",
-                    "id": "rs_1",
-                    "summary": [],
-                    "content": [{"type": "reasoning_text", "text": "hm"}],
-                },
-                {"role": "assistant", "content": "hello"},
-                {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": "gAAAA"},
+                _reasoning(content="hm"),
+                _assistant("hello"),
+                _reasoning(encrypted_content="gAAAA"),
                 _call("call_1"),
             ]
         },
         {
             "messages": [
                 *USER,
-                {
-                    "role": "assistant",
-                    "content": "hello",
-                    "tool_calls": [_chat_call("call_1")],
-                    "reasoning_content": "hm",
-                },
+                _assistant("hello", tool_calls=[_chat_call("call_1")], reasoning_content="hm"),
             ]
         },
         id="reasoning-text-kept-encrypted-left-out",
@@ -241,16 +217,12 @@ TRANSLATIONS: list[Any] = [
         {
             "input": [
                 *USER,
-                {
-                    "type": "reasoning",
-                    "id": "rs_1",
-                    "summary": [{"type": "summary_text", "text": "t"}],
-                },
-                {"role": "assistant", "content": "a"},
+                _reasoning(summary="t"),
+                _assistant("a"),
                 *USER,
             ]
         },
-        {"messages": [*USER, {"role": "assistant", "content": "a"}, *USER]},
+        {"messages": [*USER, _assistant("a"), *USER]},
         id="reasoning-before-a-final-answer-left-out",
     ),
     pytest.param(

@@ -5,20 +5,18 @@ Agents SDK's `Runner` with a function-tool round trip, against a loopback server
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
 import openai
 import orjson
 import pytest
-from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
 from pydantic import BaseModel
 
 from proxy.errors import ProxyError
 from proxy.responses import Shell, StreamTranslator, response_from_chat, translate_request
 from proxy.serving import RunningServer
-from tests.responses_stream import check_stream, events_of
+from tests.responses_clients import WEATHER, check_stream, events_of, run_weather_agent
 
 USAGE = {
     "prompt_tokens": 30,
@@ -174,18 +172,9 @@ def test_create_stream_events_parse(
 
 
 def test_stream_accumulator_gets_the_final_response(client: openai.OpenAI) -> None:
-    tool = {
-        "type": "function",
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-        "strict": True,
-    }
-    with client.responses.stream(model="route", input="Weather in Paris?", tools=[tool]) as stream:
+    with client.responses.stream(
+        model="route", input="Weather in Paris?", tools=[WEATHER]
+    ) as stream:
         final = stream.get_final_response()
     assert [item.type for item in final.output] == ["reasoning", "function_call"]
     call = final.output[1]
@@ -225,35 +214,13 @@ def test_a_refused_parameter_is_a_400_naming_it(client: openai.OpenAI) -> None:
     assert refused.value.code == "unsupported_parameter"  # type: ignore[attr-defined]
 
 
-@function_tool
-def get_weather(city: str) -> str:
-    """The weather in a city."""
-    return f"sunny in {city}"
-
-
 @pytest.mark.parametrize("streamed", [False, True])
 def test_agents_sdk_runs_a_tool_round_trip(
     server: tuple[TranslatingServer, RunningServer], streamed: bool
 ) -> None:
     app, running = server
-    set_tracing_disabled(True)
-    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="k", max_retries=0)
-    model = OpenAIResponsesModel(model="route", openai_client=client)
-    agent = Agent(
-        name="weather", instructions="Answer with the tool.", tools=[get_weather], model=model
-    )
-
-    async def run() -> Any:
-        async with client:
-            if not streamed:
-                return await Runner.run(agent, "Weather in Paris?")
-            result = Runner.run_streamed(agent, "Weather in Paris?")
-            async for _ in result.stream_events():
-                pass
-            return result
-
     before = len(app.chats)
-    result = asyncio.run(run())
+    result = run_weather_agent(running.url, "route", streamed=streamed)
     assert result.final_output == "The weather: sunny in Paris."
     first, second = app.chats[before:]
     assert first["messages"][0] == {"role": "system", "content": "Answer with the tool."}

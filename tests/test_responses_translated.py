@@ -5,7 +5,6 @@ mock's counts; fallback between chat and native upstreams; refusals naming the p
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ import httpx
 import openai
 import pydantic
 import pytest
-from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
 
 from proxy.app import create_app
 from proxy.mock.content import expected_content
@@ -23,7 +21,7 @@ from proxy.record import RequestRecord, Usage
 from proxy.serving import RunningServer
 from tests.conftest import UPSTREAM_KEY
 from tests.helpers import wait_for
-from tests.responses_stream import check_stream, events_of
+from tests.responses_clients import WEATHER, check_stream, events_of, run_weather_agent
 
 REASONING, CACHED, TOKENS = 3, 4, 8
 ROUTES = """\
@@ -55,18 +53,6 @@ routes:
 pricing:
   mock-ds: {{input: 2.0, cached_input: 0.5, output: 8.0}}
 """
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
 
 
 class Setup:
@@ -299,39 +285,12 @@ def test_a_cut_stream_ends_with_the_responses_error_event(setup: Setup) -> None:
     assert record.usage.source == "estimated"
 
 
-@function_tool
-def get_weather(city: str) -> str:
-    """The weather in a city."""
-    return f"sunny in {city}"
-
-
 @pytest.mark.parametrize("streamed", [False, True])
 def test_agents_sdk_runs_a_tool_round_trip(setup: Setup, streamed: bool) -> None:
-    set_tracing_disabled(True)
-    client = openai.AsyncOpenAI(base_url=setup.url + "/v1", api_key="client-key", max_retries=0)
-    agent = Agent(
-        name="weather",
-        instructions="Answer with the tool.",
-        tools=[get_weather],
-        model=OpenAIResponsesModel(model="ds", openai_client=client),
-    )
-
-    async def run() -> Any:
-        async with client:
-            if not streamed:
-                return await Runner.run(agent, "Weather in Paris?")
-            result = Runner.run_streamed(agent, "Weather in Paris?")
-            async for _ in result.stream_events():
-                pass
-            return result
-
     sent = len(setup.deepseek.records)
-    result = asyncio.run(run())
+    result = run_weather_agent(setup.url, "ds", streamed=streamed)
     assert result.final_output == expected_content(0, TOKENS - REASONING)
     first, second = (r.body for r in setup.deepseek.records[sent:])
     assert first["messages"][0] == {"role": "system", "content": "Answer with the tool."}
-    assert second["messages"][-1] == {
-        "role": "tool",
-        "tool_call_id": "call_mock0",
-        "content": "sunny in mock",
-    }
+    tool = {"role": "tool", "tool_call_id": "call_mock0", "content": "sunny in mock"}
+    assert second["messages"][-1] == tool

@@ -11,17 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.responses.items import (
-    Shell,
-    function_call_item,
-    message_item,
-    new_id,
-    outcome,
-    reasoning_item,
-    refusal_part,
-    text_part,
-    usage_of,
-)
+from proxy.responses import items
+from proxy.responses.items import Shell, new_id
 
 REASONING_FIELDS = ("reasoning_content", "reasoning")
 
@@ -31,9 +22,11 @@ def response_from_chat(completion: Mapping[str, Any], shell: Shell) -> dict[str,
     choices = completion.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else {}
     message = choice.get("message") if isinstance(choice, Mapping) else None
-    status, details = outcome(choice.get("finish_reason") if isinstance(choice, Mapping) else None)
+    status, details = items.outcome(
+        choice.get("finish_reason") if isinstance(choice, Mapping) else None
+    )
     output = _output(message, status) if isinstance(message, Mapping) else []
-    return shell.response(status, output, usage_of(completion.get("usage")), details)
+    return shell.response(status, output, items.usage_of(completion.get("usage")), details)
 
 
 def reasoning_of(message: Mapping[str, Any]) -> str:
@@ -49,19 +42,21 @@ def _output(message: Mapping[str, Any], status: str) -> list[dict[str, Any]]:
     output: list[dict[str, Any]] = []
     reasoning = reasoning_of(message)
     if reasoning:
-        output.append(reasoning_item(new_id("rs"), reasoning, status))
+        output.append(items.reasoning_item(new_id("rs"), reasoning, status))
     parts = []
     if isinstance(message.get("content"), str) and message["content"]:
-        parts.append(text_part(message["content"]))
+        parts.append(items.text_part(message["content"]))
     if isinstance(message.get("refusal"), str) and message["refusal"]:
-        parts.append(refusal_part(message["refusal"]))
+        parts.append(items.refusal_part(message["refusal"]))
     if parts:
-        output.append(message_item(new_id("msg"), parts, status))
+        output.append(items.message_item(new_id("msg"), parts, status))
     for call in message.get("tool_calls") or ():
         function = call.get("function") or {}
         call_id = call.get("id") or new_id("call")
         arguments = function.get("arguments") or ""
         output.append(
-            function_call_item(new_id("fc"), call_id, function.get("name", ""), arguments, status)
+            items.function_call_item(
+                new_id("fc"), call_id, function.get("name", ""), arguments, status
+            )
         )
     return output

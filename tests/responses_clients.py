@@ -1,13 +1,17 @@
-"""Reading a Responses API stream the way a strict client would: every event validated with
+"""The Responses API as strict clients read it: every event of a stream validated with
 openai-python's own types, and the invariants its accumulator and the Agents SDK lean on
-checked (order, ids, indexes, sequence numbers, deltas adding up to the final output)."""
+checked (order, ids, indexes, sequence numbers, deltas adding up to the final output); and
+the Agents SDK's runner with a function tool."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from typing import Any
 
+import openai
 import orjson
+from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
@@ -109,3 +113,48 @@ def summary(response: Response) -> list[tuple[Any, ...]]:
         elif item.type == "function_call":
             out.append(("function_call", item.call_id, item.name, item.arguments, item.status))
     return out
+
+
+# The tool of the round-trip tests: strict, so openai-python parses its arguments.
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+@function_tool
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return f"sunny in {city}"
+
+
+def run_weather_agent(base_url: str, model: str, *, streamed: bool) -> Any:
+    """The Agents SDK's `Runner.run` (or `run_streamed`, read to its end) with its default
+    Responses model and one function tool, asking about the weather in Paris."""
+    set_tracing_disabled(True)
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="client-key", max_retries=0)
+    agent = Agent(
+        name="weather",
+        instructions="Answer with the tool.",
+        tools=[get_weather],
+        model=OpenAIResponsesModel(model=model, openai_client=client),
+    )
+
+    async def run() -> Any:
+        async with client:
+            if not streamed:
+                return await Runner.run(agent, "Weather in Paris?")
+            result = Runner.run_streamed(agent, "Weather in Paris?")
+            async for _ in result.stream_events():
+                pass
+            return result
+
+    return asyncio.run(run())
