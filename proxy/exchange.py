@@ -66,7 +66,7 @@ def client_tee(request: ApiRequest, answer: Answer, upstream: Upstream) -> Tee:
     """What a committed stream goes through on its way to the client (`Tee.feed` returns the
     bytes to relay): for a translated one, the translation."""
     if translated(request, upstream):
-        return Translating(StreamTranslator(_shell(request)))
+        return Translating(StreamTranslator(_shell(request), answer.body_usage))
     return tee_for(request, answer, upstream)
 
 

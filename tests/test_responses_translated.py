@@ -32,6 +32,7 @@ upstreams:
   cutting: {{base_url: "{cutting}/v1", responses: chat}}
   slow: {{base_url: "{slow}/v1", responses: chat}}
   down: {{base_url: "http://127.0.0.1:9/v1", responses: chat}}
+  jsony: {{base_url: "{jsony}/v1", responses: chat}}
 routes:
   - model: ds
     targets: [{{upstream: deepseek, model: mock-ds}}]
@@ -44,6 +45,8 @@ routes:
   - model: broken-then-chat
     targets: [{{upstream: broken, model: mock-native}}]
     fallbacks: [{{upstream: deepseek, model: mock-ds}}]
+  - model: whole
+    targets: [{{upstream: jsony, model: mock-ds}}]
   - model: cut
     targets: [{{upstream: cutting, model: mock-ds}}]
   - model: hurried
@@ -63,6 +66,7 @@ class Setup:
         self.native, self.broken = MockUpstream(), MockUpstream(Knobs(status=500))
         self.cutting = MockUpstream(Knobs(reset_after=3))
         self.slow = MockUpstream(Knobs(ttft=3.0))
+        self.jsony = MockUpstream(Knobs(tokens=TOKENS, json_for_stream=True))
         self.records: list[RequestRecord] = []
         self.url = ""
 
@@ -74,15 +78,17 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     s = Setup()
-    names = ("deepseek", "native", "broken", "cutting", "slow")
+    names = ("deepseek", "native", "broken", "cutting", "slow", "jsony")
     with (
         RunningServer(s.deepseek) as deepseek,
         RunningServer(s.native) as native,
         RunningServer(s.broken) as broken,
         RunningServer(s.cutting) as cutting,
         RunningServer(s.slow) as slow,
+        RunningServer(s.jsony) as jsony,
     ):
-        servers = dict(zip(names, (deepseek, native, broken, cutting, slow), strict=True))
+        running = (deepseek, native, broken, cutting, slow, jsony)
+        servers = dict(zip(names, running, strict=True))
         path = Path(tmp_path_factory.mktemp("translated")) / "routes.yaml"
         path.write_text(ROUTES.format(**{name: server.url for name, server in servers.items()}))
         app = create_app(
@@ -269,6 +275,22 @@ def test_first_token_timeout_falls_back_as_for_chat(client: openai.OpenAI, setup
         final = stream.get_final_response()
     assert final.output_text == expected_content(0, TOKENS - REASONING)
     assert [a.outcome for a in setup.finished(seen).attempts] == ["first_token_timeout", "ok"]
+
+
+def test_a_whole_answer_to_a_stream_request_is_streamed_with_its_usage(
+    client: openai.OpenAI, setup: Setup
+) -> None:
+    """An upstream that answers JSON to `stream: true`: the client still gets a Responses
+    stream, its `response.completed` carrying the answer's usage."""
+    with client.responses.stream(model="whole", input="hi") as stream:
+        final = stream.get_final_response()
+    sent = setup.jsony.records[-1]
+    assert final.output_text == expected_content(0, TOKENS)
+    assert final.usage is not None
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (
+        sent.prompt_tokens,
+        sent.completion_tokens,
+    )
 
 
 def test_a_cut_stream_ends_with_the_responses_error_event(setup: Setup) -> None:

@@ -59,7 +59,9 @@ class _Item:
 
 
 class StreamTranslator:
-    def __init__(self, shell: Shell) -> None:
+    def __init__(self, shell: Shell, usage: Mapping[str, Any] | None = None) -> None:
+        """`usage`: the chat usage known before the stream (a whole answer turned into a
+        stream); a usage chunk in the stream replaces it."""
         self._shell = shell
         self._sequence = 0
         self._started = False
@@ -70,7 +72,7 @@ class StreamTranslator:
         self._message: _Item | None = None
         self._calls: dict[int, _Item] = {}  # by the chat tool-call index
         self._finish_reason: Any = None
-        self._usage: dict[str, Any] | None = None
+        self._usage: dict[str, Any] | None = usage_of(usage)
         self._out: list[bytes] = []
         self._texts: list[str] = []  # every delta's text, for an estimate without usage
 
