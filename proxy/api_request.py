@@ -56,7 +56,9 @@ class ApiRequest:
         prompt = self.payload.get(self.api.prompt_field)
         if self.api is not RESPONSES:
             return prompt
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        messages = prompt if isinstance(prompt, list) else []
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
         instructions = self.payload.get("instructions")
         if isinstance(instructions, str):
             return [{"role": "system", "content": instructions}, *messages]

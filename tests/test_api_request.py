@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from proxy.api_request import MAX_DEPTH, parse_request
+from proxy.api_request import MAX_DEPTH, RESPONSES, parse_request
 from proxy.errors import BadRequest
 
 
@@ -58,3 +58,37 @@ def test_bodies_deeper_than_the_serialiser_writes_are_refused(body: bytes, serve
         parse_request(body)
     assert refused.value.code == "invalid_json"
     assert refused.value.message == f"request body is nested more than {MAX_DEPTH} levels deep"
+
+
+def test_a_responses_request_is_sent_as_it_came_without_stream_options() -> None:
+    body = b'{"model":"bot","input":"hi","instructions":"be brief","stream":true,"store":false}'
+    request = parse_request(body, RESPONSES)
+    assert request.stream is True
+    for action in ("pass", "strip", "inject"):
+        sent = orjson.loads(request.upstream_body("gpt-x", action))  # type: ignore[arg-type]
+        assert sent == {**orjson.loads(body), "model": "gpt-x"}
+    assert request.prompt == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+    ]
+    assert request.counts_messages
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"input":"hi"}', "model"),
+        (b'{"model":"m","input":3}', "input"),
+        (b'{"model":"m","input":"hi","stream":"yes"}', "stream"),
+    ],
+)
+def test_a_bad_responses_request_names_the_parameter(body: bytes, param: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse_request(body, RESPONSES)
+    assert caught.value.param == param
+
+
+def test_a_responses_request_may_leave_input_out() -> None:
+    """With a stored `prompt` template, say: the upstream decides."""
+    request = parse_request(b'{"model":"m","prompt":{"id":"pmpt_1"}}', RESPONSES)
+    assert request.prompt == []

@@ -872,3 +872,19 @@ def test_a_bad_connection_limit_is_refused_with_its_path(setting: str, message: 
     issue = _one(_issues(f"server: {{{setting}}}\n" + BASE), f"server.{key}")
     assert issue.line == 1
     assert message in issue.message
+
+
+def test_responses_is_native_unless_set_to_chat() -> None:
+    config = parse_config(BASE, "r.yaml", {})
+    assert config.upstreams["deepseek"].responses == "native"
+    url = "    base_url: https://api.deepseek.com/v1\n"
+    edited = _edit(url, url + "    responses: chat\n")
+    assert parse_config(edited, "r.yaml", {}).upstreams["deepseek"].responses == "chat"
+
+
+def test_an_unknown_responses_mode_names_file_line_and_the_choices() -> None:
+    url = "    base_url: https://api.deepseek.com/v1\n"
+    edited = _edit(url, url + "    responses: translate\n")
+    issue = _one(_issues(edited), "upstreams.deepseek.responses")
+    assert (issue.file, issue.line) == ("routes.yaml", 4)
+    assert issue.message == "expected one of native, chat, got 'translate'"

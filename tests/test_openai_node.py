@@ -1,7 +1,9 @@
-"""The official openai npm SDK (Node) gets the same answers through the proxy as the Python one.
+"""The official openai npm SDK (Node) gets the same answers through the proxy as the Python one,
+chat and the Responses API; so does the Vercel AI SDK's default provider (Responses API).
 
-tests/node/ pins the SDK in package.json and package-lock.json; `scripts/test` installs it with
-`npm ci`. Without node the test is skipped locally and fails in CI."""
+tests/node/ pins the SDKs in package.json and package-lock.json (the AI SDK at 6: its 7 needs
+Node 22); `scripts/test` installs them with `npm ci`. Without node the tests are skipped
+locally and fail in CI."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from proxy.mock.upstream import expected_content
+from proxy.mock.upstream import MockUpstream, expected_content
 from proxy.serving import RunningServer
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -35,7 +37,8 @@ def _installed_sdk() -> Path:
     """tests/node/node_modules, installed from the lock file if it is not there yet."""
     node = _tool("node")
     modules = NODE_DIR / "node_modules"
-    if not (modules / "openai" / "package.json").exists():
+    wanted = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
+    if not all((modules / name / "package.json").exists() for name in wanted):
         result = subprocess.run(
             [_tool("npm"), "ci", "--no-audit", "--no-fund"],
             cwd=NODE_DIR,
@@ -52,12 +55,13 @@ def _sdk_version() -> str:
     return str(json.loads((NODE_DIR / "node_modules/openai/package.json").read_text())["version"])
 
 
-def test_the_lock_file_pins_the_sdk_that_package_json_names() -> None:
-    wanted = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]["openai"]
+@pytest.mark.parametrize("package", ["openai", "ai", "@ai-sdk/openai"])
+def test_the_lock_file_pins_the_sdk_that_package_json_names(package: str) -> None:
+    wanted = json.loads((NODE_DIR / "package.json").read_text())["dependencies"][package]
     lock = json.loads((NODE_DIR / "package-lock.json").read_text())
-    assert lock["packages"][""]["dependencies"]["openai"] == wanted
-    assert lock["packages"]["node_modules/openai"]["version"] == wanted
-    assert int(wanted.split(".")[0]) >= 4
+    assert lock["packages"][""]["dependencies"][package] == wanted
+    assert lock["packages"][f"node_modules/{package}"]["version"] == wanted
+    assert wanted[0].isdigit()  # an exact version, not a range
 
 
 def test_node_sdk_stream_and_non_stream_through_the_proxy(proxy: RunningServer) -> None:
@@ -118,3 +122,16 @@ def test_node_sdk_responses_through_the_proxy(proxy: RunningServer) -> None:
         {"city": "mock"},
     )
     assert answer["structured"] == {"city": "mock", "celsius": 1}
+
+
+def test_vercel_ai_sdk_default_provider_through_the_proxy(
+    proxy: RunningServer, mock_app: MockUpstream
+) -> None:
+    """`openai(model)` from @ai-sdk/openai: generateText and streamText, on /v1/responses."""
+    seen = len(mock_app.records)
+    answer = _run("ai-sdk.mjs", proxy, 0)
+    want = expected_content(0, 16)
+    assert answer["non_stream"] == answer["stream"] == want
+    assert answer["non_stream_output_tokens"] == answer["stream_output_tokens"] == 16
+    assert answer["finish"] == "stop"
+    assert [("input" in r.body) for r in mock_app.records[seen:]] == [True, True]

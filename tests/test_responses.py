@@ -25,6 +25,7 @@ upstreams:
   a: {{base_url: "{a}/v1", api_key: "${{KEY}}"}}
   b: {{base_url: "{b}/v1"}}
   slow: {{base_url: "{slow}/v1"}}
+  failing: {{base_url: "{failing}/v1"}}
 routes:
   - model: bot
     targets: [{{upstream: a, model: mock-a}}]
@@ -34,9 +35,35 @@ routes:
     first_token_timeout: 0.4
     targets: [{{upstream: slow, model: mock-slow}}]
     fallbacks: [{{upstream: b, model: mock-b}}]
+  - model: hedged
+    hedge_after: 0.2
+    targets: [{{upstream: slow, model: mock-slow}}]
+    fallbacks: [{{upstream: b, model: mock-b}}]
+  - model: failing
+    targets: [{{upstream: failing, model: mock-f}}]
+    fallbacks: [{{upstream: b, model: mock-b}}]
 pricing:
   mock-a: {{input: 1.0, cached_input: 0.1, output: 2.0}}
 """
+
+
+FAILED_STREAM = (
+    b'event: response.created\ndata: {"type":"response.created","sequence_number":0,'
+    b'"response":{"id":"resp_f","object":"response","status":"in_progress","output":[]}}\n\n'
+    b'event: response.failed\ndata: {"type":"response.failed","sequence_number":1,'
+    b'"response":{"id":"resp_f","object":"response","status":"failed",'
+    b'"error":{"code":"server_error","message":"overloaded"},"output":[]}}\n\n'
+)
+
+
+async def failing_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers every request with a stream that fails before any content."""
+    if scope["type"] != "http":
+        return
+    await receive()
+    headers = [(b"content-type", b"text/event-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": FAILED_STREAM})
 
 
 class Mocks:
@@ -52,8 +79,9 @@ def mocks() -> Iterator[tuple[Mocks, dict[str, RunningServer]]]:
         RunningServer(apps.a) as a,
         RunningServer(apps.b) as b,
         RunningServer(apps.slow) as slow,
+        RunningServer(failing_upstream) as failing,
     ):
-        yield apps, {"a": a, "b": b, "slow": slow}
+        yield apps, {"a": a, "b": b, "slow": slow, "failing": failing}
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +205,24 @@ def test_first_token_timeout_falls_back_to_the_next_upstream(
     assert events[-1].type == "response.completed"
     assert events[-1].response.model == "mock-b"
     assert mocks[0].slow.records, "the slow upstream was tried first"
+
+
+def test_a_hedge_on_another_upstream_wins_when_the_first_is_slow(
+    client: openai.OpenAI,
+) -> None:
+    with client.responses.stream(model="hedged", input="hi") as stream:
+        final = stream.get_final_response()
+    assert final.model == "mock-b"
+    assert final.output_text
+
+
+def test_a_response_failed_before_content_moves_on_to_the_next_candidate(
+    client: openai.OpenAI,
+) -> None:
+    events = list(client.responses.create(model="failing", input="hi", stream=True))
+    assert [e.type for e in events if e.type.endswith(".failed")] == []  # never relayed
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.model == "mock-b"
 
 
 def test_a_mid_stream_reset_ends_with_the_responses_error_event(

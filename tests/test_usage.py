@@ -14,7 +14,7 @@ from proxy.answer import Answer
 from proxy.api_request import ApiRequest, StreamOptionsAction
 from proxy.config import Target, Upstream, UsageHeaders
 from proxy.headers import Headers
-from proxy.metering.estimate import estimate_usage
+from proxy.metering.estimate import estimate_usage, response_texts
 from proxy.metering.tee import Collect, CollectAddingUsage, Drop, Tee, Watch
 from proxy.metering.usage import tee_for, usage_of_body, usage_of_stream
 from proxy.mock.content import expected_content, stream_events
@@ -361,3 +361,23 @@ def test_a_cut_stream_whose_text_is_not_kept_counts_one_token_per_event(
     expected = replace(estimate_usage(MESSAGES, ""), output=cut.count(b"data:") - 1)
     assert usage_of_stream(request, answer, PLAIN, tee) == expected
     assert expected.output == TOKENS + 1  # the finish event counts too
+
+
+def test_a_responses_answer_without_usage_is_estimated_from_its_output_items() -> None:
+    body = {
+        "object": "response",
+        "output": [
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "think"}]},
+            {"type": "function_call", "name": "f", "arguments": '{"a":1}'},
+            {
+                "type": "message",
+                "content": [
+                    {"type": "output_text", "text": "Hello"},
+                    {"type": "refusal", "refusal": "no"},
+                ],
+            },
+            "garbage",
+        ],
+    }
+    assert response_texts(body) == ["think", "f", '{"a":1}', "Hello", "no"]
+    assert response_texts({"output": None}) == []
