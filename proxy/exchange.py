@@ -17,7 +17,13 @@ from proxy.api_request import CHAT, RESPONSES, ApiRequest, StreamOptionsAction
 from proxy.config import Upstream
 from proxy.metering.tee import Tee
 from proxy.metering.usage import tee_for
-from proxy.responses import Shell, StreamTranslator, response_from_chat, translate_request
+from proxy.responses import (
+    Shell,
+    StreamTranslator,
+    echo_of,
+    response_from_chat,
+    translate_request,
+)
 from proxy.responses.tee import Translating
 from proxy.sse import Kind, parse, parse_responses
 
@@ -78,4 +84,4 @@ def client_body(request: ApiRequest, answer: Answer, upstream: Upstream) -> byte
 
 
 def _shell(request: ApiRequest) -> Shell:
-    return Shell(translate_request(request.payload).echo)
+    return Shell(echo_of(request.payload))  # the request was translated at each attempt

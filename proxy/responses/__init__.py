@@ -7,6 +7,13 @@ share: the response id, its creation time, the model and the repeated request pa
 from proxy.responses.body import response_from_chat
 from proxy.responses.events import StreamTranslator
 from proxy.responses.items import Shell
-from proxy.responses.request import Translated, translate_request
+from proxy.responses.request import Translated, echo_of, translate_request
 
-__all__ = ["Shell", "StreamTranslator", "Translated", "response_from_chat", "translate_request"]
+__all__ = [
+    "Shell",
+    "StreamTranslator",
+    "Translated",
+    "echo_of",
+    "response_from_chat",
+    "translate_request",
+]

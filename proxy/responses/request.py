@@ -115,8 +115,12 @@ def translate_request(payload: Mapping[str, Any]) -> Translated:
     if not chat.get("tools"):  # chat refuses tool_choice and parallel_tool_calls without tools
         for key in ("tools", "tool_choice", "parallel_tool_calls"):
             chat.pop(key, None)
-    echo = {key: given[key] for key in ECHOED if key in given}
-    return Translated(chat=chat, echo=echo)
+    return Translated(chat=chat, echo=echo_of(given))
+
+
+def echo_of(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The request parameters a Response object repeats (cheap: no translation)."""
+    return {key: payload[key] for key in ECHOED if payload.get(key) is not None}
 
 
 def _check_refused(key: str, value: Any) -> None:
