@@ -482,3 +482,20 @@ def test_behaviour_md_lists_every_parameter_once() -> None:
     text = section(DOCS / "BEHAVIOUR.md", "The Responses API on a chat upstream")
     rows = first_cells(text)
     assert sorted(rows) == sorted(KNOWN)
+
+
+def test_a_client_string_quoted_in_an_error_is_clipped() -> None:
+    """One request cannot write megabytes into an error body and the access log."""
+    huge = "x" * 100_000
+    for request in (
+        {"model": "m", "input": "hi", huge: 1},
+        {"model": "m", "input": "hi", "tools": [{"type": huge}]},
+        {"model": "m", "input": [{"type": huge}]},
+        {"model": "m", "input": "hi", "truncation": huge},
+        {"model": "m", "input": "hi", "reasoning": {huge: 1}},
+        {"model": "m", "input": "hi", "text": {huge: 1}},
+    ):
+        with pytest.raises(BadRequest) as refused:
+            translate_request(request)
+        assert len(refused.value.message) < 400
+        assert len(refused.value.param or "") < 400

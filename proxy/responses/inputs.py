@@ -17,13 +17,19 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from proxy.errors import BadRequest, Untranslatable
+from proxy.errors import BadRequest, Untranslatable, clipped
 
 T = TypeVar("T")
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 _REFUSED_ITEMS = {"item_reference": "it refers to stored items, and a chat upstream stores none"}
 _NAMES = {bool: "a boolean", str: "a string", list: "an array", dict: "an object"}
+MAX_QUOTED = 100  # characters of a client's value an error quotes: one request, one short line
+
+
+def quoted(value: Any) -> str:
+    """A client's value as an error message quotes it: its repr, clipped."""
+    return clipped(repr(value), MAX_QUOTED)
 
 
 def expect(value: Any, kind: type[T], param: str) -> T:
@@ -63,7 +69,9 @@ class _Messages:
             self._function_output(item, param)
         else:
             reason = _REFUSED_ITEMS.get(kind, "only messages and function calls translate")
-            message = f"{param}: item type {kind!r} is not supported by this upstream: {reason}"
+            message = (
+                f"{param}: item type {quoted(kind)} is not supported by this upstream: {reason}"
+            )
             raise Untranslatable(message, param=f"{param}.type")
         self._reasoning = ""
 
@@ -140,5 +148,5 @@ def _part(part: dict[str, Any], param: str, role: str) -> dict[str, Any]:
         if part.get("detail") is not None:
             image["detail"] = part["detail"]
         return {"type": "image_url", "image_url": image}
-    message = f"{param}: content type {kind!r} is not supported by this upstream"
+    message = f"{param}: content type {quoted(kind)} is not supported by this upstream"
     raise Untranslatable(message, param=f"{param}.type")

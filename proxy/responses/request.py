@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.errors import BadRequest, Untranslatable
-from proxy.responses.inputs import chat_messages, expect
+from proxy.errors import BadRequest, Untranslatable, clipped
+from proxy.responses.inputs import MAX_QUOTED, chat_messages, expect, quoted
 
 # Request parameters a Response object repeats (and that the SDKs read back from it).
 ECHOED = (
@@ -100,8 +100,7 @@ def translate_request(payload: Mapping[str, Any]) -> Translated:
     given = {key: value for key, value in payload.items() if value is not None}
     unknown = sorted(set(given) - KNOWN)
     if unknown:
-        names = ", ".join(repr(name) for name in unknown)
-        raise BadRequest(f"Unknown parameter: {names}.", param=unknown[0], code="unknown_parameter")
+        raise _unknown(unknown)
     for key, value in given.items():
         _check_refused(key, value)
     model = expect(given.get("model"), str, "model")
@@ -123,6 +122,13 @@ def echo_of(payload: Mapping[str, Any]) -> dict[str, Any]:
     return {key: payload[key] for key in ECHOED if payload.get(key) is not None}
 
 
+def _unknown(names: list[str]) -> BadRequest:
+    """OpenAI's answer to parameters it does not know: the first few named, each clipped."""
+    listed = ", ".join(quoted(name) for name in names[:5]) + (", …" if len(names) > 5 else "")
+    first = clipped(names[0], MAX_QUOTED)
+    return BadRequest(f"Unknown parameter: {listed}.", param=first, code="unknown_parameter")
+
+
 def _check_refused(key: str, value: Any) -> None:
     if key in REFUSED:
         raise Untranslatable(
@@ -132,12 +138,12 @@ def _check_refused(key: str, value: Any) -> None:
         allowed, reason = REFUSED_UNLESS[key]
         if value not in allowed or type(value) is not type(allowed[0]):
             raise Untranslatable(
-                f"'{key}': {value!r} is not supported by this upstream: {reason}.", param=key
+                f"'{key}': {quoted(value)} is not supported by this upstream: {reason}.", param=key
             )
     if key == "include":
         for index, name in enumerate(expect(value, list, "include")):
             if name not in INCLUDE_IGNORED:
-                message = f"include value {name!r} is not supported by this upstream"
+                message = f"include value {quoted(name)} is not supported by this upstream"
                 raise Untranslatable(message, param=f"include[{index}]")
 
 
@@ -157,7 +163,7 @@ def _tool(tool: Any, param: str) -> dict[str, Any]:
     kind = expect(tool, dict, param).get("type")
     if kind != "function":
         message = (
-            f"{param}: tool type {kind!r} is not supported by this upstream: "
+            f"{param}: tool type {quoted(kind)} is not supported by this upstream: "
             "only function tools translate to chat completions"
         )
         raise Untranslatable(message, param=f"{param}.type")
@@ -183,7 +189,7 @@ def _tool_choice(value: Any, chat: dict[str, Any]) -> None:
         return
     kind = value.get("type") if isinstance(value, dict) else value
     message = (
-        f"tool_choice {kind!r} is not supported by this upstream: "
+        f"tool_choice {quoted(kind)} is not supported by this upstream: "
         "only none, auto, required and a function translate"
     )
     raise Untranslatable(message, param="tool_choice")
@@ -193,11 +199,7 @@ def _text(value: Any, chat: dict[str, Any]) -> None:
     text = expect(value, dict, "text")
     unknown = sorted(set(text) - {"format", "verbosity"})
     if unknown:
-        raise BadRequest(
-            f"Unknown parameter: 'text.{unknown[0]}'.",
-            param=f"text.{unknown[0]}",
-            code="unknown_parameter",
-        )
+        raise _unknown([f"text.{name}" for name in unknown])
     if text.get("verbosity") is not None:
         chat["verbosity"] = text["verbosity"]
     fmt = expect(text.get("format", {"type": "text"}), dict, "text.format")
@@ -219,9 +221,8 @@ def _reasoning(value: Any, chat: dict[str, Any]) -> None:
         if setting is None or key in _REASONING_IGNORED:
             continue
         if key != "effort":
-            raise Untranslatable(
-                f"'reasoning.{key}' is not supported by this upstream.", param=f"reasoning.{key}"
-            )
+            name = clipped(f"reasoning.{key}", MAX_QUOTED)
+            raise Untranslatable(f"'{name}' is not supported by this upstream.", param=name)
         chat["reasoning_effort"] = setting
 
 
