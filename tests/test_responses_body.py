@@ -12,7 +12,7 @@ from openai.types.responses import Response
 from proxy.mock.replay import strip_header
 from proxy.responses import Shell, response_from_chat, translate_request
 from tests.provider_shapes import FIXTURES
-from tests.responses_clients import summary
+from tests.responses_checks import summary
 
 
 def completion(message: dict[str, Any], finish: str = "stop", **extra: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from proxy.mock.replay import split_events
 from proxy.responses import Shell, StreamTranslator, translate_request
 from proxy.sse import DONE, event_data
 from tests.provider_shapes import recording
-from tests.responses_clients import check_stream, events_of, summary
+from tests.responses_checks import check_stream, events_of, summary
 
 HEAD = {"id": "c1", "object": "chat.completion.chunk", "created": 1738000000, "model": "up-model"}
 ROLE = {**HEAD, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}

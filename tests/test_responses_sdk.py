@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from proxy.errors import ProxyError
 from proxy.responses import Shell, StreamTranslator, response_from_chat, translate_request
 from proxy.serving import RunningServer
-from tests.responses_clients import WEATHER, check_stream, events_of, run_weather_agent
+from tests.responses_checks import WEATHER, check_stream, events_of, run_weather_agent
 
 USAGE = {
     "prompt_tokens": 30,

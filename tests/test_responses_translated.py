@@ -1,5 +1,5 @@
-"""POST /v1/responses through `responses: chat` upstreams: the real openai SDK and the Agents
-SDK through a real proxy to the mock's chat completions endpoint, stream and non-stream, tools
+"""POST /v1/responses through `responses: chat` upstreams: the real openai SDK, the Agents
+SDK and LangChain (`use_responses_api=True`) through a real proxy to the mock's chat completions endpoint, stream and non-stream, tools
 and structured output; the chat request the upstream got; usage and cost exact against the
 mock's counts; fallback between chat and native upstreams; refusals naming the parameter."""
 
@@ -13,6 +13,7 @@ import httpx
 import openai
 import pydantic
 import pytest
+from langchain_openai import ChatOpenAI
 
 from proxy.app import create_app
 from proxy.mock.content import expected_content
@@ -21,7 +22,7 @@ from proxy.record import RequestRecord, Usage
 from proxy.serving import RunningServer
 from tests.conftest import UPSTREAM_KEY
 from tests.helpers import wait_for
-from tests.responses_clients import WEATHER, check_stream, events_of, run_weather_agent
+from tests.responses_checks import WEATHER, check_stream, events_of, run_weather_agent
 
 REASONING, CACHED, TOKENS = 3, 4, 8
 ROUTES = """\
@@ -316,3 +317,20 @@ def test_agents_sdk_runs_a_tool_round_trip(setup: Setup, streamed: bool) -> None
     assert first["messages"][0] == {"role": "system", "content": "Answer with the tool."}
     tool = {"role": "tool", "tool_call_id": "call_mock0", "content": "sunny in mock"}
     assert second["messages"][-1] == tool
+
+
+def test_langchain_with_the_responses_api_invokes_and_streams(setup: Setup) -> None:
+    llm = ChatOpenAI(
+        model="ds",
+        base_url=setup.url + "/v1",
+        api_key="client-key",  # type: ignore[arg-type]
+        use_responses_api=True,
+        max_retries=0,
+    )
+    answer = llm.invoke("双十一预售什么时候开始?")
+    assert answer.text == expected_content(0, TOKENS - REASONING)
+    assert answer.usage_metadata is not None
+    assert answer.usage_metadata["output_tokens"] == setup.deepseek.records[-1].completion_tokens
+    streamed = "".join(chunk.text for chunk in llm.stream("双十一预售什么时候开始?"))
+    assert streamed == expected_content(0, TOKENS - REASONING)
+    assert "messages" in setup.deepseek.records[-1].body  # chat completions upstream
