@@ -1,7 +1,8 @@
 """POST /v1/responses through `responses: chat` upstreams: the real openai SDK, the Agents
-SDK and LangChain (`use_responses_api=True`) through a real proxy to the mock's chat completions endpoint, stream and non-stream, tools
-and structured output; the chat request the upstream got; usage and cost exact against the
-mock's counts; fallback between chat and native upstreams; refusals naming the parameter."""
+SDK and LangChain (`use_responses_api=True`) through a real proxy to the mock's chat
+completions endpoint, stream and non-stream, tools and structured output; the chat request the
+upstream got; usage and cost exact against the mock's counts; fallback between chat and native
+upstreams; refusals naming the parameter."""
 
 from __future__ import annotations
 
