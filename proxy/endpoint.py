@@ -21,7 +21,7 @@ from proxy.errors import (
     UpstreamProtocolError,
     clipped,
 )
-from proxy.exchange import client_body, client_tee, stored
+from proxy.exchange import client_body, client_tee, translated
 from proxy.headers import Headers, client_response_headers, request_id, upstream_request_headers
 from proxy.metering.cost import cost_usd
 from proxy.metering.usage import usage_of_body, usage_of_stream
@@ -198,8 +198,8 @@ class _RequestFlow:
     ) -> None:
         record, upstream = self.record, state.config.upstreams[answer.target.upstream]
         headers = client_response_headers(answer.headers, self.rid)
-        if request.api is RESPONSES and record.route is not None and stored(request, upstream):
-            learn(state, answer, record.route, record.key_name)
+        if request.api is RESPONSES and record.route and not translated(request, upstream):
+            learn(state, answer, record.route, record.key_name)  # for retrieval
         if not request.stream:
             answer.head = client_body(request, answer, upstream)  # metered as the client has it
             await reply.whole(answer.status, answer.head, headers)

@@ -38,12 +38,6 @@ def translated(request: ApiRequest, upstream: Upstream) -> bool:
     return request.api is RESPONSES and upstream.responses == "chat"
 
 
-def stored(request: ApiRequest, upstream: Upstream) -> bool:
-    """Whether the upstream keeps the response it makes (retrieval can find it there): a
-    translated one is made by the proxy, which keeps none."""
-    return not translated(request, upstream)
-
-
 def speaks_stream_options(request: ApiRequest, upstream: Upstream) -> bool:
     """Whether the attempt's API has `stream_options` (the upstream's mode applies)."""
     return request.api.stream_options or translated(request, upstream)

@@ -21,10 +21,15 @@ from proxy.admission import check_model, identify
 from proxy.answer import Answer
 from proxy.api_request import ApiRequest
 from proxy.asgi import Receive, Scope, Send, send_body, send_error
-from proxy.config import Route
+from proxy.config import Route, Upstream
 from proxy.errors import NotFound, ProxyError, UpstreamTimeout, clipped
 from proxy.fleet import LocalOwners, Owner
-from proxy.headers import client_response_headers, request_id, upstream_request_headers
+from proxy.headers import (
+    Headers,
+    client_response_headers,
+    request_id,
+    upstream_request_headers,
+)
 from proxy.record import RequestRecord
 from proxy.scrub import scrub_key
 from proxy.sse import EventSplitter, event_data, response_id
@@ -103,7 +108,7 @@ class RetrievalEndpoint:
 
     async def _relay(
         self, scope: Scope, record: RequestRecord, rid: bytes
-    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    ) -> tuple[int, bytes, Headers]:
         state = self._ref.get()
         config = state.config
         key = identify(config, scope["headers"])
@@ -122,26 +127,35 @@ class RetrievalEndpoint:
             gone = f"upstream '{owner.upstream}', which created this response, is gone"
             raise NotFound(f"{gone} from the config")
         record.route, record.upstream = owner.route, upstream.name
-        headers = upstream_request_headers(scope["headers"], rid)
-        path = scope["path"].removeprefix("/v1")
-        query = scope.get("query_string", b"").decode("latin-1")
-        try:
-            async with asyncio.timeout(upstream.timeouts.total or upstream.timeouts.read):
-                response = await state.clients.send(
-                    upstream, path, b"", headers, method=method, query=query
-                )
-                try:
-                    payload = await response.read(upstream.max_response_bytes)
-                finally:
-                    await response.aclose()
-        except TimeoutError:
-            raise UpstreamTimeout(f"upstream '{upstream.name}' did not answer in time") from None
-        answered = response.headers
-        if response.status >= 400:
-            payload, answered = scrub_key(upstream, payload, answered)
-        elif method == "DELETE":
+        status, payload, answered = await _call(state, upstream, scope, rid)
+        if status < 400 and method == "DELETE":
             await state.runtime.owners.forget(response_id_)
-        return response.status, payload, client_response_headers(answered, rid)
+        return status, payload, client_response_headers(answered, rid)
+
+
+async def _call(
+    state: AppState, upstream: Upstream, scope: Scope, rid: bytes
+) -> tuple[int, bytes, Headers]:
+    """The client's retrieval, relayed with the upstream's key (the client's stays here),
+    read whole within the upstream's timeouts; an error answer with the key scrubbed."""
+    headers = upstream_request_headers(scope["headers"], rid)
+    path, method = scope["path"].removeprefix("/v1"), scope["method"]
+    query = scope.get("query_string", b"").decode("latin-1")
+    try:
+        async with asyncio.timeout(upstream.timeouts.total or upstream.timeouts.read):
+            response = await state.clients.send(
+                upstream, path, b"", headers, method=method, query=query
+            )
+            try:
+                payload = await response.read(upstream.max_response_bytes)
+            finally:
+                await response.aclose()
+    except TimeoutError:
+        raise UpstreamTimeout(f"upstream '{upstream.name}' did not answer in time") from None
+    if response.status >= 400:
+        payload, scrubbed = scrub_key(upstream, payload, response.headers)
+        return response.status, payload, scrubbed
+    return response.status, payload, response.headers
 
 
 def _unknown(rid: str, partial: bool, most: int) -> str:

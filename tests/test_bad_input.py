@@ -274,7 +274,9 @@ def test_a_header_flood_gets_a_clean_4xx(proxy: Proxy, headers: list[bytes]) -> 
 
 PATHS = [
     ("GET", "/v1/nothing", 404, "not_found"),
-    ("POST", "/v1/responses", 404, "not_found"),
+    ("POST", "/v1/assistants", 404, "not_found"),
+    ("GET", "/v1/responses", 405, "method_not_allowed"),
+    ("PUT", "/v1/responses/resp_1", 405, "method_not_allowed"),
     ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
     ("PUT", "/v1/chat/completions", 405, "method_not_allowed"),
     ("DELETE", "/v1/chat/completions", 405, "method_not_allowed"),

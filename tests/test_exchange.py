@@ -9,7 +9,7 @@ import pytest
 from proxy.api_request import CHAT, RESPONSES, StreamOptionsAction, parse_request
 from proxy.config import Upstream
 from proxy.errors import Untranslatable
-from proxy.exchange import event_reader, speaks_stream_options, stored, upstream_call
+from proxy.exchange import event_reader, speaks_stream_options, upstream_call
 from proxy.sse import parse, parse_responses
 
 NATIVE = Upstream("native", "http://u/v1")
@@ -52,8 +52,6 @@ def test_a_responses_request_to_a_chat_upstream_goes_as_chat(
     assert event_reader(request, CHAT_ONLY) is parse  # read to its first content as chat
     assert speaks_stream_options(request, CHAT_ONLY)
     assert not speaks_stream_options(request, NATIVE)
-    assert not stored(request, CHAT_ONLY)
-    assert stored(request, NATIVE)
 
 
 def test_what_a_chat_upstream_cannot_take_is_refused_naming_it() -> None:

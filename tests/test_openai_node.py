@@ -20,7 +20,6 @@ from proxy.mock.upstream import MockUpstream, expected_content
 from proxy.serving import RunningServer
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
-SCRIPT = NODE_DIR / "chat.mjs"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -64,29 +63,6 @@ def test_the_lock_file_pins_the_sdk_that_package_json_names(package: str) -> Non
     assert wanted[0].isdigit()  # an exact version, not a range
 
 
-def test_node_sdk_stream_and_non_stream_through_the_proxy(proxy: RunningServer) -> None:
-    node = _installed_sdk()
-    seed = 23
-    result = subprocess.run(
-        [str(node), str(SCRIPT)],
-        cwd=NODE_DIR,
-        env={**os.environ, "SLUICEGATE_BASE_URL": proxy.url + "/v1", "SEED": str(seed)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, f"openai@{_sdk_version()}: {result.stderr}"
-    answer = json.loads(result.stdout)
-    want = expected_content(seed, 16)
-    assert answer["non_stream"] == want
-    assert answer["stream"] == want
-    assert answer["non_stream_model"] == "mock-chat"  # the model that answered upstream
-    # The client asked for usage, so the stream's own usage event reached the SDK.
-    assert answer["stream_usage"]["completion_tokens"] == 16
-    assert answer["non_stream_usage"]["completion_tokens"] == 16
-
-
 def _run(script: str, proxy: RunningServer, seed: int) -> dict[str, Any]:
     node = _installed_sdk()
     result = subprocess.run(
@@ -101,6 +77,18 @@ def _run(script: str, proxy: RunningServer, seed: int) -> dict[str, Any]:
     assert result.returncode == 0, f"openai@{_sdk_version()}: {result.stderr}"
     answer: dict[str, Any] = json.loads(result.stdout)
     return answer
+
+
+def test_node_sdk_stream_and_non_stream_through_the_proxy(proxy: RunningServer) -> None:
+    seed = 23
+    answer = _run("chat.mjs", proxy, seed)
+    want = expected_content(seed, 16)
+    assert answer["non_stream"] == want
+    assert answer["stream"] == want
+    assert answer["non_stream_model"] == "mock-chat"  # the model that answered upstream
+    # The client asked for usage, so the stream's own usage event reached the SDK.
+    assert answer["stream_usage"]["completion_tokens"] == 16
+    assert answer["non_stream_usage"]["completion_tokens"] == 16
 
 
 def test_node_sdk_responses_through_the_proxy(proxy: RunningServer) -> None:

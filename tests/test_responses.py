@@ -241,6 +241,19 @@ def test_a_mid_stream_reset_ends_with_the_responses_error_event(
     assert set(error) == {"type", "code", "message", "param", "sequence_number"}
 
 
+def test_the_stream_helper_sees_the_error_event_and_has_no_final_response(
+    client: openai.OpenAI,
+) -> None:
+    """openai-python yields `event: error` as a ResponseErrorEvent (it does not raise)."""
+    fault = {"fault": {"reset_after": 2}}
+    with client.responses.stream(model="bot", input="hi", extra_body=fault) as stream:
+        kinds = [event.type for event in stream]
+        with pytest.raises(RuntimeError, match=r"response\.completed"):
+            stream.get_final_response()
+    assert kinds[-1] == "error"
+    assert kinds.count("response.output_text.delta") == 2
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [

@@ -135,3 +135,21 @@ def test_wrong_method_and_bad_ids_are_refused(proxy: RunningServer) -> None:
     put = httpx.put(proxy.url + "/v1/responses/resp_x", headers=auth, timeout=5)
     assert put.status_code == 405
     assert httpx.get(proxy.url + "/v1/responses/resp_x", timeout=5).status_code == 401
+
+
+def test_the_upstreams_own_error_is_relayed(
+    proxy: RunningServer, upstreams: tuple[MockUpstream, MockUpstream, str, str]
+) -> None:
+    """Known to the proxy but gone upstream (deleted there directly): the upstream's 404."""
+    client = _client(proxy)
+    made = client.responses.create(model="bot-one", input="gone upstream")
+    direct = httpx.delete(f"{upstreams[2]}/v1/responses/{made.id}", timeout=5)
+    assert direct.status_code == 200
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.responses.retrieve(made.id)
+    assert caught.value.body == {  # type: ignore[comparison-overlap]
+        "message": f"Response with id '{made.id}' not found.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "not_found",
+    }

@@ -277,13 +277,18 @@ def _int_param(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def plan_request(body: dict[str, Any], tokens: int, api: str = "chat") -> Plan:
+def seed_and_model(body: dict[str, Any]) -> tuple[int, str]:
     seed = body.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise Invalid("Invalid 'seed': expected an integer", "seed")
     model = body.get("model", MODELS[0])
     if not isinstance(model, str):
         raise Invalid("Invalid 'model': expected a string", "model")
+    return seed, model
+
+
+def plan_request(body: dict[str, Any], tokens: int, api: str = "chat") -> Plan:
+    seed, model = seed_and_model(body)
     field = {"chat": "messages", "completions": "prompt", "embeddings": "input"}[api]
     prompt = body.get(field) or []
     if not isinstance(prompt, list) and not (api != "chat" and isinstance(prompt, str)):

@@ -19,12 +19,12 @@ import orjson
 from proxy.errors import error_body
 from proxy.mock.content import (
     CREATED,
-    MODELS,
     Invalid,
     Plan,
     count_input_tokens,
     count_prompt_tokens,
     draw_tokens,
+    seed_and_model,
 )
 from proxy.mock.knobs import Knobs
 
@@ -197,12 +197,7 @@ def _group(events: list[tuple[bytes, bool]]) -> ResponsesEvents:
 
 
 def plan_response(body: dict[str, Any], knobs: Knobs) -> ResponsePlan:
-    seed = body.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise Invalid("Invalid 'seed': expected an integer", "seed")
-    model = body.get("model", MODELS[0])
-    if not isinstance(model, str):
-        raise Invalid("Invalid 'model': expected a string", "model")
+    seed, model = seed_and_model(body)
     prompt = body.get("input")
     if prompt is not None and not isinstance(prompt, str | list):
         raise Invalid("Invalid 'input': expected a string or an array", "input")

@@ -4,15 +4,11 @@
 //   SLUICEGATE_BASE_URL=http://127.0.0.1:8080/v1 node tests/node/ai-sdk.mjs
 import { createOpenAI } from "@ai-sdk/openai";
 import { generateText, streamText } from "ai";
+import { baseURL, model as name } from "./setup.mjs";
 
-const baseURL = process.env.SLUICEGATE_BASE_URL;
-if (!baseURL) {
-  console.error("set SLUICEGATE_BASE_URL to the proxy's /v1 URL");
-  process.exit(2);
-}
 globalThis.AI_SDK_LOG_WARNINGS = false; // they go to stdout, which carries the answer
 const openai = createOpenAI({ baseURL, apiKey: "client-key-unused" });
-const model = openai(process.env.MODEL ?? "support-bot");
+const model = openai(name);
 const prompt = "双十一预售什么时候开始?";
 
 const whole = await generateText({ model, prompt, maxRetries: 0 });

@@ -2,17 +2,9 @@
 // streamed, a function call and structured output. Run by tests/test_openai_node.py; prints
 // one JSON line for it to check.
 //   SLUICEGATE_BASE_URL=http://127.0.0.1:8080/v1 SEED=7 node tests/node/responses.mjs
-import OpenAI from "openai";
+import { client, model, seed } from "./setup.mjs";
 
-const baseURL = process.env.SLUICEGATE_BASE_URL;
-if (!baseURL) {
-  console.error("set SLUICEGATE_BASE_URL to the proxy's /v1 URL");
-  process.exit(2);
-}
-const seed = Number(process.env.SEED ?? "7");
-const model = process.env.MODEL ?? "support-bot";
 const input = "双十一预售什么时候开始?";
-const client = new OpenAI({ baseURL, apiKey: "client-key-unused", maxRetries: 0, timeout: 20_000 });
 
 const whole = await client.responses.create({ model, input, seed });
 
