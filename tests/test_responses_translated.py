@@ -335,3 +335,11 @@ def test_langchain_with_the_responses_api_invokes_and_streams(setup: Setup) -> N
     streamed = "".join(chunk.text for chunk in llm.stream("双十一预售什么时候开始?"))
     assert streamed == expected_content(0, TOKENS - REASONING)
     assert "messages" in setup.deepseek.records[-1].body  # chat completions upstream
+
+
+def test_a_translated_response_is_not_stored_and_the_404_says_so(client: openai.OpenAI) -> None:
+    response = client.responses.create(model="ds", input="hi")
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.responses.retrieve(response.id)
+    assert "translated" in missing.value.message
+    assert "not stored" in missing.value.message

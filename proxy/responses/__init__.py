@@ -6,7 +6,7 @@ share: the response id, its creation time, the model and the repeated request pa
 
 from proxy.responses.body import response_from_chat
 from proxy.responses.events import StreamTranslator
-from proxy.responses.items import Shell
+from proxy.responses.items import Shell, is_translated_id
 from proxy.responses.request import Translated, echo_of, translate_request
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "StreamTranslator",
     "Translated",
     "echo_of",
+    "is_translated_id",
     "response_from_chat",
     "translate_request",
 ]

@@ -28,8 +28,17 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+# A translated response's id: `resp_` as OpenAI's, then a word no hex id holds, so that a
+# retrieval can say why the proxy has none (nothing translated is stored).
+TRANSLATED_ID = "resp_chat"
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(24)}"
+
+
+def is_translated_id(response_id: str) -> bool:
+    return response_id.startswith(TRANSLATED_ID)
 
 
 def outcome(finish_reason: Any) -> tuple[Status, dict[str, Any] | None]:
@@ -118,7 +127,7 @@ class Shell:
     """What every `response` object of one translated request shares."""
 
     echo: Mapping[str, Any]  # the request parameters it repeats (`Translated.echo`)
-    id: str = field(default_factory=lambda: new_id("resp"))
+    id: str = field(default_factory=lambda: TRANSLATED_ID + secrets.token_hex(24))
     created_at: int = field(default_factory=lambda: int(time.time()))
     model: str = ""
 
