@@ -1,7 +1,7 @@
 """The Responses API as strict clients read it: every event of a stream validated with
 openai-python's own types, and the invariants its accumulator and the Agents SDK lean on
-checked (order, ids, indexes, sequence numbers, deltas adding up to the final output); and
-the Agents SDK's runner with a function tool."""
+checked (order, ids, indexes, sequence numbers, deltas adding up to the final output); the
+Agents SDK's runner with a function tool; LangChain on the Responses API."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import orjson
 from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+from langchain_openai import ChatOpenAI
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
@@ -158,3 +159,11 @@ def run_weather_agent(base_url: str, model: str, *, streamed: bool) -> Any:
             return result
 
     return asyncio.run(run())
+
+
+def langchain_on_responses(base_url: str, model: str) -> ChatOpenAI:
+    """LangChain's ChatOpenAI with `use_responses_api=True`, pointed at the proxy."""
+    key: Any = "client-key"  # its type is SecretStr; LangChain takes the string
+    return ChatOpenAI(
+        model=model, base_url=base_url + "/v1", api_key=key, use_responses_api=True, max_retries=0
+    )

@@ -14,7 +14,6 @@ import httpx
 import openai
 import pydantic
 import pytest
-from langchain_openai import ChatOpenAI
 
 from proxy.app import create_app
 from proxy.mock.content import expected_content
@@ -23,7 +22,13 @@ from proxy.record import RequestRecord, Usage
 from proxy.serving import RunningServer
 from tests.conftest import UPSTREAM_KEY
 from tests.helpers import wait_for
-from tests.responses_checks import WEATHER, check_stream, events_of, run_weather_agent
+from tests.responses_checks import (
+    WEATHER,
+    check_stream,
+    events_of,
+    langchain_on_responses,
+    run_weather_agent,
+)
 
 REASONING, CACHED, TOKENS = 3, 4, 8
 ROUTES = """\
@@ -321,13 +326,7 @@ def test_agents_sdk_runs_a_tool_round_trip(setup: Setup, streamed: bool) -> None
 
 
 def test_langchain_with_the_responses_api_invokes_and_streams(setup: Setup) -> None:
-    llm = ChatOpenAI(
-        model="ds",
-        base_url=setup.url + "/v1",
-        api_key="client-key",  # type: ignore[arg-type]
-        use_responses_api=True,
-        max_retries=0,
-    )
+    llm = langchain_on_responses(setup.url, "ds")
     answer = llm.invoke("双十一预售什么时候开始?")
     assert answer.text == expected_content(0, TOKENS - REASONING)
     assert answer.usage_metadata is not None
