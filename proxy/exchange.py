@@ -3,7 +3,7 @@ events of its answer are read, and how the answer reaches the client. The one pl
 client's API and the upstream's may differ: a Responses API request to a `responses: chat`
 upstream becomes a chat completion there (`proxy.responses`), read to its first content as
 chat, and its answer is translated back: a whole body at once (`client_body`), a stream event
-by event through the tee (`tee`).
+by event through the tee (`client_tee`).
 """
 
 from __future__ import annotations
