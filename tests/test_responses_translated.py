@@ -1,8 +1,8 @@
 """POST /v1/responses through `responses: chat` upstreams: the real openai SDK, the Agents
-SDK and LangChain (`use_responses_api=True`) through a real proxy to the mock's chat
-completions endpoint, stream and non-stream, tools and structured output; the chat request the
-upstream got; usage and cost exact against the mock's counts; fallback between chat and native
-upstreams; refusals naming the parameter."""
+SDK, LangChain (`use_responses_api=True`) and the Vercel AI SDK through a real proxy to the
+mock's chat completions endpoint, stream and non-stream, tools and structured output; the chat
+request the upstream got; usage and cost exact against the mock's counts; fallback between
+chat and native upstreams; refusals naming the parameter."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from tests.responses_checks import (
     langchain_on_responses,
     run_weather_agent,
 )
+from tests.test_openai_node import run_node
 
 REASONING, CACHED, TOKENS = 3, 4, 8
 ROUTES = """\
@@ -75,6 +76,7 @@ class Setup:
         self.slow = MockUpstream(Knobs(ttft=3.0))
         self.jsony = MockUpstream(Knobs(tokens=TOKENS, json_for_stream=True))
         self.records: list[RequestRecord] = []
+        self.proxy: RunningServer | None = None
         self.url = ""
 
     def finished(self, seen: int) -> RequestRecord:
@@ -102,7 +104,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             path, env={"KEY": UPSTREAM_KEY}, watch_interval=None, observers=(s.records.append,)
         )
         with RunningServer(app) as proxy:
-            s.url = proxy.url
+            s.proxy, s.url = proxy, proxy.url
             yield s
 
 
@@ -342,3 +344,16 @@ def test_a_translated_response_is_not_stored_and_the_404_says_so(client: openai.
         client.responses.retrieve(response.id)
     assert "translated" in missing.value.message
     assert "not stored" in missing.value.message
+
+
+def test_vercel_ai_sdk_default_provider(setup: Setup) -> None:
+    """`openai(model)` from @ai-sdk/openai speaks the Responses API: generateText and
+    streamText (openai-node's own `responses.create` sends `seed`, which is refused here)."""
+    assert setup.proxy is not None
+    sent = len(setup.deepseek.records)
+    answer = run_node("ai-sdk.mjs", setup.proxy, 0, model="ds")
+    want = expected_content(0, TOKENS - REASONING)
+    assert answer["non_stream"] == answer["stream"] == want
+    assert answer["non_stream_output_tokens"] == answer["stream_output_tokens"] == TOKENS
+    assert answer["finish"] == "stop"
+    assert ["messages" in r.body for r in setup.deepseek.records[sent:]] == [True, True]
