@@ -29,7 +29,7 @@ from proxy.errors import (
     UpstreamTooLarge,
     UpstreamUnreachable,
 )
-from proxy.exchange import event_reader, upstream_call
+from proxy.exchange import event_reader, speaks_stream_options, upstream_call
 from proxy.headers import Headers, retry_after
 from proxy.latency import hedge_after, request_size
 from proxy.record import Attempt, AttemptOutcome, RequestRecord
@@ -176,7 +176,7 @@ class Attempts:
             self._log_attempt(target, outcome, time.monotonic() - started)
 
     def _action(self, upstream: Upstream) -> StreamOptionsAction:
-        mode = upstream.stream_options if self._request.api.stream_options else "pass"
+        mode = upstream.stream_options if speaks_stream_options(self._request, upstream) else "pass"
         if mode == "auto" and self._state.health[upstream.name].rejects_stream_options:
             return "strip"
         return "inject" if mode == "auto" else mode

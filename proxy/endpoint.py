@@ -21,10 +21,10 @@ from proxy.errors import (
     UpstreamProtocolError,
     unknown_model,
 )
-from proxy.exchange import translated
+from proxy.exchange import client_body, client_tee, translated
 from proxy.headers import Headers, client_response_headers, request_id, upstream_request_headers
 from proxy.metering.cost import cost_usd
-from proxy.metering.usage import tee_for, usage_of_body, usage_of_stream
+from proxy.metering.usage import usage_of_body, usage_of_stream
 from proxy.origin import check_api_request
 from proxy.record import Observers, RequestRecord, Usage
 from proxy.relay import Reply
@@ -205,11 +205,12 @@ class _RequestFlow:
         if request.api is RESPONSES and record.route and not translated(request, upstream):
             learn(state, answer, record.route, record.key_name)  # for retrieval
         if not request.stream:
+            answer.head = client_body(request, answer, upstream)  # metered as the client has it
             await reply.whole(answer.status, answer.head, headers)
             record.ttft_s = time.perf_counter() - self.arrived
             self._meter(state, answer, usage_of_body(request, answer, upstream))
         else:
-            tee = tee_for(request, answer, upstream)
+            tee = client_tee(request, answer, upstream)
             try:
                 relayed = await reply.relay(answer, headers, tee)
                 record.ttft_s = relayed.first_byte_at - self.arrived

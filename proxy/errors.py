@@ -2,6 +2,7 @@
 
     ProxyError                      status  type                    code
     ├── BadRequest                  400     invalid_request_error   (given)
+    │   └── Untranslatable          400     invalid_request_error   unsupported_parameter
     ├── Unauthorized                401     invalid_request_error   invalid_api_key
     │   └── MetricsUnauthorized     401     invalid_request_error   invalid_api_key
     ├── ModelNotAllowed             403     invalid_request_error   model_not_allowed
@@ -74,6 +75,13 @@ class ProxyError(Exception):
 class BadRequest(ProxyError):
     status = 400
     type = "invalid_request_error"
+
+
+class Untranslatable(BadRequest):
+    """A Responses API parameter that a `responses: chat` upstream cannot honour (stored state,
+    built-in tools, ...): refused rather than dropped. `param` names it."""
+
+    code = "unsupported_parameter"  # OpenAI's code for a parameter a model does not take
 
 
 class Unauthorized(ProxyError):

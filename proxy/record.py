@@ -23,6 +23,7 @@ AttemptOutcome = Literal[
     "status_429",
     "status_auth",  # 401/403/404 from the upstream: its key or model is wrong
     "status_4xx",
+    "untranslatable",  # a Responses request this `responses: chat` upstream cannot take
     "stream_error",  # an error event in place of the answer
     "too_large",  # past max_response_bytes, or max_event_bytes held before the first token
     "status_5xx",

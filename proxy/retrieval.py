@@ -31,6 +31,7 @@ from proxy.headers import (
     upstream_request_headers,
 )
 from proxy.record import RequestRecord
+from proxy.responses import is_translated_id
 from proxy.scrub import scrub_key
 from proxy.sse import EventSplitter, event_data, response_id
 from proxy.state import AppState, Runtime, StateRef
@@ -159,6 +160,11 @@ async def _call(
 
 
 def _unknown(rid: str, partial: bool, most: int) -> str:
+    if is_translated_id(rid):
+        return (
+            f"response '{clipped(rid, most)}' was translated from a chat completion "
+            "(`responses: chat`), and translated responses are not stored"
+        )
     why = (
         f"response '{clipped(rid, most)}' was not created through this proxy, or its record expired"
     )

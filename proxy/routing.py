@@ -18,6 +18,7 @@ from proxy.config import Route, StreamOptionsMode, Target
 from proxy.errors import (
     BadRequest,
     ProxyError,
+    Untranslatable,
     UpstreamTimeout,
     UpstreamTlsError,
     UpstreamTooLarge,
@@ -96,6 +97,9 @@ _VERDICTS: dict[AttemptOutcome, Verdict] = {
     "status_auth": Verdict(next_candidate=True, unhealthy=False),
     # Past a byte limit: another upstream may answer smaller; this one is not broken for it.
     "too_large": Verdict(next_candidate=True, unhealthy=False),
+    # A Responses request a `responses: chat` upstream cannot take (stored state, built-in
+    # tools): a native upstream of the route may; this one would refuse it every time.
+    "untranslatable": Verdict(next_candidate=True, unhealthy=False),
     # The request itself is wrong (400, 413, 422...): every upstream would say the same.
     "status_4xx": Verdict(next_candidate=False, unhealthy=False),
 }
@@ -113,7 +117,7 @@ def classify(outcome: AttemptOutcome, *, retry_on_timeout: bool = False) -> Verd
 
 def retried(outcome: AttemptOutcome) -> bool:
     """Whether the same upstream may be tried again in this request after this outcome."""
-    return outcome != "tls_error"
+    return outcome not in ("tls_error", "untranslatable")
 
 
 def client_may_retry(
@@ -144,19 +148,20 @@ def outcome_for_status(status: int) -> AttemptOutcome:
     return "status_4xx"
 
 
+# Our own errors by class (a subclass before its base); any other is a reset.
+_OUTCOMES_OF: tuple[tuple[type[ProxyError], AttemptOutcome], ...] = (
+    (Untranslatable, "untranslatable"),
+    (BadRequest, "status_4xx"),  # the request cannot go to this upstream as it is
+    (UpstreamUnreachable, "connect_error"),
+    (UpstreamTlsError, "tls_error"),
+    (UpstreamTimeout, "timeout"),
+    (UpstreamTooLarge, "too_large"),
+)
+
+
 def outcome_of(error: ProxyError) -> AttemptOutcome:
     """Our own error for an attempt (see `upstream.to_proxy_error`): which failure it was."""
-    if isinstance(error, BadRequest):  # the request cannot go to this upstream as it is
-        return "status_4xx"
-    if isinstance(error, UpstreamUnreachable):
-        return "connect_error"
-    if isinstance(error, UpstreamTlsError):
-        return "tls_error"
-    if isinstance(error, UpstreamTimeout):
-        return "timeout"
-    if isinstance(error, UpstreamTooLarge):
-        return "too_large"
-    return "reset"
+    return next((outcome for kind, outcome in _OUTCOMES_OF if isinstance(error, kind)), "reset")
 
 
 def rejects_stream_options(

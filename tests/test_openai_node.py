@@ -63,12 +63,16 @@ def test_the_lock_file_pins_the_sdk_that_package_json_names(package: str) -> Non
     assert wanted[0].isdigit()  # an exact version, not a range
 
 
-def _run(script: str, proxy: RunningServer, seed: int) -> dict[str, Any]:
+def run_node(
+    script: str, proxy: RunningServer, seed: int, model: str = "support-bot"
+) -> dict[str, Any]:
+    """A script of tests/node against the proxy's route `model`; the JSON line it printed."""
     node = _installed_sdk()
+    env = {"SLUICEGATE_BASE_URL": proxy.url + "/v1", "SEED": str(seed), "MODEL": model}
     result = subprocess.run(
         [str(node), str(NODE_DIR / script)],
         cwd=NODE_DIR,
-        env={**os.environ, "SLUICEGATE_BASE_URL": proxy.url + "/v1", "SEED": str(seed)},
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=60,
@@ -81,7 +85,7 @@ def _run(script: str, proxy: RunningServer, seed: int) -> dict[str, Any]:
 
 def test_node_sdk_stream_and_non_stream_through_the_proxy(proxy: RunningServer) -> None:
     seed = 23
-    answer = _run("chat.mjs", proxy, seed)
+    answer = run_node("chat.mjs", proxy, seed)
     want = expected_content(seed, 16)
     assert answer["non_stream"] == want
     assert answer["stream"] == want
@@ -93,7 +97,7 @@ def test_node_sdk_stream_and_non_stream_through_the_proxy(proxy: RunningServer) 
 
 def test_node_sdk_responses_through_the_proxy(proxy: RunningServer) -> None:
     """responses.create whole and streamed, a function call and json_schema output."""
-    answer = _run("responses.mjs", proxy, 29)
+    answer = run_node("responses.mjs", proxy, 29)
     want = expected_content(29, 16)
     assert answer["non_stream"] == answer["stream"] == want
     assert answer["non_stream_model"] == "mock-chat"
@@ -117,7 +121,7 @@ def test_vercel_ai_sdk_default_provider_through_the_proxy(
 ) -> None:
     """`openai(model)` from @ai-sdk/openai: generateText and streamText, on /v1/responses."""
     seen = len(mock_app.records)
-    answer = _run("ai-sdk.mjs", proxy, 0)
+    answer = run_node("ai-sdk.mjs", proxy, 0)
     want = expected_content(0, 16)
     assert answer["non_stream"] == answer["stream"] == want
     assert answer["non_stream_output_tokens"] == answer["stream_output_tokens"] == 16

@@ -25,7 +25,6 @@ upstreams:
   a: {{base_url: "{a}/v1", api_key: "${{KEY}}"}}
   b: {{base_url: "{b}/v1"}}
   slow: {{base_url: "{slow}/v1"}}
-  translating: {{base_url: "{a}/v1", responses: chat}}
   failing: {{base_url: "{failing}/v1"}}
 routes:
   - model: bot
@@ -43,8 +42,6 @@ routes:
   - model: failing
     targets: [{{upstream: failing, model: mock-f}}]
     fallbacks: [{{upstream: b, model: mock-b}}]
-  - model: translated
-    targets: [{{upstream: translating, model: mock-a}}]
 pricing:
   mock-a: {{input: 1.0, cached_input: 0.1, output: 2.0}}
 """
@@ -255,13 +252,6 @@ def test_the_stream_helper_sees_the_error_event_and_has_no_final_response(
             stream.get_final_response()
     assert kinds[-1] == "error"
     assert kinds.count("response.output_text.delta") == 2
-
-
-def test_responses_chat_upstream_says_translation_is_unavailable(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.responses.create(model="translated", input="hi")
-    assert caught.value.code == "translation_unavailable"
-    assert "translating" in caught.value.message
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from proxy.config import Route, Strategy, StreamOptionsMode, Target
 from proxy.errors import (
     BadRequest,
     ProxyError,
+    Untranslatable,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamTlsError,
@@ -151,6 +152,8 @@ VERDICTS: dict[str, Verdict] = {
     "status_429": RETRY_HEALTHY,  # our rate limit, not the upstream's health
     "status_auth": RETRY_HEALTHY,  # this upstream's key or model; a fallback may answer
     "status_4xx": FINAL,  # the request itself is wrong: every upstream would say so
+    # A Responses request a chat upstream cannot take: a native one of the route may.
+    "untranslatable": RETRY_HEALTHY,
     "too_large": RETRY_HEALTHY,  # past a size limit: another upstream may answer smaller
     # Handled before classify (re-sent without the field / never attempted / not failures).
     "stream_options_rejected": FINAL,
@@ -214,7 +217,6 @@ def test_5xx_move_on_and_count_against_the_upstream(status: int) -> None:
         (UpstreamTimeout("silent"), "timeout"),
         (UpstreamProtocolError("closed"), "reset"),
         (ProxyError("anything else"), "reset"),
-        (BadRequest("not the upstream's"), "reset"),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, ProxyError) else str(v),
 )
@@ -230,11 +232,24 @@ def test_retry_on_timeout_changes_only_the_timeout(outcome: AttemptOutcome) -> N
     assert resent == (RETRY_UNHEALTHY if outcome == "timeout" else VERDICTS[outcome])
 
 
+def test_a_request_no_upstream_can_take_goes_back_to_the_client() -> None:
+    assert outcome_of_error(BadRequest("malformed for every upstream")) == "status_4xx"
+    assert classify("status_4xx") == FINAL
+
+
+def test_a_request_a_chat_upstream_cannot_translate_moves_on() -> None:
+    """A native upstream of the route may take `previous_response_id`, built-in tools..."""
+    error = Untranslatable("'background' is not supported by this upstream", param="background")
+    assert outcome_of_error(error) == "untranslatable"
+    assert classify("untranslatable") == RETRY_HEALTHY
+    assert not retried("untranslatable")  # the same upstream would refuse it again
+
+
 @pytest.mark.parametrize("outcome", sorted(VERDICTS), ids=str)
-def test_only_a_tls_failure_rules_out_a_retry_on_the_same_upstream(
+def test_only_tls_and_translation_failures_rule_out_a_retry_on_the_same_upstream(
     outcome: AttemptOutcome,
 ) -> None:
-    assert retried(outcome) == (outcome != "tls_error")
+    assert retried(outcome) == (outcome not in ("tls_error", "untranslatable"))
 
 
 NAMES_IT = b'{"error": {"message": "Unrecognized request argument: stream_options"}}'

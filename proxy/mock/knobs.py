@@ -54,8 +54,8 @@ class Knobs:
     newline: str = "lf"  # the SSE line ending: lf, crlf or cr (a key of NEWLINES)
     replay: str | None = None  # a recording's name: its bytes are the answer (proxy.mock.replay)
     replay_pause_at: int | None = None  # ...with `pause_after_first` s of silence after N events
-    reasoning: int = 0  # /v1/responses: reasoning summary tokens before the answer
-    cached_tokens: int = 0  # /v1/responses: input tokens reported as read from the cache
+    reasoning: int = 0  # reasoning tokens before the answer (responses: summary; chat: DeepSeek's)
+    cached_tokens: int = 0  # input tokens reported as read from the cache (responses and chat)
 
 
 DEFAULTS = Knobs()

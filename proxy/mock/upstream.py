@@ -28,6 +28,7 @@ from proxy.mock.asgi import (
     respond,
     send_piece,
 )
+from proxy.mock.chat import ChatEvents, ChatPlan, plan_chat, wants_shapes
 from proxy.mock.content import (
     COOKIE_HEADERS,
     CREATED,
@@ -215,13 +216,18 @@ class MockUpstream:
             await _guarded(record, receive, _replay(send, knobs, replay, record))
             return
         record.prompt_tokens, record.completion_tokens = plan.prompt_tokens, plan.tokens
-        if isinstance(plan, ResponsePlan):
+        if isinstance(plan, ResponsePlan | ChatPlan):
             record.completion_tokens = plan.output_tokens()
         await _guarded(record, receive, _answer(send, knobs, plan, record))
 
     def _plan(self, body: dict[str, Any], knobs: Knobs, api: str) -> Plan:
         if api != "responses":
-            return plan_request(body, 0 if api == "embeddings" else knobs.tokens, api)
+            plan = plan_request(body, 0 if api == "embeddings" else knobs.tokens, api)
+            return (
+                plan_chat(plan, body, knobs)
+                if api == "chat" and wants_shapes(body, knobs)
+                else plan
+            )
         previous = body.get("previous_response_id")
         if previous is not None and not self.stored.knows(previous):
             message = f"Previous response with id '{previous}' not found."
@@ -295,6 +301,8 @@ def _cdn_headers(knobs: Knobs) -> Headers:
 def _body(plan: Plan) -> bytes:
     if isinstance(plan, ResponsePlan):
         return orjson.dumps(plan.finished())
+    if isinstance(plan, ChatPlan):
+        return plan.body_bytes()
     if plan.api == "embeddings":
         return embeddings_body(plan.seed, plan.model, plan.inputs, plan.prompt_tokens)
     shape = text_completion_body if plan.api == "completions" else completion_body
@@ -305,9 +313,9 @@ async def _stream(
     send: Send, knobs: Knobs, plan: Plan, record: RequestRecord, extra: Headers
 ) -> None:
     shape = text_stream_events if plan.api == "completions" else stream_events
-    events: StreamEvents | ResponsesEvents = (
+    events: StreamEvents | ResponsesEvents | ChatEvents = (
         plan.events()
-        if isinstance(plan, ResponsePlan)
+        if isinstance(plan, ResponsePlan | ChatPlan)
         else shape(plan.seed, plan.model, plan.tokens, plan.finish, plan.include_usage)
     )
     split, newline = knobs.split_utf8, NEWLINES[knobs.newline]
