@@ -113,6 +113,7 @@ def test_tokens_per_minute_are_charged_fleet_wide(server: RedisServer) -> None:
         one, two = fleet.stores
         await one.admit(TPM)
         await one.charge(TPM, 250, None)  # overdraws the shared bucket: 100 → -150
+        await one.flush()  # now, not FLUSH_SECONDS later
         with pytest.raises(RateLimited) as info:
             await two.admit(TPM)
         assert info.value.type == "tokens"
@@ -130,6 +131,7 @@ def test_a_budget_is_shared_and_refused_without_naming_amounts(server: RedisServ
         await two.admit(SPENDER)  # both admitted below the budget: both run, both are charged
         await one.charge(SPENDER, 10, 0.0006)
         await two.charge(SPENDER, 10, 0.0006)
+        await asyncio.gather(one.flush(), two.flush())
         with pytest.raises(BudgetExceeded) as info:
             await one.admit(SPENDER)
         await fleet.aclose()
@@ -147,6 +149,7 @@ def test_a_daily_budget_names_its_reset(server: RedisServer) -> None:
     async def run() -> str:
         fleet = Fleet(server)
         await fleet.stores[0].charge(DAILY, 1, 0.002)
+        await fleet.stores[0].flush()
         with pytest.raises(BudgetExceeded) as info:
             await fleet.stores[1].admit(DAILY)
         await fleet.aclose()
@@ -191,6 +194,7 @@ def test_open_mode_admits_while_redis_is_down_and_writes_back_after(
         fleet = Fleet(server)
         one, two = fleet.stores
         await one.charge(SPENDER, 1, 0.0001)
+        await one.flush()  # written before the crash
         server.kill()
         for store in fleet.stores:
             started = time.monotonic()
