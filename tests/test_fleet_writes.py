@@ -192,3 +192,21 @@ def test_charges_are_written_together_one_script_per_key(server: RedisServer) ->
         return written, unwritten
 
     assert asyncio.run(run()) == (2, True)  # 20 charges to `one` and 10 to `two`: 2 scripts
+
+
+def test_an_admission_after_redis_lost_its_scripts_loads_them_again(server: RedisServer) -> None:
+    async def run() -> tuple[bool, list[tuple[bool, str]]]:
+        transitions: list[tuple[bool, str]] = []
+        store = _store(server, transitions)
+        await store.open()
+        await store.admit(_key("scripts"))
+        with server.client() as client:
+            client.script_flush()
+        await store.admit(_key("scripts"))  # NOSCRIPT: loaded, then sent again
+        up = store.up
+        await store.aclose()
+        return up, transitions
+
+    assert asyncio.run(run()) == (True, [])
+    with server.client() as client:
+        assert client.hget("test:{scripts}:rpm", "level") is not None

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -62,6 +63,8 @@ class RedisState:
         self._redis, self._pool = Redis.from_pool(pool), pool
         self._packer = PythonRespSerializer(PACK_CUTOFF, pool.get_encoder().encode)  # type: ignore[no-untyped-call]
         self._packed: dict[tuple[str, str, str, tuple[int, int, int]], bytes] = {}
+        self._hot: AbstractConnection | None = None  # see `open`
+        self._hot_busy = False
         self._prefix = settings.key_prefix
         self.process = secrets.token_hex(8)  # names this process's `seen` keys
         self.answered = 0.0  # time.monotonic() of the last call answered
@@ -94,21 +97,35 @@ class RedisState:
         return int(verdict), int(wait), int(spent)
 
     async def _send(self, packed: bytes, script: AsyncScript) -> Any:
-        """One packed EVALSHA of `script` on a pooled connection: redis-py's pool and
-        connection, without the per-call packing and bookkeeping of its command layer. A
-        connection a failure or a cancellation leaves with a reply unread is closed by redis-py
-        before it goes back to the pool. A Redis that lost its scripts gets them again."""
-        connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await connection.send_packed_command(packed, check_health=False)
+        """One packed EVALSHA of `script`: redis-py's connections, without the per-call
+        packing and bookkeeping of its command layer. On the connection kept for it when that
+        one is free (no pool hand-off), else on a pooled one."""
+        hot = self._hot
+        if hot is None or self._hot_busy:
+            connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
             try:
-                return await connection.read_response()
-            except NoScriptError:
-                await self._redis.script_load(script.script)
-                await connection.send_packed_command(packed, check_health=False)
-                return await connection.read_response()
+                return await self._round_trip(connection, packed, script)
+            finally:
+                await self._pool.release(connection)
+        self._hot_busy = True
+        try:
+            return await self._round_trip(hot, packed, script)
         finally:
-            await self._pool.release(connection)
+            self._hot_busy = False
+
+    async def _round_trip(
+        self, connection: AbstractConnection, packed: bytes, script: AsyncScript
+    ) -> Any:
+        """A connection that a failure or a cancellation leaves with a reply unread is closed
+        by redis-py (and opened again by the next call). A Redis that lost its scripts gets
+        them again."""
+        await connection.send_packed_command(packed, check_health=False)
+        try:
+            return await connection.read_response()
+        except NoScriptError:
+            await self._redis.script_load(script.script)
+            await connection.send_packed_command(packed, check_health=False)
+            return await connection.read_response()
 
     async def charge(self, name: str, epoch: str, period: str, charged: Charged) -> bool:
         """Writes `charged`'s running totals (its tokens, its micro-USD for `period`); only
@@ -182,6 +199,8 @@ class RedisState:
         await _guarded(asyncio.gather(*(self._redis.ping() for _ in range(POOL_SIZE))))
         for script in (self._admit, self._charge, self._sync, self._failed, self._states):
             await _guarded(self._redis.script_load(script.script))
+        if self._hot is None:  # one of the pool's, kept for admissions (closed with it)
+            self._hot = await _guarded(self._pool.get_connection())  # type: ignore[no-untyped-call]
 
     async def _call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
         reply = await _guarded(script(keys, args))
