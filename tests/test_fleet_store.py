@@ -14,7 +14,7 @@ from proxy.config import Budget, ClientKey, Secret, StateSettings
 from proxy.errors import BudgetExceeded, RateLimited, StateUnavailable
 from proxy.fleet import FleetStore
 from proxy.fleet.remote import POOL_SIZE, RedisState
-from proxy.fleet.shared import PROBE_SECONDS
+from proxy.fleet.shared import FLUSH_SECONDS, PROBE_SECONDS
 from tests.helpers import until
 from tests.redis_server import RedisServer
 
@@ -143,6 +143,24 @@ def test_a_budget_is_shared_and_refused_without_naming_amounts(server: RedisServ
     assert (refused.type, refused.code) == ("insufficient_quota", "budget_exceeded")
     assert refused.headers() == [(b"x-should-retry", b"false")]
     assert refused.message == "The key 'spender' has used its total budget. It does not reset."
+
+
+def test_a_charge_counts_for_the_fleet_within_the_flush_interval(server: RedisServer) -> None:
+    """Charges are written behind: until the flush, another process does not see one, so
+    the overshoot bound adds the requests that ended within the last FLUSH_SECONDS."""
+
+    async def run() -> None:
+        fleet = Fleet(server)
+        one, two = fleet.stores
+        await asyncio.gather(one.open(), two.open(), two.admit(SPENDER))  # epoch learnt
+        await one.charge(SPENDER, 1, 0.002)  # twice the budget, written behind
+        await two.admit(SPENDER)  # sent before the flush: not seen yet
+        assert await until(lambda: _spend(server, "spender") == 2000, FLUSH_SECONDS + 2)
+        with pytest.raises(BudgetExceeded):
+            await two.admit(SPENDER)
+        await fleet.aclose()
+
+    asyncio.run(run())
 
 
 def test_a_daily_budget_names_its_reset(server: RedisServer) -> None:

@@ -4,7 +4,8 @@ socket's, or the client's own after a call was cut short) becomes `StoreDown`, w
 nothing of the URL.
 
 Connections come from a bounded pool (POOL_SIZE; a call past it waits for a free one rather
-than opening more), which `open` fills and readies (scripts loaded) before requests use it,
+than opening more; one of them is kept for admissions, the call on the time to first token,
+whenever it is free), which `open` fills and readies (scripts loaded) before requests use it,
 in the lifespan and after each reconnection: connection setup is not paid within a request's
 `state.timeout`."""
 
@@ -61,7 +62,8 @@ class RedisState:
             decode_responses=True,
         )
         self._redis, self._pool = Redis.from_pool(pool), pool
-        self._packer = PythonRespSerializer(PACK_CUTOFF, pool.get_encoder().encode)  # type: ignore[no-untyped-call]
+        encoder = pool.get_encoder()  # type: ignore[no-untyped-call]
+        self._packer = PythonRespSerializer(PACK_CUTOFF, encoder.encode)
         self._packed: dict[tuple[str, str, str, tuple[int, int, int]], bytes] = {}
         self._hot: AbstractConnection | None = None  # see `open`
         self._hot_busy = False
@@ -90,11 +92,16 @@ class RedisState:
             if len(self._packed) >= PACKED_KEPT:  # keys, epochs and periods come and go
                 self._packed.clear()
             keys = [self.key(name, "rpm"), self.key(name, "tpm"), self.spend_key(name, period)]
-            args = ["EVALSHA", self._admit.sha, 4, *keys, self.key(name, "epoch"), epoch, *limits]
-            packed = self._packed[call] = b"".join(self._packer.pack(*args))  # type: ignore[no-untyped-call]
+            args: list[str | int] = ["EVALSHA", self._admit.sha, 4, *keys, self.key(name, "epoch")]
+            args += [epoch, *limits]
+            packed = self._packed[call] = self._pack(*args)
         verdict, wait, spent = await _guarded(self._send(packed, self._admit))
         self.answered = time.monotonic()
         return int(verdict), int(wait), int(spent)
+
+    def _pack(self, *args: str | int) -> bytes:
+        parts: list[bytes] = self._packer.pack(*args)  # type: ignore[no-untyped-call]
+        return b"".join(parts)
 
     async def _send(self, packed: bytes, script: AsyncScript) -> Any:
         """One packed EVALSHA of `script`: redis-py's connections, without the per-call
@@ -195,7 +202,12 @@ class RedisState:
         await _guarded(self._redis.ping())
 
     async def open(self) -> None:
-        """Opens every pooled connection and loads the scripts (raises StoreDown)."""
+        """Opens every pooled connection and loads the scripts (raises StoreDown). The one
+        kept for admissions goes back to the pool first, to be checked (after an outage: made
+        again) with the others, then is taken out again."""
+        if self._hot is not None and not self._hot_busy:
+            hot, self._hot = self._hot, None
+            await self._pool.release(hot)
         await _guarded(asyncio.gather(*(self._redis.ping() for _ in range(POOL_SIZE))))
         for script in (self._admit, self._charge, self._sync, self._failed, self._states):
             await _guarded(self._redis.script_load(script.script))

@@ -10,13 +10,19 @@ burst, and only that request falls back). While down, requests do not wait on Re
 charges; `closed` refuses keys with limits or a budget (503). A background probe pings every
 PROBE_SECONDS; when Redis answers, what is pending is written back, and the store is up again.
 
+Charges are written behind: `charge` records one and returns, and FLUSH_SECONDS after the
+first charge since the last write, every key charged meanwhile is written, one script per
+key (the ledger's running totals carry all its charges at once). So the time to first token
+waits on one round trip (admission) and a busy key costs about one round trip per request
+instead of two; a budget or tpm bucket sees a charge up to FLUSH_SECONDS later.
+
 Every charge is recorded in the process (`Ledger`) before it is written, and writes are
 idempotent (running totals, see `proxy.fleet.scripts`): a write that timed out, was cancelled
 or failed stays pending and is sent again, and one that did land after all is not counted
-twice. A write is shielded from the request's cancellation, and `aclose` makes one last
-bounded write-back. A Redis restarted empty is told by its missing per-key epoch: each process
-then writes back everything it charged, so the spend again equals the bill, except what
-processes that have exited charged (and, for day and month budgets, anything before the
+twice. A write runs in a task of the store's, never the request's, and `aclose` makes one
+last bounded write-back. A Redis restarted empty is told by its missing per-key epoch: each
+process then writes back everything it charged, so the spend again equals the bill, except
+what processes that have exited charged (and, for day and month budgets, anything before the
 previous period).
 """
 
