@@ -214,6 +214,7 @@ async def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     try:
         result["redis_server"] = await redis_cost(redis_port, rounds())
         if args.profile:  # after the measured rounds: py-spy costs the proxy CPU
+            args.profile.mkdir(parents=True, exist_ok=True)
             result["profile"] = await record(targets[1:], PROFILE_SECONDS, args.profile, machine)
     finally:
         for target in targets:
