@@ -22,6 +22,7 @@ sluicegate on core 1 (one at a time is under load).
     python bench/fleet_state.py
     python bench/fleet_state.py --rounds 10 --per-round 25 --json fleet.json
     python bench/fleet_state.py --concurrency 0     # concurrency 1 only
+    python bench/fleet_state.py --profile /tmp/fleet  # then py-spy each proxy at 100 steady
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any
 import uvloop
 from loadgen import Pool, get_request
 from procs import Proc, free_port
+from profiling import record
 from quiet import Machine
 from run import LOAD_CORE, Bench, wait_ready
 from scenarios import STREAM, Shape, Target, streams
@@ -54,6 +56,7 @@ IDLE_SAMPLE = 4.0  # seconds of Redis's idle CPU measured, to subtract from the 
 SENT = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_script|load", "cmdstat_mget")
 SERVED, STATE_ERRORS = "sluicegate_requests_total", "sluicegate_state_errors_total "
 QUIET_BUDGET = 120.0  # seconds the run may wait for other load on the machine to stop
+PROFILE_SECONDS = 15.0  # of py-spy per proxy, with --profile
 # Limits no request reaches: admission does its full work and always says yes.
 KEYED = f"""\
 pricing:
@@ -210,6 +213,9 @@ async def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         result["redis_server"] = await redis_cost(redis_port, rounds())
+        if args.profile:  # after the measured rounds: py-spy costs the proxy CPU
+            args.profile.mkdir(parents=True, exist_ok=True)
+            result["profile"] = await record(targets[1:], PROFILE_SECONDS, args.profile, machine)
     finally:
         for target in targets:
             target.pool.close()
@@ -303,6 +309,9 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=4.0, help="steady: seconds per round")
     parser.add_argument("--json", type=Path, help="also write every number here")
+    parser.add_argument(
+        "--profile", type=Path, help="then py-spy both proxies at 100 steady, into DIR/profiles"
+    )
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("needs 2 cores: the load on one, the proxy under test on the other")
@@ -315,6 +324,10 @@ def main() -> None:
             bench.close()
     summary = compare(result)
     show(summary, args.concurrency)
+    profiles = result.get("profile", {})
+    for name, profile in ({"py-spy": profiles} if "error" in profiles else profiles).items():
+        top = ", ".join(f"{r['name']} {r['percent']:.1f}%" for r in profile.get("self", [])[:8])
+        print(f"profile {name} (self time, 100 steady): {profile.get('error', top)}")
     if args.json:
         args.json.write_text(json.dumps({"knobs": STREAM, **summary, "raw": result}, indent=2))
     if not summary["valid"]:

@@ -14,7 +14,7 @@ from proxy.config import Budget, ClientKey, Secret, StateSettings
 from proxy.errors import BudgetExceeded, RateLimited, StateUnavailable
 from proxy.fleet import FleetStore
 from proxy.fleet.remote import POOL_SIZE, RedisState
-from proxy.fleet.shared import PROBE_SECONDS
+from proxy.fleet.shared import FLUSH_SECONDS, PROBE_SECONDS
 from tests.helpers import until
 from tests.redis_server import RedisServer
 
@@ -113,6 +113,7 @@ def test_tokens_per_minute_are_charged_fleet_wide(server: RedisServer) -> None:
         one, two = fleet.stores
         await one.admit(TPM)
         await one.charge(TPM, 250, None)  # overdraws the shared bucket: 100 → -150
+        await one.flush()  # now, not FLUSH_SECONDS later
         with pytest.raises(RateLimited) as info:
             await two.admit(TPM)
         assert info.value.type == "tokens"
@@ -130,6 +131,7 @@ def test_a_budget_is_shared_and_refused_without_naming_amounts(server: RedisServ
         await two.admit(SPENDER)  # both admitted below the budget: both run, both are charged
         await one.charge(SPENDER, 10, 0.0006)
         await two.charge(SPENDER, 10, 0.0006)
+        await asyncio.gather(one.flush(), two.flush())
         with pytest.raises(BudgetExceeded) as info:
             await one.admit(SPENDER)
         await fleet.aclose()
@@ -143,10 +145,29 @@ def test_a_budget_is_shared_and_refused_without_naming_amounts(server: RedisServ
     assert refused.message == "The key 'spender' has used its total budget. It does not reset."
 
 
+def test_a_charge_counts_for_the_fleet_within_the_flush_interval(server: RedisServer) -> None:
+    """Charges are written behind: until the flush, another process does not see one, so
+    the overshoot bound adds the requests that ended within the last FLUSH_SECONDS."""
+
+    async def run() -> None:
+        fleet = Fleet(server)
+        one, two = fleet.stores
+        await asyncio.gather(one.open(), two.open(), two.admit(SPENDER))  # epoch learnt
+        await one.charge(SPENDER, 1, 0.002)  # twice the budget, written behind
+        await two.admit(SPENDER)  # sent before the flush: not seen yet
+        assert await until(lambda: _spend(server, "spender") == 2000, FLUSH_SECONDS + 2)
+        with pytest.raises(BudgetExceeded):
+            await two.admit(SPENDER)
+        await fleet.aclose()
+
+    asyncio.run(run())
+
+
 def test_a_daily_budget_names_its_reset(server: RedisServer) -> None:
     async def run() -> str:
         fleet = Fleet(server)
         await fleet.stores[0].charge(DAILY, 1, 0.002)
+        await fleet.stores[0].flush()
         with pytest.raises(BudgetExceeded) as info:
             await fleet.stores[1].admit(DAILY)
         await fleet.aclose()
@@ -191,6 +212,7 @@ def test_open_mode_admits_while_redis_is_down_and_writes_back_after(
         fleet = Fleet(server)
         one, two = fleet.stores
         await one.charge(SPENDER, 1, 0.0001)
+        await one.flush()  # written before the crash
         server.kill()
         for store in fleet.stores:
             started = time.monotonic()

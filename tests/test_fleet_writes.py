@@ -14,7 +14,7 @@ import pytest
 from proxy.config import Budget, ClientKey, Secret, StateSettings
 from proxy.fleet import FleetStore
 from proxy.fleet.remote import POOL_SIZE, RedisState
-from proxy.fleet.shared import PROBE_SECONDS
+from proxy.fleet.shared import FLUSH_SECONDS, PROBE_SECONDS
 from tests.helpers import until
 from tests.redis_server import RedisServer
 
@@ -65,6 +65,7 @@ def test_a_charge_applied_after_its_timeout_is_counted_once(server: RedisServer)
             busy.start()
             await asyncio.sleep(0.005)  # the busy script has started
             await store.charge(_key(name), 10, 1.0)
+            await store.flush()  # sent now, behind the busy script
             await asyncio.to_thread(busy.join)
         recovered = await until(lambda: store.up, 5 * PROBE_SECONDS + 2)
         await store.spend([_key(name)])  # the periodic read: writes back what is pending
@@ -95,12 +96,19 @@ def test_charges_in_flight_while_redis_lost_its_state_are_counted_once(
 
 
 def test_a_cancelled_request_still_writes_its_charge(server: RedisServer) -> None:
+    """The store writes charges in its own task: a request cancelled after charging, while
+    that write is in flight, does not cut it short."""
+
+    async def charge_and_wait(store: FleetStore) -> None:
+        await store.charge(_key("gone"), 10, 0.25)
+        await asyncio.sleep(10)
+
     async def run() -> None:
         store = _store(server)
         await store.admit(_key("gone"))
         server.pause()  # the write is in flight when the request is cancelled
-        request = asyncio.ensure_future(store.charge(_key("gone"), 10, 0.25))
-        await asyncio.sleep(0.01)
+        request = asyncio.ensure_future(charge_and_wait(store))
+        await asyncio.sleep(FLUSH_SECONDS + 0.01)
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
             await request
@@ -118,8 +126,10 @@ def test_closing_writes_back_what_is_pending(server: RedisServer) -> None:
     async def run() -> bool:
         store = _store(server)
         await store.charge(_key("late"), 1, 0.000003)
+        await store.flush()
         server.kill()
-        await store.charge(_key("late"), 1, 0.000004)  # marks the store down; kept
+        await store.charge(_key("late"), 1, 0.000004)
+        await store.flush()  # marks the store down; kept
         server.start()
         down = not store.up
         await store.aclose()  # well before PROBE_SECONDS
@@ -157,3 +167,46 @@ def test_an_opened_store_has_its_connections_before_the_first_request(
         return connections
 
     assert asyncio.run(run()) == POOL_SIZE
+
+
+def test_charges_are_written_together_one_script_per_key(server: RedisServer) -> None:
+    """`charge` returns without a round trip; the charges that end within FLUSH_SECONDS of the
+    first are written together: one script per key, however many requests ended."""
+
+    def scripts_run() -> int:
+        with server.client() as client:
+            return int(client.info("commandstats")["cmdstat_evalsha"]["calls"])
+
+    async def run() -> tuple[int, int, bool]:
+        store = _store(server)
+        for name in ("one", "two"):
+            await store.admit(_key(name))  # the epochs are learnt
+        before = scripts_run()
+        for i in range(30):
+            await store.charge(_key(("one", "two")[i % 3 == 0]), 1, 0.000005)
+        unwritten = _spend(server, "one") == 0
+        await asyncio.sleep(FLUSH_SECONDS)
+        assert await until(lambda: (_spend(server, "one"), _spend(server, "two")) == (100, 50), 2)
+        written = scripts_run() - before
+        await store.aclose()
+        return written, unwritten
+
+    assert asyncio.run(run()) == (2, True)  # 20 charges to `one` and 10 to `two`: 2 scripts
+
+
+def test_an_admission_after_redis_lost_its_scripts_loads_them_again(server: RedisServer) -> None:
+    async def run() -> tuple[bool, list[tuple[bool, str]]]:
+        transitions: list[tuple[bool, str]] = []
+        store = _store(server, transitions)
+        await store.open()
+        await store.admit(_key("scripts"))
+        with server.client() as client:
+            client.script_flush()
+        await store.admit(_key("scripts"))  # NOSCRIPT: loaded, then sent again
+        up = store.up
+        await store.aclose()
+        return up, transitions
+
+    assert asyncio.run(run()) == (True, [])
+    with server.client() as client:
+        assert client.hget("test:{scripts}:rpm", "level") is not None

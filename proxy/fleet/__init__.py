@@ -7,24 +7,28 @@ What is shared, and the consistency each limit gives:
   the Redis server's clock, so the whole fleet takes from one bucket. Exact: concurrent
   requests from any number of processes never both take the last token. tpm is charged with
   the real usage when a request ends (as before), so requests admitted while the bucket was
-  above zero can overdraw it by their own usage.
+  above zero can overdraw it by their own usage; the charge reaches Redis within
+  FLUSH_SECONDS (20 ms, see below).
 - **Budgets** (USD per UTC day, UTC month or in total): spend is kept in integer
   micro-dollars and added atomically when a request ends; admission compares it with the
   budget in the same script as the buckets (one round trip). Overshoot is bounded by the
-  requests already in flight when the budget runs out: each was admitted below the budget
-  and is charged what it really cost. A process holds back less than one micro-dollar of
+  requests already in flight when the budget runs out, each charged what it really cost,
+  plus those that ended within the last FLUSH_SECONDS in each process (their charges are
+  written behind, below). A process holds back less than one micro-dollar of
   rounding per key (`Carry`).
 - **Upstream health** (see `proxy.fleet.health`): consecutive failures, cooldowns and the
   learnt "rejects stream_options" are shared within a refresh interval.
 - **Which upstream created each Responses API response** (`proxy.fleet.owners`): one SET
   per response (in the background), one GET when a process does not know an id.
 
-Round trips to Redis, for sizing: a request with a limited key costs 2 (the admission
-script before it goes upstream, the charge script after it ends; a key without rpm, tpm or
-budget skips the first); a process's first request for a key costs 1 more (it learns the
-key's epoch). In the background each process runs 1 script every REFRESH_SECONDS (0.25 s,
-upstream health) and 1 MGET every SPEND_SECONDS (2 s, spend for /metrics); a failed upstream
-attempt adds 1, sent without the request waiting for it.
+Round trips to Redis, for sizing: a request with a limited key costs 1 on its way in (the
+admission script before it goes upstream; a key without rpm, tpm or budget skips it) and at
+most 1 when it ends: charges are written behind, every key's charges of the last
+FLUSH_SECONDS (20 ms) in one script per key, so a process sends a busy key at most 50 charge
+scripts a second however many requests end; a process's first request for a key costs 1
+more (it learns the key's epoch). In the background each process runs 1 script every
+REFRESH_SECONDS (0.25 s, upstream health) and 1 MGET every SPEND_SECONDS (2 s, spend for
+/metrics); a failed upstream attempt adds 1, sent without the request waiting for it.
 
 While Redis cannot be reached (down, slower than `state.timeout`, restarted empty), see
 `proxy.fleet.shared`: `open` goes on with each process's own buckets, `closed` refuses keys

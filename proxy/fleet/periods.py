@@ -3,15 +3,17 @@ as integer micro-dollars, so spend adds up without float drift."""
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 from proxy.config import BudgetPeriod, ClientKey
 
 MICROS = 1_000_000
+_DAY = 86_400
 _EPSILON = 1e-6  # of a micro-dollar: float error, not money
 DEFAULT_PERIOD: BudgetPeriod = "day"  # what a key without a budget reports its spend for
 # Seconds a period's spend is kept in the store, by the length of its id; 0: for ever.
-_RETAIN = {len("2026-12-06"): 3 * 86_400, len("2026-12"): 93 * 86_400}
+_RETAIN = {len("2026-12-06"): 3 * _DAY, len("2026-12"): 93 * _DAY}
 
 
 def period_of(key: ClientKey) -> BudgetPeriod:
@@ -22,7 +24,13 @@ def period_id(period: BudgetPeriod, now: float) -> str:
     """The UTC calendar period `now` (a Unix time) falls in: "2026-12-06", "2026-12", "total"."""
     if period == "total":
         return "total"
-    moment = datetime.fromtimestamp(now, UTC)
+    return _period_on(period, int(now // _DAY))  # Unix time has no leap seconds
+
+
+@functools.lru_cache(maxsize=16)
+def _period_on(period: BudgetPeriod, day: int) -> str:
+    """Per request, admission asks for the period: formatted once a day."""
+    moment = datetime.fromtimestamp(day * _DAY, UTC)
     return moment.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
 
 
@@ -33,7 +41,7 @@ def resets_at(period: BudgetPeriod, now: float) -> datetime | None:
     moment = datetime.fromtimestamp(now, UTC)
     start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
     if period == "day":
-        return datetime.fromtimestamp(start.timestamp() + 86_400, UTC)
+        return datetime.fromtimestamp(start.timestamp() + _DAY, UTC)
     if moment.month == 12:
         return start.replace(year=moment.year + 1, month=1, day=1)
     return start.replace(month=moment.month + 1, day=1)

@@ -4,7 +4,8 @@ socket's, or the client's own after a call was cut short) becomes `StoreDown`, w
 nothing of the URL.
 
 Connections come from a bounded pool (POOL_SIZE; a call past it waits for a free one rather
-than opening more), which `open` fills and readies (scripts loaded) before requests use it,
+than opening more; one of them is kept for admissions, the call on the time to first token,
+whenever it is free), which `open` fills and readies (scripts loaded) before requests use it,
 in the lifespan and after each reconnection: connection setup is not paid within a request's
 `state.timeout`."""
 
@@ -17,9 +18,12 @@ from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.connection import PythonRespSerializer
+from redis.exceptions import NoScriptError
 
 from proxy.config import StateSettings
 from proxy.fleet.ledger import Charged
@@ -38,6 +42,8 @@ from proxy.fleet.store import StoreDown
 # ms in a zone), so this many carry thousands of calls a second; more concurrent calls queue.
 # redis-py's own pool would raise at 100 in use, which a burst of streams reaches.
 POOL_SIZE = 32
+PACKED_KEPT = 4096  # admission commands kept packed (per key, epoch and period)
+PACK_CUTOFF = 6000  # redis-py's: arguments longer than this are sent as they are
 
 
 class RedisState:
@@ -55,7 +61,12 @@ class RedisState:
             retry=Retry(NoBackoff(), 0),
             decode_responses=True,
         )
-        self._redis = Redis.from_pool(pool)
+        self._redis, self._pool = Redis.from_pool(pool), pool
+        encoder = pool.get_encoder()  # type: ignore[no-untyped-call]
+        self._packer = PythonRespSerializer(PACK_CUTOFF, encoder.encode)
+        self._packed: dict[tuple[str, str, str, tuple[int, int, int]], bytes] = {}
+        self._hot: AbstractConnection | None = None  # see `open`
+        self._hot_busy = False
         self._prefix = settings.key_prefix
         self.process = secrets.token_hex(8)  # names this process's `seen` keys
         self.answered = 0.0  # time.monotonic() of the last call answered
@@ -73,11 +84,55 @@ class RedisState:
         self, name: str, epoch: str, period: str, limits: tuple[int, int, int]
     ) -> tuple[int, int, int]:
         """(verdict or MISMATCH, milliseconds to wait, micro-USD spent); limits: rpm, tpm,
-        budget in micro-USD, each -1 for none."""
-        keys = [self.key(name, "rpm"), self.key(name, "tpm"), self.spend_key(name, period)]
-        reply = await self._call(self._admit, [*keys, self.key(name, "epoch")], [epoch, *limits])
-        verdict, wait, spent = reply
+        budget in micro-USD, each -1 for none. The one call on the time to first token: its
+        command is packed once per key, epoch and period, and sent as it is (`_send`)."""
+        call = (name, epoch, period, limits)
+        packed = self._packed.get(call)
+        if packed is None:
+            if len(self._packed) >= PACKED_KEPT:  # keys, epochs and periods come and go
+                self._packed.clear()
+            keys = [self.key(name, "rpm"), self.key(name, "tpm"), self.spend_key(name, period)]
+            args: list[str | int] = ["EVALSHA", self._admit.sha, 4, *keys, self.key(name, "epoch")]
+            args += [epoch, *limits]
+            packed = self._packed[call] = self._pack(*args)
+        verdict, wait, spent = await _guarded(self._send(packed, self._admit))
+        self.answered = time.monotonic()
         return int(verdict), int(wait), int(spent)
+
+    def _pack(self, *args: str | int) -> bytes:
+        parts: list[bytes] = self._packer.pack(*args)  # type: ignore[no-untyped-call]
+        return b"".join(parts)
+
+    async def _send(self, packed: bytes, script: AsyncScript) -> Any:
+        """One packed EVALSHA of `script`: redis-py's connections, without the per-call
+        packing and bookkeeping of its command layer. On the connection kept for it when that
+        one is free (no pool hand-off), else on a pooled one."""
+        hot = self._hot
+        if hot is None or self._hot_busy:
+            connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                return await self._round_trip(connection, packed, script)
+            finally:
+                await self._pool.release(connection)
+        self._hot_busy = True
+        try:
+            return await self._round_trip(hot, packed, script)
+        finally:
+            self._hot_busy = False
+
+    async def _round_trip(
+        self, connection: AbstractConnection, packed: bytes, script: AsyncScript
+    ) -> Any:
+        """A connection that a failure or a cancellation leaves with a reply unread is closed
+        by redis-py (and opened again by the next call). A Redis that lost its scripts gets
+        them again."""
+        await connection.send_packed_command(packed, check_health=False)
+        try:
+            return await connection.read_response()
+        except NoScriptError:
+            await self._redis.script_load(script.script)
+            await connection.send_packed_command(packed, check_health=False)
+            return await connection.read_response()
 
     async def charge(self, name: str, epoch: str, period: str, charged: Charged) -> bool:
         """Writes `charged`'s running totals (its tokens, its micro-USD for `period`); only
@@ -161,10 +216,17 @@ class RedisState:
         await _guarded(self._redis.ping())
 
     async def open(self) -> None:
-        """Opens every pooled connection and loads the scripts (raises StoreDown)."""
+        """Opens every pooled connection and loads the scripts (raises StoreDown). The one
+        kept for admissions goes back to the pool first, to be checked (after an outage: made
+        again) with the others, then is taken out again."""
+        if self._hot is not None and not self._hot_busy:
+            hot, self._hot = self._hot, None
+            await self._pool.release(hot)
         await _guarded(asyncio.gather(*(self._redis.ping() for _ in range(POOL_SIZE))))
         for script in (self._admit, self._charge, self._sync, self._failed, self._states):
             await _guarded(self._redis.script_load(script.script))
+        if self._hot is None:  # one of the pool's, kept for admissions (closed with it)
+            self._hot = await _guarded(self._pool.get_connection())  # type: ignore[no-untyped-call]
 
     async def _call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
         reply = await _guarded(script(keys, args))

@@ -10,13 +10,19 @@ burst, and only that request falls back). While down, requests do not wait on Re
 charges; `closed` refuses keys with limits or a budget (503). A background probe pings every
 PROBE_SECONDS; when Redis answers, what is pending is written back, and the store is up again.
 
+Charges are written behind: `charge` records one and returns, and FLUSH_SECONDS after the
+first charge since the last write, every key charged meanwhile is written, one script per
+key (the ledger's running totals carry all its charges at once). So the time to first token
+waits on one round trip (admission) and a busy key costs about one round trip per request
+instead of two; a budget or tpm bucket sees a charge up to FLUSH_SECONDS later.
+
 Every charge is recorded in the process (`Ledger`) before it is written, and writes are
 idempotent (running totals, see `proxy.fleet.scripts`): a write that timed out, was cancelled
 or failed stays pending and is sent again, and one that did land after all is not counted
-twice. A write is shielded from the request's cancellation, and `aclose` makes one last
-bounded write-back. A Redis restarted empty is told by its missing per-key epoch: each process
-then writes back everything it charged, so the spend again equals the bill, except what
-processes that have exited charged (and, for day and month budgets, anything before the
+twice. A write runs in a task of the store's, never the request's, and `aclose` makes one
+last bounded write-back. A Redis restarted empty is told by its missing per-key epoch: each
+process then writes back everything it charged, so the spend again equals the bill, except
+what processes that have exited charged (and, for day and month budgets, anything before the
 previous period).
 """
 
@@ -26,7 +32,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 
 from proxy.config import ClientKey, StateSettings
 from proxy.errors import StateUnavailable
@@ -38,6 +44,9 @@ from proxy.fleet.scripts import MISMATCH
 from proxy.fleet.store import ADMITTED, StoreDown, refusal
 
 PROBE_SECONDS = 0.5
+# Charges are written this long after the first one since the last write, all at once: a
+# process sends a key one charge script per FLUSH_SECONDS, however many requests ended.
+FLUSH_SECONDS = 0.02
 PROBE_TIMEOUT = 1.0  # a probe writes back pending charges: more than one round trip
 Transition = Callable[[bool, str], None]  # (up, the error's class name when down)
 
@@ -55,6 +64,7 @@ class FleetStore:
         on_transition: Transition = _nothing,
         on_error: Callable[[], None] = lambda: None,
         wall: Clock = time.time,
+        flush_after: float = FLUSH_SECONDS,
     ) -> None:
         self.local = LocalStore(wall=wall)  # the fallback, and a mirror of the spend seen
         self.up = True
@@ -65,6 +75,9 @@ class FleetStore:
         self._epochs: dict[str, str] = {}  # per key name, as last seen in Redis
         self._locks: dict[str, asyncio.Lock] = {}
         self._writes: set[asyncio.Task[None]] = set()
+        self._dirty: dict[tuple[str, str], None] = {}  # (key name, period) charged, unwritten
+        self._flushing: asyncio.Task[None] | None = None
+        self._flush_after = flush_after
         self._probe: asyncio.Task[None] | None = None
         self._opening: asyncio.Task[None] | None = None
         self._opened = self._closing = False
@@ -122,6 +135,8 @@ class FleetStore:
         return reply
 
     async def charge(self, key: ClientKey | None, tokens: int, cost_usd: float | None) -> None:
+        """Records the charge (so it is never lost) and returns: the write follows within
+        `flush_after`, together with every other charge to the same key meanwhile."""
         if key is None:
             return
         period = period_id(period_of(key), self._wall())
@@ -131,13 +146,30 @@ class FleetStore:
         if not micros and (tpm < 0 or not tokens):
             return
         self._ledger.add(key.name, period, micros, tokens if tpm > 0 else 0, tpm)
+        self._dirty[key.name, period] = None
+        if self._flushing is None:
+            self._flushing = self._spawn(self._flush_later())
+
+    def _spawn(self, write: Coroutine[None, None, None]) -> asyncio.Task[None]:
+        """A write of the store's own, which no request's cancellation can cut short."""
+        task = asyncio.ensure_future(write)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return task
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self._flush_after)
+        self._flushing = None  # charges from now on are for the next flush
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Writes the charges recorded since the last flush now: one script per key and
+        period, sent together. While Redis is down they stay pending (the probe writes them)."""
+        dirty, self._dirty = self._dirty, {}
         if not self._opened:
             await self.open()
-        if self.up:
-            write = asyncio.ensure_future(self._write(key.name, period))
-            self._writes.add(write)
-            write.add_done_callback(self._writes.discard)
-            await asyncio.shield(write)  # a cancelled request does not cut its write short
+        if self.up and dirty:
+            await asyncio.gather(*(self._write(name, period) for name, period in dirty))
 
     async def _write(self, name: str, period: str) -> None:
         """Writes `name`'s running totals; if that fails they stay pending in the ledger."""
@@ -241,7 +273,7 @@ class FleetStore:
         """Lets the writes in flight land, then makes one last write-back of what is pending
         (Redis may be back before the probe found it), within PROBE_TIMEOUT."""
         self._closing = True
-        for task in (self._opening, self._probe):
+        for task in (self._opening, self._probe, self._flushing):  # what it would flush is pending
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -26,7 +26,8 @@ class Store(Protocol):
         None (no keys configured): nothing to check."""
 
     async def charge(self, key: ClientKey | None, tokens: int, cost_usd: float | None) -> None:
-        """A finished request's tokens and cost (None: unpriced); never raises."""
+        """A finished request's tokens and cost (None: unpriced); never raises, and does not
+        wait for a shared store (which writes it within `FleetStore`'s FLUSH_SECONDS)."""
 
     async def spend(self, keys: Sequence[ClientKey]) -> dict[str, float]:
         """USD each key has spent in its current period (see `period_of`)."""
