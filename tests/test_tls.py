@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,14 +104,23 @@ def test_an_untrusted_certificate_is_one_attempt_and_a_tls_502(
     assert "unable to get local issuer certificate" in logged[0]["message"]
 
 
-def test_ssl_cert_file_is_still_honoured(
+@pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "SSL_CERT_DIR"])
+def test_ssl_cert_file_and_dir_are_still_honoured(
     tmp_path: Path,
     pki: Pki,
     https_mock: tuple[MockUpstream, RunningServer],
     monkeypatch: pytest.MonkeyPatch,
+    variable: str,
 ) -> None:
     _, upstream = https_mock
-    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    trusted = str(pki.ca)
+    if variable == "SSL_CERT_DIR":  # a directory of CA certificates named by subject hash
+        trusted = str(tmp_path / "certs")
+        Path(trusted).mkdir()
+        shutil.copy(pki.ca, trusted)
+        subprocess.run(["openssl", "rehash", trusted], check=True, capture_output=True)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv(variable, trusted)
     with _proxy(tmp_path, upstream.url, None, []) as proxy:
         assert _post(proxy.url, "bot").status_code == 200
 
