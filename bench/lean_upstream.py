@@ -10,7 +10,8 @@ shared load-generator core it costs a fraction of what the proxy under test does
     python bench/lean_upstream.py --port 8901 --tls-port 8902 --cert server.pem --key server.key
 
 With `--tls-port` it also serves HTTPS there (the same answers); `GET /stats` counts the
-connections each port accepted, so a benchmark can check that its clients reuse them.
+connections each port accepted (and the TLS versions), so a benchmark can check that its
+clients reuse them.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class Upstream(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:  # handshake done: count the protocol version it settled on
+            self.accepted[tls.version()] = self.accepted.get(tls.version(), 0) + 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:

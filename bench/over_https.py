@@ -60,12 +60,14 @@ async def run(bench: Bench) -> dict[str, Any]:
         for key, (shape, rounds) in shapes.items():
             out[key] = await streams(targets, mock, shape, rounds, bench.machine)
             bench.progress(key, out[key])
+        accepted = await mock_connections(stats_port)
     finally:
         for target in targets:
             target.pool.close()
     return {
         "scenarios": out,
         "tls_connections": handshakes,
+        "mock_connections": accepted,  # over the run: plain, TLS, and TLS by version
         "placement": {p.name: p.affinity() for p in bench.procs},
         "waited_for_quiet_s": round(bench.machine.waited, 1),
     }
@@ -104,14 +106,18 @@ async def start_targets(bench: Bench) -> list[Target]:
     return targets
 
 
-async def tls_accepted(stats_port: int) -> int:
-    """How many TLS connections the mock has accepted so far (its `GET /stats`)."""
+async def mock_connections(stats_port: int) -> dict[str, int]:
+    """The connections the mock has accepted so far (its `GET /stats`)."""
     pool = Pool("127.0.0.1", stats_port)
     try:
         sample = await pool.fetch(get_request("127.0.0.1", stats_port, "/stats"), 5.0)
     finally:
         pool.close()
-    return int(orjson.loads(sample.body)["connections"]["tls"])
+    return dict(orjson.loads(sample.body)["connections"])
+
+
+async def tls_accepted(stats_port: int) -> int:
+    return (await mock_connections(stats_port))["tls"]
 
 
 async def tls_connections(target: Target, stats_port: int) -> list[int]:
@@ -173,7 +179,7 @@ def table(result: dict[str, Any]) -> str:
         "CPU per stream ÷ nginx's (same scheme), 100 at once": _cpu_ratio(burst, _nginx),
         "CPU per stream over HTTPS ÷ over HTTP, 100 steady": _cpu_ratio(s100, _plain),
         "CPU per stream over HTTPS ÷ over HTTP, 100 at once": _cpu_ratio(burst, _plain),
-        f"TLS connections the mock accepted: first {REUSE_STREAMS} at once / next {REUSE_ROUNDS}": (
+        f"TLS connections the mock accepted: {REUSE_STREAMS} at once / {REUSE_ROUNDS} more times": (
             lambda c: " / ".join(map(str, made[c])) if c in made else "-"
         ),
         "other load during stream rounds: CPU-s / rounds repeated": lambda c: (
@@ -213,13 +219,16 @@ def main(args: argparse.Namespace, command: str, started: float) -> None:
 
 NOTES = f"""\
 How: `python bench/run.py --https` (bench/over_https.py): the lean mock on a plain and a TLS
-port (ECDSA P-256 certificate from a CA made for the run, TLS 1.3), sluicegate `auto` to
-each (`tls.ca_file`), nginx with a listener for each (`proxy_ssl_verify on`,
+port (ECDSA P-256 certificate from a CA made for the run; TLS 1.3 on every hop),
+sluicegate `auto` to each (`tls.ca_file`), nginx with a listener for each (`proxy_ssl_verify on`,
 `proxy_ssl_session_reuse on`, `keepalive 1024` in the upstream block). The load generator
 reaches the proxies over plain HTTP and the mock over TLS for "direct over HTTPS", so every
 path has one TLS hop; added TTFT is over the direct path of the same scheme. Placement as
-in the table above: mock and load generator on core 0, the proxies on core 1. The TLS
-connections row counts the connections the mock's TLS port accepted, before the rounds
+in bench/run.py: mock and load generator on core 0, the proxies on core 1. The machine is
+shared: the last row is the CPU other work used during the rounds (a round run beside too
+much of it is repeated, at most twice), so compare columns of one run, not runs. The TLS
+connections row counts the connections the mock's TLS port accepted (the JSON has them by
+TLS version, `mock_connections`), before the rounds
 above, for a first round of {REUSE_STREAMS} streams opened at once (each pool held about 10
 from a warm-up burst) and then for {REUSE_ROUNDS} more such rounds: 0 there means every
 request reused a connection, and paid no handshake.
