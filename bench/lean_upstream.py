@@ -7,6 +7,11 @@ no ASGI server, no task per request and one timer callback per event, so that on
 shared load-generator core it costs a fraction of what the proxy under test does.
 
     python bench/lean_upstream.py --port 8901
+    python bench/lean_upstream.py --port 8901 --tls-port 8902 --cert server.pem --key server.key
+
+With `--tls-port` it also serves HTTPS there (the same answers); `GET /stats` counts the
+connections each port accepted (and the TLS versions), so a benchmark can check that its
+clients reuse them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import ssl
 from functools import lru_cache
 from typing import Any, cast
 
@@ -80,7 +86,9 @@ def knobs(body: dict[str, Any]) -> tuple[float, int, float]:
 class Upstream(asyncio.Protocol):
     """One client connection: requests one at a time, each answered by timer callbacks."""
 
-    def __init__(self) -> None:
+    def __init__(self, accepted: dict[str, int], kind: str) -> None:
+        accepted[kind] += 1
+        self.accepted = accepted
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.buf = b""
@@ -95,6 +103,9 @@ class Upstream(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:  # handshake done: count the protocol version it settled on
+            self.accepted[tls.version()] = self.accepted.get(tls.version(), 0) + 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
@@ -134,6 +145,8 @@ class Upstream(asyncio.Protocol):
                 self.finish(bad_request(str(exc)))
         elif method == "GET" and path == "/healthz":
             self.finish(HEALTH)
+        elif method == "GET" and path == "/stats":
+            self.finish(response(b"200 OK", orjson.dumps({"connections": self.accepted})))
         else:
             self.finish(NOT_FOUND)
 
@@ -180,19 +193,41 @@ class Upstream(asyncio.Protocol):
             self.next_request()
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, tls_port: int, tls: ssl.SSLContext | None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Upstream, host, port, backlog=4096, reuse_address=True)
-    async with server:
-        await server.serve_forever()
+    accepted = {"plain": 0, "tls": 0}
+    servers = [
+        await loop.create_server(
+            lambda: Upstream(accepted, "plain"), host, port, backlog=4096, reuse_address=True
+        )
+    ]
+    if tls is not None:
+        servers.append(
+            await loop.create_server(
+                lambda: Upstream(accepted, "tls"),
+                host,
+                tls_port,
+                backlog=4096,
+                reuse_address=True,
+                ssl=tls,
+            )
+        )
+    await asyncio.gather(*(server.serve_forever() for server in servers))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8901)
+    parser.add_argument("--tls-port", type=int, default=0, help="also serve HTTPS here")
+    parser.add_argument("--cert", help="the HTTPS server's PEM certificate")
+    parser.add_argument("--key", help="and its key")
     args = parser.parse_args()
-    uvloop.run(serve(args.host, args.port))
+    tls = None
+    if args.tls_port:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.cert, args.key)
+    uvloop.run(serve(args.host, args.port, args.tls_port, tls))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,7 +110,9 @@ class Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport, self.reusable = None, False
@@ -216,10 +219,12 @@ class Conn(asyncio.Protocol):
 
 @dataclass
 class Pool:
-    """Keep-alive connections to one address; a connection idle for IDLE_REUSE is dropped."""
+    """Keep-alive connections to one address (over TLS with `tls`, a client context); a
+    connection idle for IDLE_REUSE is dropped."""
 
     host: str
     port: int
+    tls: ssl.SSLContext | None = None
     idle: list[Conn] = field(default_factory=list)
     opened: int = 0
 
@@ -236,7 +241,7 @@ class Pool:
     async def connect(self) -> Conn:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            _, conn = await loop.create_connection(Conn, self.host, self.port)
+            _, conn = await loop.create_connection(Conn, self.host, self.port, ssl=self.tls)
         self.opened += 1
         return conn
 

@@ -114,16 +114,22 @@ METHOD = """\
 """
 
 
-def results_markdown(result: dict[str, Any], table_md: str) -> str:
-    meta = result["meta"]
+def provenance(meta: dict[str, Any]) -> list[str]:
+    """Which command wrote the figures, when, on what machine and versions."""
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     machine = meta["machine"]
-    lines = [
-        "# Benchmark results",
-        "",
+    return [
         f"Written by `{meta['command']}` on {meta['started']} ({meta['seconds']:.0f} s).",
         f"Machine: {machine['cores']} cores ({machine['cpu']}), Linux {machine['kernel']}.",
         f"Versions: {versions}.",
+    ]
+
+
+def results_markdown(result: dict[str, Any], table_md: str) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        *provenance(result["meta"]),
         "",
         table_md,
         *_dominates(result),

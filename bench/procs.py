@@ -154,10 +154,12 @@ def python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def routes_yaml(upstream_url: str, stream_options: str) -> str:
+def routes_yaml(upstream_url: str, stream_options: str, ca_file: str = "") -> str:
+    """One route, `bench`, to the mock at `upstream_url` (trusting `ca_file` if https)."""
+    tls = f"    tls: {{ca_file: '{ca_file}'}}\n" if ca_file else ""
     return (
         "upstreams:\n"
-        f"  mock:\n    base_url: '{upstream_url}/v1'\n    stream_options: {stream_options}\n"
+        f"  mock:\n    base_url: '{upstream_url}/v1'\n    stream_options: {stream_options}\n{tls}"
         "routes:\n  - {model: bench, targets: [{upstream: mock, model: mock-chat}]}\n"
     )
 
@@ -175,19 +177,41 @@ http {{
     proxy_temp_path {tmp}/proxy;
     keepalive_requests 1000000;
     keepalive_timeout 60s;
-    upstream mock {{ server 127.0.0.1:{upstream}; keepalive 1024; keepalive_requests 1000000; }}
+{servers}}}
+"""
+# One listener relaying to one upstream: `keepalive` keeps idle upstream connections (and so
+# their TLS sessions) for reuse; `proxy_buffering off` relays each chunk as it comes.
+NGINX_SERVER = """\
+    upstream {name} {{ server 127.0.0.1:{upstream}; keepalive 1024; keepalive_requests 1000000; }}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         location / {{
-            proxy_pass http://mock;
+            proxy_pass {scheme}://{name};
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
-            proxy_read_timeout 60s;
+            proxy_read_timeout 60s;{tls}
         }}
     }}
-}}
 """
+# HTTPS to the upstream as a careful deployment has it: its certificate verified against the
+# CA (for the name in its certificate), sessions resumed on new connections, TLS 1.3 allowed
+# (nginx before 1.23.4 offers only up to 1.2 by default).
+NGINX_TLS = """
+            proxy_ssl_protocols TLSv1.2 TLSv1.3;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {ca};
+            proxy_ssl_name localhost;
+            proxy_ssl_session_reuse on;"""
+
+
+@dataclass(frozen=True)
+class NginxHttps:
+    """A second nginx listener, on `port`, relaying to the mock's HTTPS port."""
+
+    upstream_port: int
+    port: int
+    ca_file: str
 
 
 def nginx_binary() -> str | None:
@@ -201,9 +225,28 @@ def nginx_version(binary: str) -> str:
     return (out.stderr or out.stdout).strip().rsplit("/", 1)[-1]
 
 
-def start_nginx(binary: str, upstream_port: int, port: int, cpu: int | None, tmp: Path) -> Proc:
+def start_nginx(
+    binary: str,
+    upstream_port: int,
+    port: int,
+    cpu: int | None,
+    tmp: Path,
+    *,
+    https: NginxHttps | None = None,
+) -> Proc:
+    servers = NGINX_SERVER.format(
+        name="mock", upstream=upstream_port, port=port, scheme="http", tls=""
+    )
+    if https is not None:
+        servers += NGINX_SERVER.format(
+            name="mock_tls",
+            upstream=https.upstream_port,
+            port=https.port,
+            scheme="https",
+            tls=NGINX_TLS.format(ca=https.ca_file),
+        )
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, upstream=upstream_port, port=port))
+    conf.write_text(NGINX_CONF.format(tmp=tmp, servers=servers))
     argv = [binary, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx-error.log")]
     return start("nginx", argv, cpu, tmp)
 

@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,19 +131,28 @@ def brief(data: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _direct(_col: str) -> str:
+    return "direct"
+
+
 def _f(value: float | None, digits: int = 1, sign: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
-def _ttft_row(label: str, rows: dict[str, Any], cols: list[str]) -> list[str]:
-    direct = rows["direct"]
-    cells = [f"{_f(direct['ttft_p50_ms'])} / {_f(direct['ttft_p99_ms'])} abs."]
-    for col in cols[1:]:
-        row = rows[col]
-        p50 = row["ttft_p50_ms"] - direct["ttft_p50_ms"]
-        p99 = row["ttft_p99_ms"] - direct["ttft_p99_ms"]
+def _ttft_row(
+    label: str, rows: dict[str, Any], cols: list[str], baseline: Callable[[str], str] = _direct
+) -> list[str]:
+    """Each column's TTFT over its baseline's; the baselines' own, absolute."""
+    cells = []
+    for col in cols:
+        row, base = rows[col], rows[baseline(col)]
+        if col == baseline(col):
+            cells.append(f"{_f(row['ttft_p50_ms'])} / {_f(row['ttft_p99_ms'])} abs.")
+            continue
+        p50 = row["ttft_p50_ms"] - base["ttft_p50_ms"]
+        p99 = row["ttft_p99_ms"] - base["ttft_p99_ms"]
         cells.append(f"{_f(p50, 2, True)} / {_f(p99, 2, True)}")
     return [label, *cells]
 
@@ -218,7 +228,7 @@ def ttft_table(ttft: dict[str, dict[str, Any]]) -> str:
 
 def _cpu_cell(data: dict[str, Any]) -> Any:
     def cell(c: str) -> str:
-        if c == "direct":
+        if c.startswith("direct"):  # no proxy there
             return "-"
         row = data[c]
         user, system = row["proxy_user_s_per_1k"], row["proxy_sys_s_per_1k"]
@@ -352,13 +362,16 @@ def table(result: dict[str, Any]) -> str:
     return markdown(headings, body) + "\n\n" + "\n".join(goal) + "\n"
 
 
-# Sections of RESULTS.md written by other benchmarks (bench/fleet_state.py): kept, at the end.
-KEPT = "\n## Fleet state on Redis"
+# Sections of RESULTS.md written by other benchmarks (bench/fleet_state.py, `run.py --https`):
+# kept, at the end, from the first of them on.
+HTTPS_SECTION = "## HTTPS upstreams (issue 21)"
+KEPT = ("\n## Fleet state on Redis", "\n" + HTTPS_SECTION)
 
 
 def write_results(result: dict[str, Any], table_md: str, path: Path) -> None:
     from notes import results_markdown  # noqa: PLC0415  # only needed here
 
     old = path.read_text() if path.exists() else ""
-    kept = old[old.index(KEPT) :] if KEPT in old else ""
+    starts = [old.index(heading) for heading in KEPT if heading in old]
+    kept = old[min(starts) :] if starts else ""
     path.write_text(results_markdown(result, table_md) + kept)

@@ -10,6 +10,7 @@ process (sluicegate's, nginx's master and worker) on core 1.
     python bench/run.py --json out.json     # also write every number as JSON
     python bench/run.py --write-results     # rewrite bench/RESULTS.md (and PROFILE.md)
     python bench/run.py --ttft-only 1 100   # added TTFT alone: direct and `pass`, lean mock
+    python bench/run.py --https             # plain against HTTPS upstream (bench/over_https.py)
 
 `--ttft-only N...` runs rounds (`--rounds`) of N concurrent streams (N = 1: one after
 another), alternately direct and through sluicegate (`stream_options: pass`), so both see the
@@ -162,12 +163,15 @@ class Bench:
         return self.start(f"mock-{kind}", argv, LOAD_CORE), port
 
     def start_proxy(
-        self, mode: str, mock_port: int, name: str = "", extra: str = ""
+        self, mode: str, mock_port: int, name: str = "", extra: str = "", *, ca_file: str = ""
     ) -> tuple[Proc, int]:
-        """sluicegate on one route to the mock; `extra` is YAML added to its routes file."""
+        """sluicegate on one route to the mock (over HTTPS with `ca_file`, the CA to trust);
+        `extra` is YAML added to its routes file."""
         name = name or f"sluicegate-{mode}"
         config = self.tmp / f"routes-{name}.yaml"
-        config.write_text(routes_yaml(f"http://127.0.0.1:{mock_port}", mode) + extra)
+        scheme = "https" if ca_file else "http"
+        upstream = f"{scheme}://127.0.0.1:{mock_port}"
+        config.write_text(routes_yaml(upstream, mode, ca_file) + extra)
         port = free_port()
         argv = self.proxy_python(
             "-m", "proxy", "serve", "--config", str(config), "--port", str(port)
@@ -312,6 +316,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=5, help="rounds per N for --ttft-only")
     parser.add_argument(
+        "--https", action="store_true", help="only the stream rounds, plain and HTTPS upstream"
+    )
+    parser.add_argument(
         "--render", type=Path, metavar="JSON", help="print (and --write-results) a saved run"
     )
     return parser.parse_args(argv)
@@ -351,6 +358,11 @@ def main(argv: list[str] | None = None) -> None:
         print(report.ttft_table(ttft))
         if args.json:
             args.json.write_text(report.to_json({"knobs": STREAM, "ttft_only": ttft}))
+        return
+    if args.https:
+        import over_https  # noqa: PLC0415  # it imports this module
+
+        over_https.main(args, command, started)
         return
     result = in_bench(args, Bench.run)
     result["meta"] = report.meta(

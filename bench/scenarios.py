@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,10 +30,11 @@ class Target:
     model: str
     proc: Proc | None
     extra: dict[str, Any] | None = None  # request fields besides the usual ones
+    tls: ssl.SSLContext | None = None  # reached over HTTPS, trusting this context's CA
     pool: Pool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.pool = Pool("127.0.0.1", self.port)
+        self.pool = Pool("127.0.0.1", self.port, self.tls)
 
     def request(self, mock: dict[str, Any], *, stream: bool = True, seed: int = 0) -> bytes:
         return chat_request(

@@ -358,14 +358,8 @@ def to_proxy_error(exc: BaseException, upstream: str, *, reading: bool) -> Proxy
         exc, aiohttp.ServerDisconnectedError | connecting
     ):
         return UpstreamTimeout(f"upstream '{upstream}' timed out {where}")
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        reason = _tls_reason(exc.certificate_error)
-        return UpstreamTlsError(
-            f"the certificate of upstream '{upstream}' could not be verified{reason}"
-        )
-    if not reading and isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
-        reason = _tls_reason(exc)
-        return UpstreamTlsError(f"the TLS handshake with upstream '{upstream}' failed{reason}")
+    if (tls := _tls_error(exc, upstream, reading=reading)) is not None:
+        return tls
     if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy's URL is not shown
         return UpstreamUnreachable(
             f"upstream '{upstream}' is unreachable: its proxy answered {exc.status}"
@@ -373,6 +367,31 @@ def to_proxy_error(exc: BaseException, upstream: str, *, reading: bool) -> Proxy
     if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError | connecting):
         return UpstreamUnreachable(f"upstream '{upstream}' is unreachable")
     return UpstreamProtocolError(f"upstream '{upstream}' closed the connection {where}")
+
+
+def _tls_error(exc: BaseException, upstream: str, *, reading: bool) -> UpstreamTlsError | None:
+    """A certificate failure either way, or another failed handshake; None if not TLS."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = _tls_reason(exc.certificate_error)
+        return UpstreamTlsError(
+            f"the certificate of upstream '{upstream}' could not be verified{reason}"
+        )
+    # An alert naming a certificate is the upstream refusing ours (none sent to an mTLS
+    # upstream, or one it does not trust): under TLS 1.3 the client's handshake is over
+    # before the server checks it, so the alert comes on the first read (aiohttp's
+    # ClientOSError caused by the SSLError); under TLS 1.2 it fails the handshake.
+    for error in (exc, exc.__cause__, getattr(exc, "os_error", None)):
+        alert = str(getattr(error, "reason", None) or "")  # aiohttp's SSL errors have none
+        ours = "CERTIFICATE" in alert or alert.endswith("UNKNOWN_CA")
+        if error is not None and "_ALERT_" in alert and ours:
+            return UpstreamTlsError(
+                f"upstream '{upstream}' refused the connection's client certificate"
+                + _tls_reason(error)
+            )
+    if not reading and isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        reason = _tls_reason(exc)
+        return UpstreamTlsError(f"the TLS handshake with upstream '{upstream}' failed{reason}")
+    return None
 
 
 def _tls_reason(exc: BaseException) -> str:

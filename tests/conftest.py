@@ -12,10 +12,10 @@ import pytest
 from playwright.sync_api import Browser, sync_playwright
 
 from proxy.app import create_app
+from proxy.mock.pki import Pki, make_pki
 from proxy.mock.upstream import Knobs, MockUpstream
 from proxy.serving import RunningServer, ServerTls
 from tests.provider_shapes import Shapes, serve_shapes
-from tests.tls_certs import Pki, make_pki
 
 # Random-looking, as real keys are: runs of 8 key characters are scrubbed from error answers,
 # so a key spelt of words ("upstream") would take those words out of every error body.

@@ -12,11 +12,11 @@ from structlog.testing import capture_logs
 
 from proxy.app import create_app
 from proxy.config import ConfigError, parse_config
+from proxy.mock.pki import Pki
 from proxy.mock.upstream import MockUpstream
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
 from tests.connect_proxy import ConnectProxy
-from tests.tls_certs import Pki
 
 PASSWORD = "pr0xy-S3cret-9f8e7d6c5b4a"
 BASIC = "Basic " + base64.b64encode(f"egress:{PASSWORD}".encode()).decode()

@@ -1,10 +1,15 @@
 """HTTPS upstreams: the mock upstream served over TLS with a CA made for the run
-(tests/tls_certs.py), and real proxies in front of it."""
+(proxy/mock/pki.py), and real proxies in front of it."""
 
 from __future__ import annotations
 
+import shutil
+import socket
 import ssl
+import subprocess
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +20,10 @@ from structlog.testing import capture_logs
 from proxy import cli
 from proxy.app import create_app
 from proxy.config import ConfigError, parse_config
+from proxy.mock.pki import Pki
 from proxy.mock.upstream import MockUpstream
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer, ServerTls
-from tests.tls_certs import Pki
 
 MESSAGES = [{"role": "user", "content": "有哪些优惠? 🎉"}]
 ROUTES = """\
@@ -99,14 +104,23 @@ def test_an_untrusted_certificate_is_one_attempt_and_a_tls_502(
     assert "unable to get local issuer certificate" in logged[0]["message"]
 
 
-def test_ssl_cert_file_is_still_honoured(
+@pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "SSL_CERT_DIR"])
+def test_ssl_cert_file_and_dir_are_still_honoured(
     tmp_path: Path,
     pki: Pki,
     https_mock: tuple[MockUpstream, RunningServer],
     monkeypatch: pytest.MonkeyPatch,
+    variable: str,
 ) -> None:
     _, upstream = https_mock
-    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    trusted = str(pki.ca)
+    if variable == "SSL_CERT_DIR":  # a directory of CA certificates named by subject hash
+        trusted = str(tmp_path / "certs")
+        Path(trusted).mkdir()
+        shutil.copy(pki.ca, trusted)
+        subprocess.run(["openssl", "rehash", trusted], check=True, capture_output=True)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv(variable, trusted)
     with _proxy(tmp_path, upstream.url, None, []) as proxy:
         assert _post(proxy.url, "bot").status_code == 200
 
@@ -135,7 +149,74 @@ def test_mtls_works_with_a_client_certificate_and_fails_cleanly_without(
     assert answer.status_code == 502
     assert answer.json()["error"]["type"] == "upstream_error"
     assert "'tls'" in answer.json()["error"]["message"]
+    # This server closes without its TLS alert, so the proxy sees a bare reset; one that sends
+    # the alert: test_an_upstream_refusing_the_client_certificate_is_one_attempt_and_a_tls_502
     assert records[0].attempts  # answered as a failed attempt, not a crash
+
+
+@contextmanager
+def _refusing_upstream(pki: Pki, client_ca: Path) -> Iterator[tuple[str, list[str]]]:
+    """An mTLS upstream as nginx, Go or OpenSSL servers are one (the asyncio server behind
+    `mtls_mock` closes without sending its alert): it wants a client certificate signed by
+    `client_ca`, and refuses any other with a TLS alert. Its URL, and the reason for each
+    connection it refused."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    context.load_verify_locations(client_ca)
+    context.verify_mode = ssl.CERT_REQUIRED
+    refused: list[str] = []
+
+    def serve(listener: socket.socket) -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with connection:
+                try:
+                    context.wrap_socket(connection, server_side=True).close()
+                except ssl.SSLError as exc:
+                    refused.append(exc.reason or "")
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        thread = threading.Thread(target=serve, args=(listener,), daemon=True)
+        thread.start()
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}", refused
+        listener.shutdown(socket.SHUT_RDWR)
+    thread.join(5)
+
+
+@pytest.mark.parametrize(
+    ("trusted", "client_cert", "alert"),
+    [
+        ("ca", False, "tlsv13 alert certificate required"),
+        ("other_ca", True, "tlsv1 alert unknown ca"),
+    ],
+    ids=["no-certificate", "untrusted-certificate"],
+)
+def test_an_upstream_refusing_the_client_certificate_is_one_attempt_and_a_tls_502(
+    tmp_path: Path, pki: Pki, trusted: str, client_cert: bool, alert: str
+) -> None:
+    tls = {"ca_file": str(pki.ca)}
+    if client_cert:
+        tls |= {"cert_file": str(pki.client_cert), "key_file": str(pki.client_key)}
+    records: list[RequestRecord] = []
+    with (
+        _refusing_upstream(pki, getattr(pki, trusted)) as (url, refused),
+        capture_logs() as logs,
+        _proxy(tmp_path, url, tls, records) as proxy,
+    ):
+        answer = _post(proxy.url, "bot", stream=True)
+        metrics = httpx.get(proxy.url + "/metrics").text
+    assert answer.status_code == 502
+    error = answer.json()["error"]
+    assert error["code"] == "upstream_tls_error"
+    refusal = f"upstream 'tls' refused the connection's client certificate: {alert}"
+    assert error["message"] == refusal
+    assert [a.outcome for a in records[0].attempts] == ["tls_error"]  # not retried
+    assert len(refused) == 1  # one connection, one refusal
+    assert 'sluicegate_upstream_attempts_total{outcome="tls_error",upstream="tls"} 1.0' in metrics
+    assert [e["message"] for e in logs if e.get("error") == "upstream_tls_error"] == [refusal]
 
 
 def test_sequential_requests_reuse_one_tls_connection(

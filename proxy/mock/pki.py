@@ -1,5 +1,5 @@
-"""A certificate authority made for a test run with the `openssl` command: a server
-certificate for 127.0.0.1/localhost and a client certificate (mTLS), both signed by it."""
+"""A certificate authority made for a test or benchmark run with the `openssl` command: a
+server certificate for 127.0.0.1/localhost and a client certificate (mTLS), both signed by it."""
 
 from __future__ import annotations
 
