@@ -33,6 +33,7 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.headers import Forwarding, Headers
+from proxy.silence import SilenceExceeded, SilenceTimer
 
 USER_AGENT = f"sluicegate/{__version__}"
 # What a body compressed against our `accept-encoding: identity` is decoded with (zlib's
@@ -52,39 +53,6 @@ _TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 _URLS_KEPT = 16  # parsed URLs kept per upstream
 
 
-class _SilenceExceeded(Exception):
-    """Set on a body reader by `_SilenceTimer` when its upstream stayed silent too long."""
-
-
-class _SilenceTimer:
-    """Bounds how long a body read may wait for bytes, with one timer per response that is
-    re-armed only when it fires: aiohttp's `sock_read` instead cancels and re-creates a timer
-    for every chunk. Only time spent waiting in a read counts, so a relay that is busy
-    writing to a slow client never blames the upstream for the pause."""
-
-    __slots__ = ("_content", "_handle", "_limit", "_loop", "now", "since")
-
-    def __init__(self, content: aiohttp.StreamReader, limit: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.now = self._loop.time
-        self._content, self._limit = content, limit
-        self.since: float | None = None  # loop time the current read began waiting
-        self._handle = self._loop.call_later(limit, self._check)
-
-    def _check(self) -> None:
-        if self._content.is_eof():  # read to its end, or the connection is gone: nothing to bound
-            return
-        since, now = self.since, self._loop.time()
-        if since is not None and now - since >= self._limit:
-            self._content.set_exception(_SilenceExceeded())
-            return
-        due = (now if since is None else since) + self._limit
-        self._handle = self._loop.call_at(due, self._check)
-
-    def stop(self) -> None:
-        self._handle.cancel()
-
-
 class UpstreamResponse:
     """An upstream answer whose body has not been read yet."""
 
@@ -99,7 +67,7 @@ class UpstreamResponse:
         self._response = response
         self._content = response.content
         self._sent_at = sent_at  # monotonic time the request went out
-        self._silence = _SilenceTimer(response.content, idle)
+        self._silence = SilenceTimer(response.content, idle)
 
     def elapsed(self) -> float:
         """Seconds since the request went out."""
@@ -128,7 +96,7 @@ class UpstreamResponse:
         silence.since = silence.now()
         try:
             chunk = await self._content.readany()
-        except _SilenceExceeded:
+        except SilenceExceeded:
             message = f"upstream '{self.upstream}' timed out while streaming the response"
             raise UpstreamTimeout(message) from None
         except _TRANSPORT_ERRORS as exc:
@@ -190,7 +158,7 @@ class _Pool:
         self._closed = False
         self._urls: dict[str, URL] = {}
         t = upstream.timeouts
-        # No read timeout here: the caller bounds the wait for headers, and `_SilenceTimer` the
+        # No read timeout here: the caller bounds the wait for headers, and `SilenceTimer` the
         # silences inside a body.
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=t.connect, sock_connect=t.connect, sock_read=None
