@@ -45,7 +45,7 @@ from loadgen import Pool, get_request
 from procs import Proc, free_port
 from profiling import record
 from quiet import Machine
-from run import LOAD_CORE, Bench, wait_ready
+from run import LOAD_CORE, PROXY_CORE, Bench, wait_ready
 from scenarios import STREAM, Shape, Target, streams
 
 CLIENT_KEY = "sk-bench-fleet-state-0123456789"
@@ -57,6 +57,26 @@ SENT = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_script|load", "cmdstat_mget"
 SERVED, STATE_ERRORS = "sluicegate_requests_total", "sluicegate_state_errors_total "
 QUIET_BUDGET = 120.0  # seconds the run may wait for other load on the machine to stop
 PROFILE_SECONDS = 15.0  # of py-spy per proxy, with --profile
+# The floor under any state check: one bare PING on a kept connection from the proxy's core,
+# sent after Redis sat idle as long as it does between streams at concurrency 1 (a stream
+# takes ~0.4 s: 50 ms to the first token, 64 tokens 5 ms apart), and back to back.
+FLOOR_GAP, FLOOR_SAMPLES = 0.4, 40
+CLIENT_BUDGET_MS = 0.1  # the restated target: the floor plus this much of client-side work
+_PING = """
+import os, socket, sys, time, json
+port, gap, n, core = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+os.sched_setaffinity(0, {core})
+sock = socket.create_connection(("127.0.0.1", port))
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+took = []
+for _ in range(n + 1):
+    time.sleep(gap)
+    start = time.perf_counter()
+    sock.sendall(b"PING\\r\\n")
+    assert sock.recv(64).startswith(b"+PONG")
+    took.append((time.perf_counter() - start) * 1e3)
+print(json.dumps(took[1:]))
+"""
 # Limits no request reaches: admission does its full work and always says yes.
 KEYED = f"""\
 pricing:
@@ -97,6 +117,17 @@ async def redis_call(port: int, command: bytes) -> bytes:
         return line.rstrip(b"\r\n")
     finally:
         writer.close()
+
+
+async def ping_floor(port: int, gap: float) -> float:
+    """p50 ms of a bare PING round trip from the proxy's core after `gap` seconds of idle."""
+    args = (str(port), str(gap), str(FLOOR_SAMPLES), str(PROXY_CORE))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PING, *args, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    took = sorted(json.loads(out))
+    return float(took[len(took) // 2])
 
 
 async def redis_info(port: int) -> dict[str, str]:
@@ -205,6 +236,10 @@ async def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     async def rounds() -> int:
         served = await counted(targets[2], SERVED + "{")
         result["one"] = await streams(targets, mock, shape, args.rounds, machine)
+        result["floor"] = {
+            "idle_ping_p50_ms": await ping_floor(redis_port, FLOOR_GAP),
+            "busy_ping_p50_ms": await ping_floor(redis_port, 0.0),
+        }
         if args.concurrency:
             steady = Shape("steady", args.concurrency, seconds=args.seconds)
             result["steady"] = await streams(targets, mock, steady, args.rounds, machine)
@@ -250,6 +285,11 @@ def compare(result: dict[str, Any]) -> dict[str, Any]:
     state["met"] = {
         k: state[k] <= TARGETS[k.removeprefix("steady_")] for k in state if k != "added_ttft_p99_ms"
     }
+    # A check is one round trip before the upstream request: it cannot cost less than the
+    # machine's own idle round trip to Redis, measured in this run (`floor`).
+    floor = result["floor"]
+    restated = floor["idle_ping_p50_ms"] + CLIENT_BUDGET_MS
+    state["met"]["added_ttft_p50_ms_over_floor"] = state["added_ttft_p50_ms"] <= restated
     phases = [one, steady] if steady else [one]
     noise = {
         "foreign_cpu_s": sum(p[n]["foreign_cpu_s"] for p in phases for n in p),
@@ -259,6 +299,7 @@ def compare(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "proxies": rows,
         "redis_over_local": state,
+        "floor": {**floor, "restated_target_ms": restated},
         **result["redis_server"],
         **noise,
         **failed,
@@ -287,6 +328,14 @@ def show(summary: dict[str, Any], concurrency: int) -> None:
             verdict = verdict if summary["valid"] or not verdict else "(not valid: errors)"
             shown = f"x{value:.3f}" if name.endswith("ratio") else f"{value:+.3f} ms"
             print(f"  {name}: {shown} {verdict}")
+    floor = summary["floor"]
+    met = state["met"]["added_ttft_p50_ms_over_floor"]
+    print(
+        f"floor: a bare PING from the proxy's core takes {floor['idle_ping_p50_ms']:.3f} ms p50 "
+        f"after {FLOOR_GAP} s idle, {floor['busy_ping_p50_ms']:.3f} ms back to back; restated "
+        f"target: added TTFT p50 <= floor + {CLIENT_BUDGET_MS} ms = "
+        f"{floor['restated_target_ms']:.3f} ms: {'met' if met else 'NOT met'}"
+    )
     print(
         f"redis-server: {summary['calls_per_request']:.2f} calls per request, "
         f"{summary['command_us_per_request']:.1f} µs executing them, "
