@@ -95,6 +95,9 @@ def get_logger() -> FilteringBoundLogger:
     return logger
 
 
+_access = get_logger()  # bound once (`cache_logger_on_first_use`), not once per request
+
+
 def access_log(record: RequestRecord) -> None:
     """One JSON line per request."""
-    get_logger().info("request", **record.fields())
+    _access.info("request", **record.fields())
