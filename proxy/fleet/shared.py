@@ -27,15 +27,18 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from proxy.config import ClientKey, StateSettings
 from proxy.errors import StateUnavailable
 from proxy.fleet.ledger import Charged, Ledger
 from proxy.fleet.local import Clock, LocalStore
 from proxy.fleet.periods import MICROS, budget_micros, period_id, period_of
-from proxy.fleet.remote import RedisState
 from proxy.fleet.scripts import MISMATCH
 from proxy.fleet.store import ADMITTED, StoreDown, refusal
+
+if TYPE_CHECKING:  # the type only: Redis is imported when `state.url` is set
+    from proxy.fleet.remote import RedisState
 
 PROBE_SECONDS = 0.5
 PROBE_TIMEOUT = 1.0  # a probe writes back pending charges: more than one round trip

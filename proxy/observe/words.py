@@ -40,10 +40,10 @@ class Series(Generic[Child_co]):
     and takes a lock (~3 µs; a request observes about ten). As bounded as the values are:
     they are config names or fixed words (see `Words`)."""
 
-    __slots__ = ("_children", "_make")
+    __slots__ = ("_children", "_make", "metric")
 
     def __init__(self, metric: _Labelled[Child_co]) -> None:
-        self._make = metric.labels
+        self.metric, self._make = metric, metric.labels
         self._children: dict[tuple[str, ...], Child_co] = {}
 
     def labels(self, *values: str) -> Child_co:
