@@ -3,6 +3,7 @@ not the per-chunk one.
 
     python bench/request_cost.py                 # 2,000 non-stream and 2,000 short streams
     python bench/request_cost.py -n 500 --profile  # also cProfile's top functions
+    python bench/request_cost.py --burst 1000      # N streams at once: sluicegate vs floor
 
 The proxy app runs in this process, called as a raw ASGI app (no HTTP server in front, so
 uvicorn's share is left out), one request at a time against `bench/lean_upstream.py` in a
@@ -11,6 +12,12 @@ subprocess. Each step is wrapped in a timer of this thread's CPU time
 another, so nothing else runs inside a step. Steps nest (the upstream write is inside the
 attempt walk): each row is inclusive, and "whole request" is the app call from the first
 ASGI message to the last. The wrappers cost ~0.3 µs each, counted in their rows.
+
+`--burst N` opens N streams (the bench's 50 ms to the first token, 64 tokens) at once
+through the app and through `bench/floor_relay.py`'s app, alternately, both in this process
+with the same ASGI client (so neither an HTTP server nor a load generator is in the
+figures), and prints the time to the first content byte each app sends, and the CPU time
+of the whole burst.
 """
 
 from __future__ import annotations
@@ -20,17 +27,20 @@ import asyncio
 import cProfile
 import gc
 import io
+import math
 import os
 import pstats
+import re
 import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import uvloop
 from procs import free_port, python, routes_yaml, start
@@ -105,12 +115,16 @@ def instrument() -> None:
         setattr(owner, attr, _timed(label, getattr(owner, attr)))
 
 
+CONTENT = re.compile(rb'"content":"[^"]')  # a content event (the role event's is "")
+
+
 class Client:
     """The ASGI side of one request: the body in one message, the answer collected."""
 
     def __init__(self, body: bytes) -> None:
         self.body, self.sent = body, 0
         self.status, self.chunks = 0, 0
+        self.first_content = 0.0
         self.gone = asyncio.Event()
 
     async def receive(self) -> dict[str, Any]:
@@ -125,6 +139,8 @@ class Client:
             self.status = message["status"]
         elif message.get("body"):
             self.chunks += 1
+            if not self.first_content and CONTENT.search(message["body"]):
+                self.first_content = time.perf_counter()
 
 
 def scope(path: str) -> dict[str, Any]:
@@ -150,14 +166,55 @@ def scope(path: str) -> dict[str, Any]:
     }
 
 
-def body(stream: bool, seed: int) -> bytes:
+def body(stream: bool, seed: int, knobs: dict[str, float] | None = None) -> bytes:
     messages = [
         {"role": "system", "content": "You are a helpful shop assistant."},
         {"role": "user", "content": f"Where is my parcel number {seed}?"},
     ]
     payload: dict[str, Any] = {"model": "bench", "messages": messages, "stream": stream}
-    payload["mock"] = {"ttft": 0, "tokens": 8, "delay": 0}
+    payload["mock"] = knobs or {"ttft": 0, "tokens": 8, "delay": 0}
     return orjson.dumps(payload)
+
+
+async def burst(app: Any, n: int) -> dict[str, float]:
+    """n streams at once: time to each one's first content byte, and the CPU time used."""
+    clients = [Client(body(True, seed, BURST_KNOBS)) for seed in range(n)]
+    gc.collect()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
+    calls = [app(scope("/v1/chat/completions"), c.receive, c.send) for c in clients]
+    await asyncio.gather(*calls)
+    cpu = time.thread_time() - cpu0
+    for c in clients:
+        c.gone.set()
+    ttft = sorted(c.first_content - t0 for c in clients if c.first_content)
+    return {
+        "ttft_p50_ms": ttft[len(ttft) // 2] * 1e3 if ttft else math.nan,
+        "ttft_p99_ms": ttft[int(len(ttft) * 0.99)] * 1e3 if ttft else math.nan,
+        "cpu_ms_per_stream": cpu / n * 1e3,
+        "answered": len(ttft),
+    }
+
+
+BURST_KNOBS = {"ttft": 0.05, "tokens": 64, "delay": 0.005}  # bench/scenarios.py's STREAM
+
+
+async def bursts(config: Path, port: int, n: int, rounds: int) -> dict[str, list[dict[str, float]]]:
+    from floor_relay import FloorRelay  # noqa: PLC0415
+
+    from proxy.app import create_app  # noqa: PLC0415
+    from proxy.observe.logs import configure  # noqa: PLC0415
+
+    configure(json=True)
+    ours: Any = create_app(config, watch_interval=None)
+    floor = FloorRelay(f"http://127.0.0.1:{port}")
+    out: dict[str, list[dict[str, float]]] = {"sluicegate": [], "floor": []}
+    async with ours.router.lifespan_context(ours), floor_session(floor):
+        for app in (ours, floor):
+            await burst(app, 100)  # warm: pools, caches
+        for _ in range(rounds):
+            out["sluicegate"].append(await burst(ours, n))
+            out["floor"].append(await burst(floor, n))
+    return out
 
 
 async def one(app: Any, stream: bool, seed: int) -> int:
@@ -170,6 +227,18 @@ async def one(app: Any, stream: bool, seed: int) -> int:
     client.gone.set()
     assert client.status == 200, client.status
     return client.chunks
+
+
+@asynccontextmanager
+async def floor_session(floor: Any) -> AsyncIterator[None]:
+    """The floor relay's session, as its lifespan makes it."""
+    floor.session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
+    )
+    try:
+        yield
+    finally:
+        await floor.session.close()
 
 
 @contextmanager
@@ -229,6 +298,17 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def print_bursts(result: dict[str, list[dict[str, float]]], n: int) -> None:
+    print(f"{n} streams at once, first content byte after the burst began (ms)")
+    for name, rounds in result.items():
+        cells = [
+            f"p50 {r['ttft_p50_ms']:.0f} / p99 {r['ttft_p99_ms']:.0f}, "
+            f"{r['cpu_ms_per_stream']:.3f} CPU-ms per stream, {r['answered']:.0f} answered"
+            for r in rounds
+        ]
+        print(f"{name:>10}: " + " | ".join(cells))
+
+
 def _us(value: float | None) -> str:
     return "-" if not value else f"{value:.1f}"
 
@@ -239,6 +319,8 @@ def main() -> None:
     parser.add_argument("--mode", default="auto", help="the upstream's stream_options")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top 25 too")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--burst", type=int, help="N streams at once, against the floor relay")
+    parser.add_argument("--rounds", type=int, default=3, help="bursts of each")
     args = parser.parse_args()
     port = free_port()
     logs = Path(tempfile.mkdtemp(prefix="request-cost-"))
@@ -248,6 +330,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             config = Path(tmp) / "routes.yaml"
             config.write_text(routes_yaml(f"http://127.0.0.1:{port}", args.mode))
+            if args.burst:
+                with quiet_stderr():
+                    result = uvloop.run(bursts(config, port, args.burst, args.rounds))
+                print_bursts(result, args.burst)
+                return
             instrument()
             with quiet_stderr():
                 result = uvloop.run(measure(config, args.n, args.profile))

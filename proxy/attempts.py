@@ -23,6 +23,7 @@ from proxy.answer import Answer, Failure, Hold, completion_of
 from proxy.api_request import ApiRequest, StreamOptionsAction
 from proxy.config import Route, Target, Upstream
 from proxy.errors import (
+    BadRequest,
     ProxyError,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -70,6 +71,11 @@ class Attempts:
     async def run(self) -> Answer | Failure:
         health, latency, now = self._state.health, self._state.latency, time.monotonic()
         candidates = plan(self._route, self._state.rng, lambda n: health[n].inflight, latency, now)
+        try:  # the first body, written (and kept) before any attempt: too deep is the client's
+            first, upstreams = candidates[0], self._state.config.upstreams
+            self._request.upstream_body(first.model, self._action(upstreams[first.upstream]))
+        except BadRequest as exc:
+            return Failure(None, "cancelled", exc)
         after = hedge_after(self._route, candidates[0], latency, self._request)
         if after is not None and len(candidates) > 1:
             return await self._run_hedged(candidates, after)
