@@ -79,7 +79,7 @@ class Attempts:
         after = hedge_after(self._route, candidates[0], latency, self._request)
         if after is not None and len(candidates) > 1:
             return await self._run_hedged(candidates, after)
-        last: Failure = Failure(None, "connect_error", UpstreamUnreachable("no upstream"))
+        last: Failure | None = None
         for target in self._order(candidates):
             result = await self._try_candidate(target)
             if result is None:
@@ -87,7 +87,7 @@ class Attempts:
             if isinstance(result, Answer) or not classify(result.outcome).next_candidate:
                 return result
             last = result
-        return last
+        return last or Failure(None, "connect_error", UpstreamUnreachable("no upstream"))
 
     def _order(self, candidates: tuple[Target, ...]) -> Iterator[Target]:
         yield from candidates
