@@ -88,32 +88,23 @@ class Metrics:
 
     def _define(self, r: CollectorRegistry) -> None:
         ident = ("route", "upstream", "model")
-        self._requests = Series(
-            Counter(
-                "sluicegate_requests_total",
-                "Requests answered.",
-                (*ident, "stream", "status", "key"),
-                registry=r,
-            )
+
+        def counted(name: str, doc: str, labels: tuple[str, ...]) -> Series[Counter]:
+            return Series(Counter(name, doc, labels, registry=r))
+
+        self._requests = counted(
+            "sluicegate_requests_total", "Requests answered.", (*ident, "stream", "status", "key")
         )
-        self._tokens = Series(
-            Counter(
-                "sluicegate_tokens_total",
-                "Tokens used, by non-overlapping type.",
-                (*ident, "type", "usage_source", "key"),
-                registry=r,
-            )
+        self._tokens = counted(
+            "sluicegate_tokens_total",
+            "Tokens used, by non-overlapping type.",
+            (*ident, "type", "usage_source", "key"),
         )
-        self._cost = Series(
-            Counter("sluicegate_cost_usd_total", "Cost in USD.", (*ident, "key"), registry=r)
-        )
-        self._unpriced = Series(
-            Counter(
-                "sluicegate_unpriced_tokens_total",
-                "Tokens of models without a price in the config.",
-                ("upstream", "model"),
-                registry=r,
-            )
+        self._cost = counted("sluicegate_cost_usd_total", "Cost in USD.", (*ident, "key"))
+        self._unpriced = counted(
+            "sluicegate_unpriced_tokens_total",
+            "Tokens of models without a price in the config.",
+            ("upstream", "model"),
         )
         self._ttft = Series(
             Histogram(
@@ -133,13 +124,10 @@ class Metrics:
                 registry=r,
             )
         )
-        self._attempts = Series(
-            Counter(
-                "sluicegate_upstream_attempts_total",
-                "Upstream attempts, by outcome.",
-                ("upstream", "outcome"),
-                registry=r,
-            )
+        self._attempts = counted(
+            "sluicegate_upstream_attempts_total",
+            "Upstream attempts, by outcome.",
+            ("upstream", "outcome"),
         )
         self._fallbacks = Counter(
             "sluicegate_fallbacks_total",
