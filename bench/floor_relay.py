@@ -2,6 +2,9 @@
 (httptools, uvloop) and aiohttp client, with nothing of a proxy's work: no routing, no
 commit hold-back, no metering, no logs, no timeouts. What it adds over a direct connection
 is what the two libraries cost per request and per chunk; sluicegate can only add to it.
+A non-stream answer is read whole and sent with its length, as sluicegate sends one (so
+that a failure while reading can still become an error status): the floor of the
+non-stream relay.
 
     python bench/floor_relay.py --upstream http://127.0.0.1:8901 --port 8902
 
@@ -62,8 +65,16 @@ class FloorRelay:
         assert self.session is not None
         headers = {"content-type": "application/json"}
         async with self.session.post(self.url, data=body, headers=headers) as response:
-            content_type = response.headers.get("content-type", "").encode()
-            start = [(b"content-type", content_type)]
+            content_type = response.headers.get("content-type", "")
+            start = [(b"content-type", content_type.encode())]
+            if not content_type.startswith("text/event-stream"):
+                whole = await response.read()
+                start.append((b"content-length", str(len(whole)).encode()))
+                await send(
+                    {"type": "http.response.start", "status": response.status, "headers": start}
+                )
+                await send({"type": "http.response.body", "body": whole})
+                return
             await send({"type": "http.response.start", "status": response.status, "headers": start})
             while chunk := await response.content.readany():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

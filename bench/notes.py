@@ -82,15 +82,16 @@ METHOD = """\
 - The *uvicorn+aiohttp floor* is `bench/floor_relay.py`: the thinnest streaming relay on
   sluicegate's own server and client (uvicorn with httptools and uvloop, one aiohttp
   session), with no routing, hold-back until the first token, metering, logs or timeouts.
-  What it adds over direct is what those two libraries cost; it runs in the stream rounds
-  only, as a reference, and is not a product.
+  What it adds over direct is what those two libraries cost. A non-stream answer it reads
+  whole and sends with its length, as sluicegate does. It runs in the stream rounds and the
+  non-stream search (not the memory round), as a reference, and is not a product.
 - Streams: 50 ms to the first token, 64 tokens 5 ms apart. TTFT runs from just before the
   request is written (connection taken from the pool or opened) to the read that completes
   the first SSE event whose `choices[0].delta.content` is non-empty (role chunks carry
   `""`). A stream counts as an error unless it is 200, has exactly 64 content events and
   ends with `data: [DONE]`. Added TTFT is the path's percentile minus the direct path's.
-- Shapes: *1 stream* is streams one after another; *100 concurrent (steady)* is 100
-  closed-loop clients whose first requests are spread over one stream's length, so
+- Shapes: *1 stream* is streams one after another; *100 (200) concurrent (steady)* is 100
+  (200) closed-loop clients whose first requests are spread over one stream's length, so
   requests arrive spread out as in production (the peers' "N concurrent"), measured after
   that ramp; *opened at once* fires every request of the round in the same instant, which
   shows the per-request set-up cost (all of it queues on the proxy's one core).
@@ -110,7 +111,7 @@ METHOD = """\
   so a stall is not hidden), 8-token answers with no delay; the rate doubles from 500/s
   until a step has an error or p99 ≥ 50 ms, then bisects to within 10%. The direct figure
   is the ceiling of the mock and load generator sharing core 0. `auto` and `pass` differ
-  only for streams, so only `pass` is searched.
+  only for streams, so only `pass` is searched (and the floor, as its reference).
 """
 
 

@@ -198,4 +198,9 @@ def write_summary(profile: dict[str, Any], path: Path, command: str) -> None:
             "",
             *_rows(data["inclusive"]),
         ]
-    path.write_text("\n".join(lines) + "\n")
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index(KEPT) :] if KEPT in old else ""  # bench/request_cost.py's section
+    path.write_text("\n".join(lines) + "\n" + kept)
+
+
+KEPT = "\n## The per-request path"

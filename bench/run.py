@@ -57,6 +57,7 @@ class Settings:
     c1_per_round: int
     steady_rounds: int
     steady_seconds: float
+    steady200_rounds: int
     burst100_rounds: int
     burst1000_rounds: int
     rate_seconds: float
@@ -70,6 +71,10 @@ class Settings:
         return {
             "streams_1": (Shape("sequential", 1, count=self.c1_per_round), self.c1_rounds),
             "streams_100": (Shape("steady", 100, seconds=self.steady_seconds), self.steady_rounds),
+            "streams_200": (
+                Shape("steady", 200, seconds=self.steady_seconds),
+                self.steady200_rounds,
+            ),
             "streams_100_burst": (Shape("burst", 100), self.burst100_rounds),
             "streams_1000": (Shape("burst", 1000), self.burst1000_rounds),
         }
@@ -80,6 +85,7 @@ QUICK = Settings(
     c1_per_round=8,
     steady_rounds=2,
     steady_seconds=2.0,
+    steady200_rounds=1,
     burst100_rounds=2,
     burst1000_rounds=2,
     rate_seconds=1.0,
@@ -94,6 +100,7 @@ FULL = Settings(
     c1_per_round=25,
     steady_rounds=6,
     steady_seconds=5.0,
+    steady200_rounds=3,
     burst100_rounds=10,
     burst1000_rounds=5,
     rate_seconds=3.0,
@@ -278,7 +285,10 @@ class Bench:
         for key, (shape, rounds) in s.shapes().items():
             out[key] = await streams(targets, mock, shape, rounds, machine)
             self.progress(key, out[key])
-        rate_targets = [t for t in targets if t.name not in ("sluicegate-auto", *SAME_PROCESS)]
+        # The floor's non-stream relay is the reference for sluicegate's (issue 18).
+        rate_targets = [
+            t for t in targets if t.name not in ("sluicegate-auto", "sluicegate-auto-usage")
+        ]
         out["nonstream"] = {
             t.name: await max_rate(t, s.rate_seconds, s.rate_steps, machine) for t in rate_targets
         }
@@ -368,13 +378,14 @@ def main(argv: list[str] | None = None) -> None:
     result["meta"] = report.meta(
         command.strip(), started, asdict(QUICK if args.quick else FULL), STREAM, args.proxy_python
     )
+    previous = report.previous(args.json or HERE / "results.json")
     if args.json:
         args.json.write_text(report.to_json(result))
     if "profile" in result and (args.write_results or args.profile_only):
         profiling.write_summary(result["profile"], HERE / "PROFILE.md", command)
     if args.profile_only:
         return
-    table = report.table(result)
+    table = report.table(result, previous)
     print(table)
     if args.write_results:
         report.write_results(result, table, HERE / "RESULTS.md")

@@ -8,7 +8,7 @@ parameters work without a proxy release.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
@@ -18,7 +18,8 @@ from proxy.errors import BadRequest
 # pass: as the client sent it; strip: without stream_options; inject: ask for usage too.
 StreamOptionsAction = Literal["pass", "strip", "inject"]
 # orjson reads JSON nested up to 1023 levels but writes at most this many, and every attempt
-# re-serialises the body: deeper bodies are refused here, not with a 500 later.
+# re-serialises the body: deeper bodies are refused when first written (`upstream_body`),
+# before any attempt, not with a 500.
 MAX_DEPTH = 254
 
 
@@ -48,6 +49,11 @@ class ApiRequest:
     stream: bool
     payload: dict[str, Any]
     api: Api = CHAT
+    # Each attempt's body by (model, stream_options action): retries and the first check
+    # (`Attempts.run`) reuse it.
+    _bodies: dict[tuple[str, str], bytes] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     @property
     def prompt(self) -> Any:
@@ -77,6 +83,12 @@ class ApiRequest:
 
     def upstream_body(self, model: str, action: StreamOptionsAction = "pass") -> bytes:
         """The body for one upstream attempt: the client's, with the target's model name."""
+        kept = self._bodies.get((model, action))
+        if kept is None:
+            kept = self._bodies[model, action] = self._write(model, action)
+        return kept
+
+    def _write(self, model: str, action: StreamOptionsAction) -> bytes:
         body = {**self.payload, "model": model}
         if not self.api.stream_options:
             return orjson.dumps(body)  # the client's own body, whatever `action` says
@@ -88,7 +100,11 @@ class ApiRequest:
                 **(options if isinstance(options, dict) else {}),
                 "include_usage": True,
             }
-        return orjson.dumps(body)
+        try:
+            return orjson.dumps(body)
+        except orjson.JSONEncodeError:  # the one thing a parsed body can fail at: depth
+            message = f"request body is nested more than {MAX_DEPTH} levels deep"
+            raise BadRequest(message, code="invalid_json") from None
 
 
 def parse_request(body: bytes, api: Api = CHAT) -> ApiRequest:
@@ -98,8 +114,6 @@ def parse_request(body: bytes, api: Api = CHAT) -> ApiRequest:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
-    if body.count(b"[") + body.count(b"{") > MAX_DEPTH:  # only then can it be that deep
-        _check_depth(payload)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("you must provide a model parameter (a string)", param="model")
@@ -119,11 +133,3 @@ def parse_request(body: bytes, api: Api = CHAT) -> ApiRequest:
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", param="stream")
     return ApiRequest(model=model, stream=stream, payload=payload, api=api)
-
-
-def _check_depth(payload: dict[str, Any]) -> None:
-    try:
-        orjson.dumps(payload)  # in C: cheaper than walking the structure in Python
-    except orjson.JSONEncodeError:
-        message = f"request body is nested more than {MAX_DEPTH} levels deep"
-        raise BadRequest(message, code="invalid_json") from None

@@ -42,6 +42,7 @@ from proxy.errors import (
 from proxy.fleet import Fleet, open_fleet
 from proxy.health import Health
 from proxy.metering.estimate import tokenizer_available
+from proxy.metering.usage import may_estimate
 from proxy.observe.logs import LEVELS, access_log, get_logger
 from proxy.observe.logs import configure as configure_logs
 from proxy.observe.metrics import EXTRA_OBSERVER, Metrics
@@ -57,6 +58,11 @@ CONFIG_ENV = "SLUICEGATE_CONFIG"
 # Refuse what no client of an LLM API sends (their bytes are capped as they arrive, in
 # proxy.connection, by server.max_header_bytes).
 MAX_HEADERS = 100
+# The cyclic GC runs when the count of live containers has grown by the first number: a
+# burst of requests grows it by ~180 per request in flight, so CPython's 700 walked those
+# requests' objects again and again (1,000 streams at once: ~250 young and ~23 middle
+# collections, a third of the burst's CPU). 10,000 young objects take ~1 ms to collect.
+GC_THRESHOLDS = (10_000, 10, 10)
 NO_SUCH_PATH = (
     "no such path; this proxy serves /v1/chat/completions, /v1/completions, /v1/embeddings, "
     "/v1/models and /v1/models/{model} (and each without /v1)"
@@ -120,11 +126,7 @@ def create_app(
             ),
             failed=meter.observer_failed,
         )
-        # The tokenizer loads lazily (~0.2 s); do it now, off the event loop. Then move
-        # everything built at start-up (vocabulary, config, modules) out of the GC's sight:
-        # full collections that walk it cost tens of ms of stop-the-world under load.
-        await asyncio.to_thread(tokenizer_available)
-        gc.freeze()
+        await _before_serving(state.config)
         fleet = await _open_fleet(runtime, ref, meter)  # its first calls wait on nothing above
         log.info("ready", config=state.config.summary())
         _log_warnings(state.config)
@@ -335,6 +337,17 @@ class _Proxy(Starlette):
             await endpoint(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+async def _before_serving(config: Config) -> None:
+    """The tokenizer (~0.5 s, ~60 MB, holding the GIL) loads now only if an upstream may
+    need estimates; else never, or lazily (see proxy.metering.estimate). Then everything
+    built at start-up (config, modules) moves out of the GC's sight: full collections that
+    walk it cost tens of ms of stop-the-world under load."""
+    if any(may_estimate(upstream) for upstream in config.upstreams.values()):
+        await asyncio.to_thread(tokenizer_available)
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def create_app_from_env() -> Starlette:

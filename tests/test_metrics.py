@@ -22,8 +22,8 @@ from proxy.observe.metrics import (
     UNKNOWN,
     Metrics,
     mark_process_dead,
-    prepare_multiprocess_dir,
 )
+from proxy.observe.metrics_server import prepare_multiprocess_dir
 from proxy.record import Attempt, RequestRecord, Usage
 from tests.test_prometheus import CONFIG, ROUTES, require_binary  # one config for both
 
@@ -263,6 +263,36 @@ def test_reloads_cooldowns_and_series_that_start_at_zero(metrics: Metrics) -> No
     assert value(got, "sluicegate_upstream_cooldown", upstream="deepseek") == 1
     assert value(got, "sluicegate_upstream_cooldown", upstream="gemini") == 0
     assert value(got, "sluicegate_inflight_requests", route="labs-v2") == 1
+
+
+def test_kept_series_never_mix_routes_upstreams_or_models(metrics: Metrics) -> None:
+    """Children are kept by label values (`Series`): each route, upstream and model still
+    gets its own series, interleaved, and a route added by a reload gets a new one."""
+    labs = {"route": "labs", "upstream": "local", "model": "free-model"}
+    fallback = {**SUPPORT, "upstream": "gemini", "model": "gemini-2.0-flash"}
+    newer = parse_config(ROUTES.replace("model: labs", "model: labs-v2"), "routes.yaml", {})
+    for _ in range(3):
+        metrics.request_finished(answered())
+        metrics.request_finished(answered(**labs, duration_s=1.0, usage=None, cost_usd=None))
+    metrics.request_finished(answered(**fallback, duration_s=4.0))
+    metrics.config_reloaded(ok=True, config=newer)
+    metrics.request_finished(answered(**labs | {"route": "labs-v2"}, duration_s=8.0, usage=None))
+    got = samples(metrics.render()[0])
+    requests, duration = "sluicegate_requests_total", "sluicegate_request_duration_seconds_sum"
+    ok = {"stream": "true", "status": "200"}
+    assert value(got, requests, **SUPPORT, **ok) == 3
+    assert value(got, requests, **labs, **ok) == 3
+    assert value(got, requests, **fallback, **ok) == 1
+    assert value(got, requests, **labs | {"route": "labs-v2"}, **ok) == 1
+    assert value(got, duration, **SUPPORT, stream="true") == 7.5
+    assert value(got, duration, **labs, stream="true") == 3.0
+    assert value(got, duration, **fallback, stream="true") == 4.0
+    assert value(got, duration, **labs | {"route": "labs-v2"}, stream="true") == 8.0
+    assert not [s for s in series(got, requests) if OTHER in s.values()]
+    tokens = "sluicegate_tokens_total"
+    output = {"type": "output", "usage_source": "reported"}
+    assert value(got, tokens, **SUPPORT, **output) == 3 * USAGE.output
+    assert value(got, tokens, **fallback, **output) == USAGE.output
 
 
 def test_each_metrics_object_has_its_own_registry() -> None:

@@ -47,7 +47,6 @@ from proxy.fleet.health import FleetHealth
 from proxy.fleet.local import LocalStore
 from proxy.fleet.owners import FleetOwners, Found, LocalOwners, Owner
 from proxy.fleet.periods import period_of
-from proxy.fleet.remote import RedisState
 from proxy.fleet.shared import FleetStore, Transition
 from proxy.fleet.store import Store
 from proxy.health import Health
@@ -117,6 +116,8 @@ def open_fleet(
     """Redis-backed state for `settings.url`, and `health` shared through it. No connection
     is made here: `Fleet.open` makes them, and a Redis that is down at start-up is handled
     like one that went down."""
+    from proxy.fleet.remote import RedisState  # noqa: PLC0415  # Redis only with `state.url`
+
     remote = RedisState(settings)
     store = FleetStore(remote, settings, on_transition=on_transition, on_error=on_error)
     health.shared = FleetHealth(remote, health, settings.timeout, lambda: store.up)

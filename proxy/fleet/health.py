@@ -27,12 +27,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config, Cooldown, Upstream
-from proxy.fleet.remote import RedisState
 from proxy.fleet.store import StoreDown
 from proxy.health import Health
+
+if TYPE_CHECKING:  # the type only: Redis is imported when `state.url` is set
+    from proxy.fleet.remote import RedisState
 
 REFRESH_SECONDS = 0.25
 

@@ -11,7 +11,6 @@ import orjson
 
 from proxy.config import Config
 from proxy.fleet.periods import MICROS, period_id, period_of
-from proxy.fleet.remote import RedisState
 from proxy.fleet.store import StoreDown
 
 _COLUMNS = ("key", "rpm", "tpm", "budget_usd", "period", "spent_usd", "remaining_usd")
@@ -35,6 +34,8 @@ def key_rows(config: Config, now: float | None = None) -> list[dict[str, Any]]:
 
 
 async def _read(config: Config, periods: list[tuple[str, str]]) -> list[int]:
+    from proxy.fleet.remote import RedisState  # noqa: PLC0415  # Redis only with `state.url`
+
     remote = RedisState(config.state)
     try:
         async with asyncio.timeout(_TIMEOUT):

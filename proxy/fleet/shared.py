@@ -33,15 +33,18 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING
 
 from proxy.config import ClientKey, StateSettings
 from proxy.errors import StateUnavailable
 from proxy.fleet.ledger import Charged, Ledger
 from proxy.fleet.local import Clock, LocalStore
 from proxy.fleet.periods import MICROS, budget_micros, period_id, period_of
-from proxy.fleet.remote import RedisState
 from proxy.fleet.scripts import MISMATCH
 from proxy.fleet.store import ADMITTED, StoreDown, refusal
+
+if TYPE_CHECKING:  # the type only: Redis is imported when `state.url` is set
+    from proxy.fleet.remote import RedisState
 
 PROBE_SECONDS = 0.5
 # Charges are written this long after the first one since the last write, all at once: a

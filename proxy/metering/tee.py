@@ -27,22 +27,22 @@ from proxy.sse import EventBuffer, usage_chunk
 class Tee(ABC):
     """What the relay calls for each chunk, and what metering asks once the stream ended.
 
-    Each strategy hands its reader's feed to this one `feed`, which counts the events for
-    every strategy: a bound call per chunk, no parsing beyond the strategy's own.
+    `feed(chunk)`, the bytes to relay for this chunk, is the strategy's reader itself: one
+    bound call per chunk, no parsing beyond the strategy's own. Every reader counts the
+    `data:` lines it is fed (`events`): a cut stream's only measure of its output.
     """
 
-    __slots__ = ("_read", "events")
+    __slots__ = ("feed",)
     keeps_text: ClassVar[bool] = False  # whether `text` is the answer's, for an estimate
     framing_events: ClassVar[int] = 1  # of `events`, those that carry no token (chat's role)
 
-    def __init__(self, read: Callable[[bytes], bytes]) -> None:
-        self._read = read
-        self.events = 0  # `data:` lines seen: a cut stream's only measure of its output
+    def __init__(self, feed: Callable[[bytes], bytes]) -> None:
+        self.feed = feed
 
-    def feed(self, chunk: bytes) -> bytes:
-        """The bytes to relay for this chunk."""
-        self.events += chunk.count(b"data:")
-        return self._read(chunk)
+    @property
+    @abstractmethod
+    def events(self) -> int:
+        """`data:` lines fed so far."""
 
     @abstractmethod
     def end(self) -> bytes:
@@ -65,6 +65,10 @@ class Watch(Tee):
         self._finder = UsageEventFinder()
         super().__init__(self._finder.feed)
 
+    @property
+    def events(self) -> int:
+        return self._finder.events
+
     def end(self) -> bytes:
         self._finder.flush()
         return b""
@@ -77,12 +81,21 @@ class WatchResponses(Watch):
     """`Watch` for the Responses API: the usage is in `response.completed`; a cut stream's
     output is measured in its delta events (one marker count per chunk, as `Tee.feed`)."""
 
-    __slots__ = ()
+    __slots__ = ("_deltas",)
     framing_events = 0
 
-    def feed(self, chunk: bytes) -> bytes:
-        self.events += chunk.count(b'.delta"')
-        return self._read(chunk)
+    def __init__(self) -> None:
+        super().__init__()
+        self._deltas = 0
+        self.feed = self._counted
+
+    def _counted(self, chunk: bytes) -> bytes:
+        self._deltas += chunk.count(b'.delta"')
+        return self._finder.feed(chunk)
+
+    @property
+    def events(self) -> int:
+        return self._deltas
 
 
 class Drop(Tee):
@@ -92,6 +105,10 @@ class Drop(Tee):
         self._dropper = UsageEventDropper()
         super().__init__(self._dropper.feed)
 
+    @property
+    def events(self) -> int:
+        return self._dropper.events
+
     def end(self) -> bytes:
         return self._dropper.flush()
 
@@ -100,12 +117,20 @@ class Drop(Tee):
 
 
 class _Collecting(Tee):
-    __slots__ = ("_collector",)
+    __slots__ = ("_collector", "_events", "_read")
     keeps_text = True
 
     def __init__(self, collector: ContentCollector, read: Callable[[bytes], bytes]) -> None:
-        super().__init__(read)
-        self._collector = collector
+        super().__init__(self._counted)
+        self._collector, self._read, self._events = collector, read, 0
+
+    def _counted(self, chunk: bytes) -> bytes:
+        self._events += chunk.count(b"data:")
+        return self._read(chunk)
+
+    @property
+    def events(self) -> int:
+        return self._events
 
     def usage(self) -> Usage | None:
         return _reported(self._collector.usage)

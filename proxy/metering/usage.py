@@ -20,6 +20,15 @@ if TYPE_CHECKING:  # only the type: this module stays free of I/O imports
     from proxy.answer import Answer
 
 
+def may_estimate(upstream: Upstream) -> bool:
+    """Whether this upstream's answers may come without usage, so that the proxy estimates
+    it: unless the proxy asks for the usage event itself (`auto`; non-stream bodies carry
+    usage anyway) or the upstream sends usage headers."""
+    names = upstream.usage_headers
+    headers = names.prompt_tokens is not None or names.completion_tokens is not None
+    return upstream.stream_options != "auto" and not headers
+
+
 def tee_for(request: ApiRequest, answer: Answer, upstream: Upstream) -> Tee:
     if answer.next_chunk is None:  # complete already: a converted JSON answer, or no content at all
         return Collect()

@@ -5,18 +5,16 @@ Grafana dashboard and the alert rules read them). Every label value is a config 
 fixed word: anything else collapses to `_other`, so client input cannot grow the series count.
 `key` is a client key's configured name, `_none` without keys or before a key was accepted.
 
-Several workers: `prepare_multiprocess_dir()` runs in the supervisor before the workers
-start; each worker then imports prometheus_client with PROMETHEUS_MULTIPROC_DIR set, writes
-its values to files there, and any worker's `render()` adds up every worker's files (as does
-`render_workers()` in the supervisor, for the metrics listener of `serve --metrics-port`).
+Several workers: `metrics_server.prepare_multiprocess_dir()` runs in the supervisor before
+the workers start; each worker then imports prometheus_client with PROMETHEUS_MULTIPROC_DIR
+set, writes its values to files there, and any worker's `render()` adds up every worker's
+files (as does `render_workers()` in the supervisor, for the listener of `--metrics-port`).
 """
 
 from __future__ import annotations
 
-import glob
 import math
 import os
-import tempfile
 from typing import Literal, get_args
 
 from prometheus_client import (
@@ -33,7 +31,7 @@ from prometheus_client import (
 from proxy.config import Config
 from proxy.latency import REASON as EJECT_REASON
 from proxy.observe.logs import get_logger
-from proxy.observe.words import OTHER, Words
+from proxy.observe.words import OTHER, Series, Words
 from proxy.record import AttemptOutcome, RequestRecord, UsageSource
 
 # `_created` samples double the series count, and multiprocess mode has none: without them
@@ -90,46 +88,46 @@ class Metrics:
 
     def _define(self, r: CollectorRegistry) -> None:
         ident = ("route", "upstream", "model")
-        self._requests = Counter(
-            "sluicegate_requests_total",
-            "Requests answered.",
-            (*ident, "stream", "status", "key"),
-            registry=r,
+
+        def counted(name: str, doc: str, labels: tuple[str, ...]) -> Series[Counter]:
+            return Series(Counter(name, doc, labels, registry=r))
+
+        self._requests = counted(
+            "sluicegate_requests_total", "Requests answered.", (*ident, "stream", "status", "key")
         )
-        self._tokens = Counter(
+        self._tokens = counted(
             "sluicegate_tokens_total",
             "Tokens used, by non-overlapping type.",
             (*ident, "type", "usage_source", "key"),
-            registry=r,
         )
-        self._cost = Counter(
-            "sluicegate_cost_usd_total", "Cost in USD.", (*ident, "key"), registry=r
-        )
-        self._unpriced = Counter(
+        self._cost = counted("sluicegate_cost_usd_total", "Cost in USD.", (*ident, "key"))
+        self._unpriced = counted(
             "sluicegate_unpriced_tokens_total",
             "Tokens of models without a price in the config.",
             ("upstream", "model"),
-            registry=r,
         )
-        self._ttft = Histogram(
-            "sluicegate_time_to_first_token_seconds",
-            "Arrival to the first content byte sent to the client.",
-            ident,
-            buckets=TTFT_BUCKETS,
-            registry=r,
+        self._ttft = Series(
+            Histogram(
+                "sluicegate_time_to_first_token_seconds",
+                "Arrival to the first content byte sent to the client.",
+                ident,
+                buckets=TTFT_BUCKETS,
+                registry=r,
+            )
         )
-        self._duration = Histogram(
-            "sluicegate_request_duration_seconds",
-            "Arrival to the end of the response.",
-            (*ident, "stream"),
-            buckets=DURATION_BUCKETS,
-            registry=r,
+        self._duration = Series(
+            Histogram(
+                "sluicegate_request_duration_seconds",
+                "Arrival to the end of the response.",
+                (*ident, "stream"),
+                buckets=DURATION_BUCKETS,
+                registry=r,
+            )
         )
-        self._attempts = Counter(
+        self._attempts = counted(
             "sluicegate_upstream_attempts_total",
             "Upstream attempts, by outcome.",
             ("upstream", "outcome"),
-            registry=r,
         )
         self._fallbacks = Counter(
             "sluicegate_fallbacks_total",
@@ -143,12 +141,14 @@ class Metrics:
             ("route", "upstream", "reason"),
             registry=r,
         )
-        self._inflight = Gauge(
-            "sluicegate_inflight_requests",
-            "Routed requests in progress.",
-            ("route",),
-            multiprocess_mode="livesum",
-            registry=r,
+        self._inflight = Series(
+            Gauge(
+                "sluicegate_inflight_requests",
+                "Routed requests in progress.",
+                ("route",),
+                multiprocess_mode="livesum",
+                registry=r,
+            )
         )
         self._reloads = Counter(
             "sluicegate_config_reloads_total", "Config reloads.", ("result",), registry=r
@@ -160,12 +160,15 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
-        self._target_ttft = Gauge(
-            "sluicegate_upstream_ttft_seconds",
-            "Smoothed time to first token per 1k prompt tokens (at least 1k), as routing reads it.",
-            ("upstream", "model"),
-            multiprocess_mode="livemax",
-            registry=r,
+        self._target_ttft = Series(
+            Gauge(
+                "sluicegate_upstream_ttft_seconds",
+                "Smoothed time to first token per 1k prompt tokens (at least 1k), "
+                "as routing reads it.",
+                ("upstream", "model"),
+                multiprocess_mode="livemax",
+                registry=r,
+            )
         )
         self._ejected = Gauge(
             "sluicegate_upstream_ejected",
@@ -369,25 +372,6 @@ def render_workers(path: str) -> tuple[bytes, str]:
     # prometheus_client leaves this constructor unannotated.
     multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
     return generate_latest(registry), CONTENT_TYPE
-
-
-def prepare_multiprocess_dir() -> str | None:
-    """Call in the supervisor before starting N>1 workers (before they import anything).
-
-    Creates a fresh directory, exports it as PROMETHEUS_MULTIPROC_DIR for the workers, and
-    returns it for the caller to remove at exit. If the operator already set the variable,
-    that directory is kept but emptied of old values (stale files would inflate the totals),
-    and None is returned: it is not ours to remove.
-    """
-    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if given:
-        os.makedirs(given, exist_ok=True)
-        for path in glob.glob(os.path.join(glob.escape(given), "*.db")):
-            os.remove(path)
-        return None
-    path = tempfile.mkdtemp(prefix="sluicegate-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    return path
 
 
 def mark_process_dead(pid: int) -> None:

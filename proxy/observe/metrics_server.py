@@ -13,7 +13,10 @@ compared in constant time. The token and the listener's address are read once, a
 
 from __future__ import annotations
 
+import glob
 import hmac
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -144,3 +147,22 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
+
+
+def prepare_multiprocess_dir() -> str | None:
+    """Call in the supervisor before starting N>1 workers (before they import anything).
+
+    Creates a fresh directory, exports it as PROMETHEUS_MULTIPROC_DIR for the workers, and
+    returns it for the caller to remove at exit. If the operator already set the variable,
+    that directory is kept but emptied of old values (stale files would inflate the totals),
+    and None is returned: it is not ours to remove.
+    """
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        os.makedirs(given, exist_ok=True)
+        for path in glob.glob(os.path.join(glob.escape(given), "*.db")):
+            os.remove(path)
+        return None
+    path = tempfile.mkdtemp(prefix="sluicegate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path

@@ -11,16 +11,22 @@ from proxy.sse import EventSplitter, parse
 
 
 class Translating(Tee):
-    __slots__ = ("_splitter", "_translator")
+    __slots__ = ("_chunks", "_splitter", "_translator")
     keeps_text = True
 
     def __init__(self, translator: StreamTranslator) -> None:
         self._splitter = EventSplitter()
         self._translator = translator
+        self._chunks = 0  # the upstream's `data:` lines: a cut stream's measure of its output
         super().__init__(self._translate)
 
     def _translate(self, chunk: bytes) -> bytes:
+        self._chunks += chunk.count(b"data:")
         return self._events(self._splitter.feed(chunk))
+
+    @property
+    def events(self) -> int:
+        return self._chunks
 
     def _events(self, events: list[bytes]) -> bytes:
         out = []

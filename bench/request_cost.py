@@ -1,0 +1,367 @@
+"""What one request costs sluicegate in CPU, step by step (issue 18): the per-request path,
+not the per-chunk one.
+
+    python bench/request_cost.py                 # 2,000 non-stream and 2,000 short streams
+    python bench/request_cost.py -n 500 --profile  # also cProfile's top functions
+    python bench/request_cost.py --burst 1000      # N streams at once: sluicegate vs floor
+
+The proxy app runs in this process, called as a raw ASGI app (no HTTP server in front, so
+uvicorn's share is left out), one request at a time against `bench/lean_upstream.py` in a
+subprocess. Each step is wrapped in a timer of this thread's CPU time
+(`time.thread_time_ns`), so waits on the upstream count nothing; requests run one after
+another, so nothing else runs inside a step. Steps nest (the upstream write is inside the
+attempt walk): each row is inclusive, and "whole request" is the app call from the first
+ASGI message to the last. The wrappers cost ~0.3 µs each, counted in their rows.
+
+`--burst N` opens N streams (the bench's 50 ms to the first token, 64 tokens) at once
+through the app and through `bench/floor_relay.py`'s app, alternately, both in this process
+with the same ASGI client (so neither an HTTP server nor a load generator is in the
+figures), and prints the time to the first content byte each app sends, and the CPU time
+of the whole burst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import io
+import math
+import os
+import pstats
+import re
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import uvloop
+from procs import free_port, python, routes_yaml, start
+
+HERE = Path(__file__).resolve().parent
+SPENT: dict[str, int] = defaultdict(int)
+STARTED = [0]  # thread CPU time when the request at hand arrived
+PROFILE_CALLEES = os.environ.get("CALLEES", "_admitted|__call__|_arrive")
+BEFORE_WRITE = "arrival → upstream write begins (everything before it)"
+
+# (label, module path, attribute, "obj.attr" inside it or "" for a module function)
+STEPS: tuple[tuple[str, str, str], ...] = (
+    ("admission: key (identify)", "proxy.endpoint", "identify"),
+    ("admission: origin, content type", "proxy.endpoint", "check_api_request"),
+    ("admission: route allowed (check_model)", "proxy.endpoint", "check_model"),
+    ("admission: store.admit (rpm/tpm)", "proxy.fleet.local", "LocalStore.admit"),
+    ("body read (asgi.read_body)", "proxy.endpoint", "read_body"),
+    ("orjson parse + checks (parse_request)", "proxy.endpoint", "parse_request"),
+    ("routing: config.route", "proxy.config.model", "Config.route"),
+    ("routing: plan", "proxy.attempts", "plan"),
+    ("routing: hedge_after", "proxy.attempts", "hedge_after"),
+    ("upstream headers (allowlist)", "proxy.endpoint", "upstream_request_headers"),
+    ("upstream body (orjson dumps)", "proxy.api_request", "ApiRequest.upstream_body"),
+    ("upstream write + wait for headers (clients.send)", "proxy.upstream", "UpstreamClients.send"),
+    ("commit: read to the first content event", "proxy.attempts", "Attempts._commit"),
+    ("commit: latency.record (streams)", "proxy.latency", "Latency.record"),
+    ("non-stream: whole body read + parse", "proxy.attempts", "Attempts._whole"),
+    ("attempt walk, all of it (Attempts.run)", "proxy.attempts", "Attempts.run"),
+    ("response headers to the client", "proxy.endpoint", "client_response_headers"),
+    ("relay of a stream (Reply.relay)", "proxy.relay", "Reply.relay"),
+    ("non-stream send (Reply.whole)", "proxy.relay", "Reply.whole"),
+    ("metering: tee_for", "proxy.endpoint", "tee_for"),
+    ("metering: usage_of_stream", "proxy.endpoint", "usage_of_stream"),
+    ("metering: usage_of_body", "proxy.endpoint", "usage_of_body"),
+    ("metering: cost_usd", "proxy.endpoint", "cost_usd"),
+    ("teardown: Answer.aclose", "proxy.answer", "Answer.aclose"),
+    ("access-log line", "proxy.app", "access_log"),
+    ("metrics: request_started", "proxy.observe.metrics", "Metrics.request_started"),
+    ("metrics: request_finished", "proxy.observe.metrics", "Metrics.request_finished"),
+    ("metrics: set_ttft (from latency.record)", "proxy.observe.metrics", "Metrics.set_ttft"),
+)
+
+
+def _timed(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    if asyncio.iscoroutinefunction(fn):
+
+        async def timed_async(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.thread_time_ns()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                SPENT[label] += time.thread_time_ns() - t0
+
+        return timed_async
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.thread_time_ns()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SPENT[label] += time.thread_time_ns() - t0
+
+    return timed
+
+
+def instrument() -> None:
+    import importlib  # noqa: PLC0415
+
+    for label, module_name, name in STEPS:
+        module = importlib.import_module(module_name)
+        owner: Any = module
+        *outer, attr = name.split(".")
+        for part in outer:
+            owner = getattr(owner, part)
+        setattr(owner, attr, _timed(label, getattr(owner, attr)))
+    from proxy.upstream import UpstreamClients  # noqa: PLC0415
+
+    send = UpstreamClients.send
+
+    async def first_send(self: Any, *args: Any) -> Any:
+        if STARTED[0]:  # the first attempt's only
+            SPENT[BEFORE_WRITE] += time.thread_time_ns() - STARTED[0]
+            STARTED[0] = 0
+        return await send(self, *args)
+
+    UpstreamClients.send = first_send  # type: ignore[method-assign]
+
+
+CONTENT = re.compile(rb'"content":"[^"]')  # a content event (the role event's is "")
+
+
+class Client:
+    """The ASGI side of one request: the body in one message, the answer collected."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body, self.sent = body, 0
+        self.status, self.chunks = 0, 0
+        self.first_content = 0.0
+        self.gone = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.sent:
+            self.sent = 1
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message.get("body"):
+            self.chunks += 1
+            if not self.first_content and CONTENT.search(message["body"]):
+                self.first_content = time.perf_counter()
+
+
+def scope(path: str) -> dict[str, Any]:
+    headers = [
+        (b"host", b"127.0.0.1"),
+        (b"content-type", b"application/json"),
+        (b"authorization", b"Bearer sk-bench"),
+        (b"user-agent", b"OpenAI/Python 1.0"),
+    ]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+
+
+def body(stream: bool, seed: int, knobs: dict[str, float] | None = None) -> bytes:
+    messages = [
+        {"role": "system", "content": "You are a helpful shop assistant."},
+        {"role": "user", "content": f"Where is my parcel number {seed}?"},
+    ]
+    payload: dict[str, Any] = {"model": "bench", "messages": messages, "stream": stream}
+    payload["mock"] = knobs or {"ttft": 0, "tokens": 8, "delay": 0}
+    return orjson.dumps(payload)
+
+
+async def burst(app: Any, n: int) -> dict[str, float]:
+    """n streams at once: time to each one's first content byte, and the CPU time used."""
+    clients = [Client(body(True, seed, BURST_KNOBS)) for seed in range(n)]
+    gc.collect()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
+    calls = [app(scope("/v1/chat/completions"), c.receive, c.send) for c in clients]
+    await asyncio.gather(*calls)
+    cpu = time.thread_time() - cpu0
+    for c in clients:
+        c.gone.set()
+    ttft = sorted(c.first_content - t0 for c in clients if c.first_content)
+    return {
+        "ttft_p50_ms": ttft[len(ttft) // 2] * 1e3 if ttft else math.nan,
+        "ttft_p99_ms": ttft[int(len(ttft) * 0.99)] * 1e3 if ttft else math.nan,
+        "cpu_ms_per_stream": cpu / n * 1e3,
+        "answered": len(ttft),
+    }
+
+
+BURST_KNOBS = {"ttft": 0.05, "tokens": 64, "delay": 0.005}  # bench/scenarios.py's STREAM
+
+
+async def bursts(config: Path, port: int, n: int, rounds: int) -> dict[str, list[dict[str, float]]]:
+    from floor_relay import FloorRelay  # noqa: PLC0415
+
+    from proxy.app import create_app  # noqa: PLC0415
+    from proxy.observe.logs import configure  # noqa: PLC0415
+
+    configure(json=True)
+    ours: Any = create_app(config, watch_interval=None)
+    floor = FloorRelay(f"http://127.0.0.1:{port}")
+    out: dict[str, list[dict[str, float]]] = {"sluicegate": [], "floor": []}
+    async with ours.router.lifespan_context(ours), floor_session(floor):
+        for app in (ours, floor):
+            await burst(app, 100)  # warm: pools, caches
+        for _ in range(rounds):
+            out["sluicegate"].append(await burst(ours, n))
+            out["floor"].append(await burst(floor, n))
+    return out
+
+
+async def one(app: Any, stream: bool, seed: int) -> int:
+    client = Client(body(stream, seed))
+    t0 = STARTED[0] = time.thread_time_ns()
+    await app(scope("/v1/chat/completions"), client.receive, client.send)
+    SPENT["whole request" + (" (stream)" if stream else " (non-stream)")] += (
+        time.thread_time_ns() - t0
+    )
+    client.gone.set()
+    assert client.status == 200, client.status
+    return client.chunks
+
+
+@asynccontextmanager
+async def floor_session(floor: Any) -> AsyncIterator[None]:
+    """The floor relay's session, as its lifespan makes it."""
+    floor.session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
+    )
+    try:
+        yield
+    finally:
+        await floor.session.close()
+
+
+@contextmanager
+def quiet_stderr() -> Iterator[None]:
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+async def measure(config: Path, n: int, profile: bool) -> dict[str, Any]:
+    from proxy.app import create_app  # noqa: PLC0415  # after instrument()
+    from proxy.observe.logs import configure  # noqa: PLC0415
+
+    configure(json=True)  # as `serve` logs: JSON lines (to /dev/null here)
+
+    app: Any = create_app(config, watch_interval=None)
+    out: dict[str, Any] = {}
+    async with app.router.lifespan_context(app):
+        for stream in (False, True):  # warm-up: pools, caches, first-use imports
+            for seed in range(50):
+                await one(app, stream, seed)
+        gc.collect()
+        for stream in (False, True):
+            SPENT.clear()
+            profiler = cProfile.Profile() if profile else None
+            if profiler is not None:
+                profiler.enable()
+            for seed in range(n):
+                await one(app, stream, seed)
+            if profiler is not None:
+                profiler.disable()
+            kind = "stream" if stream else "nonstream"
+            out[kind] = {label: ns / n / 1000 for label, ns in SPENT.items()}
+            if profiler is not None:
+                text = io.StringIO()
+                stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
+                stats.print_stats(25)
+                stats.print_callees(PROFILE_CALLEES)
+                out[kind + "_profile"] = text.getvalue()
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = ["| step (inclusive) | non-stream µs | stream µs |", "|---|---|---|"]
+    labels = [label for label, *_ in STEPS]
+    whole = ["whole request (non-stream)", "whole request (stream)", BEFORE_WRITE]
+    for label in [*whole, *labels]:
+        a, b = result["nonstream"].get(label), result["stream"].get(label)
+        if a is None and b is None:
+            continue
+        rows.append(f"| {label} | {_us(a)} | {_us(b)} |")
+    return "\n".join(rows)
+
+
+def print_bursts(result: dict[str, list[dict[str, float]]], n: int) -> None:
+    print(f"{n} streams at once, first content byte after the burst began (ms)")
+    for name, rounds in result.items():
+        cells = [
+            f"p50 {r['ttft_p50_ms']:.0f} / p99 {r['ttft_p99_ms']:.0f}, "
+            f"{r['cpu_ms_per_stream']:.3f} CPU-ms per stream, {r['answered']:.0f} answered"
+            for r in rounds
+        ]
+        print(f"{name:>10}: " + " | ".join(cells))
+
+
+def _us(value: float | None) -> str:
+    return "-" if not value else f"{value:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=2000, help="requests of each kind")
+    parser.add_argument("--mode", default="auto", help="the upstream's stream_options")
+    parser.add_argument("--profile", action="store_true", help="print cProfile's top 25 too")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--burst", type=int, help="N streams at once, against the floor relay")
+    parser.add_argument("--rounds", type=int, default=3, help="bursts of each")
+    args = parser.parse_args()
+    port = free_port()
+    logs = Path(tempfile.mkdtemp(prefix="request-cost-"))
+    mock = start("mock", python(str(HERE / "lean_upstream.py"), "--port", str(port)), 0, logs)
+    try:
+        time.sleep(1.0)
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "routes.yaml"
+            config.write_text(routes_yaml(f"http://127.0.0.1:{port}", args.mode))
+            if args.burst:
+                with quiet_stderr():
+                    result = uvloop.run(bursts(config, port, args.burst, args.rounds))
+                print_bursts(result, args.burst)
+                return
+            instrument()
+            with quiet_stderr():
+                result = uvloop.run(measure(config, args.n, args.profile))
+    finally:
+        mock.stop()
+    print(f"python {sys.version.split()[0]}, {args.n} requests of each kind, `{args.mode}`\n")
+    print(table(result))
+    for kind in ("nonstream_profile", "stream_profile"):
+        if kind in result:
+            print(f"\n{kind}:\n{result[kind]}")
+    if args.json:
+        args.json.write_text(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
+if __name__ == "__main__":
+    main()
