@@ -182,6 +182,7 @@ def test_the_access_line_keeps_every_field_of_the_record() -> None:
         fallback_reason="reset",
         api="completions",
         key_name="app",
+        should_retry=False,
     )
     unset = {f.name for f in fields(record) if getattr(record, f.name) is None}
     assert not unset, f"set {unset} above too"
