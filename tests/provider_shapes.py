@@ -81,11 +81,22 @@ class Shapes:
         body["mock"] = {"replay": name, **knobs}
         if options is not None:
             body["stream_options"] = options
-        seen = len(self.finished)
         with httpx.stream("POST", self.url + "/v1/chat/completions", json=body, timeout=10) as r:
             raw = b"".join(r.iter_raw())
-        assert wait_for(lambda: len(self.finished) > seen)
-        return r, raw, self.finished[seen]
+        return r, raw, self.record_of(r.headers["x-request-id"])
+
+    def record_of(self, request_id: str) -> RequestRecord:
+        """The proxy's record of the request with this id, once it has finished (another
+        test's request may finish in between, so not by position)."""
+        mine = [None]
+
+        def finished() -> bool:
+            mine[0] = next((r for r in self.finished if r.request_id == request_id), None)
+            return mine[0] is not None
+
+        assert wait_for(finished), f"no record of request {request_id}"
+        assert mine[0] is not None
+        return mine[0]
 
     def paused(self, name: str, events: int) -> tuple[int, bytes]:
         """Status and bytes when the replay goes silent for PAUSE s after its first `events`

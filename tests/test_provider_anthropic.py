@@ -9,7 +9,6 @@ import orjson
 import pytest
 
 from proxy.record import Usage
-from tests.helpers import wait_for
 from tests.provider_shapes import MESSAGES, Shapes, cost, recording, without_usage_event
 
 USAGE = Usage(input=14, output=9)
@@ -67,13 +66,12 @@ def test_thinking_and_the_key_reach_the_upstream_as_anthropic_expects(shapes: Sh
 
 
 def test_non_stream_tool_call_is_byte_exact_and_priced(shapes: Shapes) -> None:
-    seen = len(shapes.finished)
     got = shapes.client().chat.completions.with_raw_response.create(
         model="shape", messages=MESSAGES, extra_body={"mock": {"replay": "anthropic"}}
     )
     assert got.http_response.content == recording("anthropic", stream=False)
     call = got.parse().choices[0].message.tool_calls[0]
     assert orjson.loads(call.function.arguments) == {"event": "双十一"}
-    assert wait_for(lambda: len(shapes.finished) > seen)
-    assert shapes.finished[seen].usage == BODY_USAGE
-    assert shapes.finished[seen].cost_usd == pytest.approx(cost(BODY_USAGE), abs=1e-15)
+    record = shapes.record_of(got.http_response.headers["x-request-id"])
+    assert record.usage == BODY_USAGE
+    assert record.cost_usd == pytest.approx(cost(BODY_USAGE), abs=1e-15)

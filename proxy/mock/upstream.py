@@ -334,6 +334,8 @@ async def _stream(
     await open_stream(send, knobs, _SSE_HEADERS + extra, lambda: write(KEEPALIVE))
     for piece in preamble_writes(knobs.preamble, knobs.preamble_as) if knobs.preamble else ():
         await send({"type": "http.response.body", "body": piece, "more_body": True})
+    if knobs.preamble:  # a client gone during it is seen before any token is counted as sent
+        await asyncio.sleep(0)
     reset = -1 if knobs.reset_after is None else knobs.reset_after
     await write(events.role)
     for i, event in enumerate(events.content):
