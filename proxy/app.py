@@ -64,8 +64,9 @@ MAX_HEADERS = 100
 # collections, a third of the burst's CPU). 10,000 young objects take ~1 ms to collect.
 GC_THRESHOLDS = (10_000, 10, 10)
 NO_SUCH_PATH = (
-    "no such path; this proxy serves /v1/chat/completions, /v1/completions, /v1/embeddings, "
-    "/v1/models and /v1/models/{model} (and each without /v1)"
+    "no such path; this proxy serves /v1/chat/completions, /v1/completions, /v1/responses, "
+    "/v1/responses/{id}, /v1/embeddings, /v1/models and /v1/models/{model} (and each "
+    "without /v1)"
 )
 WATCH_ENV = "SLUICEGATE_WATCH"
 METRICS_ROUTE_ENV = "SLUICEGATE_METRICS_ROUTE"  # "0": /metrics is on the metrics listener

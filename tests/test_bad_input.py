@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.api_request import APIS
 from proxy.app import create_app
 from proxy.config import Config, ConfigError, parse_config
 from proxy.mock.content import stream_events
@@ -297,6 +298,8 @@ def test_unknown_paths_and_methods_get_404_or_405_in_openai_shape(
     probe, check = f"probe-{method}-{path}", f"check-{method}-{path}"
     r = httpx.request(method, proxy.url + path, content=OK, headers={"x-request-id": probe})
     _assert_openai_error(r, status, code)
+    if status == 404:  # the answer says what is served, every API included
+        assert all(api in r.json()["error"]["message"] for api in APIS)
     _assert_still_serving(proxy, check)
     # Only the check request reached the chat endpoint (its record comes after its answer);
     # ids, not counts: an earlier test's slow client may be recorded in the meantime.
