@@ -49,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 SPENT: dict[str, int] = defaultdict(int)
 STARTED = [0]  # thread CPU time when the request at hand arrived
 PROFILE_CALLEES = os.environ.get("CALLEES", "_admitted|__call__|_arrive")
+TOKENS, DELAY = [8], [0.0]  # per short stream; --tokens, --delay
 BEFORE_WRITE = "arrival → upstream write begins (everything before it)"
 
 # (label, module path, attribute, "obj.attr" inside it or "" for a module function)
@@ -67,12 +68,12 @@ STEPS: tuple[tuple[str, str, str], ...] = (
     ("upstream write + wait for headers (clients.send)", "proxy.upstream", "UpstreamClients.send"),
     ("commit: read to the first content event", "proxy.attempts", "Attempts._commit"),
     ("commit: latency.record (streams)", "proxy.latency", "Latency.record"),
-    ("non-stream: whole body read + parse", "proxy.attempts", "Attempts._whole"),
+    ("read the answer: whole, or to its commit", "proxy.attempts", "Attempts._read"),
     ("attempt walk, all of it (Attempts.run)", "proxy.attempts", "Attempts.run"),
     ("response headers to the client", "proxy.endpoint", "client_response_headers"),
     ("relay of a stream (Reply.relay)", "proxy.relay", "Reply.relay"),
     ("non-stream send (Reply.whole)", "proxy.relay", "Reply.whole"),
-    ("metering: tee_for", "proxy.endpoint", "tee_for"),
+    ("metering: tee_for", "proxy.exchange", "tee_for"),
     ("metering: usage_of_stream", "proxy.endpoint", "usage_of_stream"),
     ("metering: usage_of_body", "proxy.endpoint", "usage_of_body"),
     ("metering: cost_usd", "proxy.endpoint", "cost_usd"),
@@ -186,7 +187,7 @@ def body(stream: bool, seed: int, knobs: dict[str, float] | None = None) -> byte
         {"role": "user", "content": f"Where is my parcel number {seed}?"},
     ]
     payload: dict[str, Any] = {"model": "bench", "messages": messages, "stream": stream}
-    payload["mock"] = knobs or {"ttft": 0, "tokens": 8, "delay": 0}
+    payload["mock"] = knobs or {"ttft": 0, "tokens": TOKENS[0], "delay": DELAY[0]}
     return orjson.dumps(payload)
 
 
@@ -228,6 +229,36 @@ async def bursts(config: Path, port: int, n: int, rounds: int) -> dict[str, list
         for _ in range(rounds):
             out["sluicegate"].append(await burst(ours, n))
             out["floor"].append(await burst(floor, n))
+    return out
+
+
+async def side_by_side(config: Path, port: int, n: int, rounds: int) -> dict[str, list[float]]:
+    """CPU µs per request, uninstrumented, one request at a time: sluicegate and the floor
+    relay alternately, non-stream and stream (8 tokens)."""
+    from floor_relay import FloorRelay  # noqa: PLC0415
+
+    from proxy.app import create_app  # noqa: PLC0415
+    from proxy.observe.logs import configure  # noqa: PLC0415
+
+    configure(json=True)
+    ours: Any = create_app(config, watch_interval=None)
+    floor = FloorRelay(f"http://127.0.0.1:{port}")
+    out: dict[str, list[float]] = defaultdict(list)
+    async with ours.router.lifespan_context(ours), floor_session(floor):
+        apps = {"sluicegate": ours, "floor": floor}
+        for app in apps.values():
+            for seed in range(50):
+                await one(app, False, seed)
+                await one(app, True, seed)
+        for _ in range(rounds):
+            for name, app in apps.items():
+                for stream in (False, True):
+                    gc.collect()
+                    cpu0 = time.thread_time_ns()
+                    for seed in range(n):
+                        await one(app, stream, seed)
+                    kind = "stream" if stream else "non-stream"
+                    out[f"{name} {kind}"].append((time.thread_time_ns() - cpu0) / n / 1000)
     return out
 
 
@@ -334,8 +365,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print cProfile's top 25 too")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--burst", type=int, help="N streams at once, against the floor relay")
-    parser.add_argument("--rounds", type=int, default=3, help="bursts of each")
+    parser.add_argument("--rounds", type=int, default=3, help="bursts (or --floor rounds) of each")
+    parser.add_argument(
+        "--floor", action="store_true", help="whole-request CPU, uninstrumented, vs the floor"
+    )
+    parser.add_argument("--tokens", type=int, default=8, help="tokens per short stream")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds between tokens")
     args = parser.parse_args()
+    TOKENS[0], DELAY[0] = args.tokens, args.delay
     port = free_port()
     logs = Path(tempfile.mkdtemp(prefix="request-cost-"))
     mock = start("mock", python(str(HERE / "lean_upstream.py"), "--port", str(port)), 0, logs)
@@ -348,6 +385,13 @@ def main() -> None:
                 with quiet_stderr():
                     result = uvloop.run(bursts(config, port, args.burst, args.rounds))
                 print_bursts(result, args.burst)
+                return
+            if args.floor:
+                with quiet_stderr():
+                    sides = uvloop.run(side_by_side(config, port, args.n, args.rounds))
+                for name, values in sides.items():
+                    cells = " ".join(f"{v:.1f}" for v in values)
+                    print(f"{name:>24}: median {sorted(values)[len(values) // 2]:.1f} µs ({cells})")
                 return
             instrument()
             with quiet_stderr():

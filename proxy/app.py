@@ -43,7 +43,8 @@ from proxy.fleet import Fleet, open_fleet
 from proxy.health import Health
 from proxy.metering.estimate import tokenizer_available
 from proxy.metering.usage import may_estimate
-from proxy.observe.logs import LEVELS, access_log, get_logger
+from proxy.observe.batch import BATCHED, Batched
+from proxy.observe.logs import LEVELS, access_log, get_logger, lines_held
 from proxy.observe.logs import configure as configure_logs
 from proxy.observe.metrics import EXTRA_OBSERVER, Metrics
 from proxy.observe.metrics_server import MetricsEndpoint, restart_needed
@@ -93,7 +94,7 @@ def create_app(
     runtime = runtime or Runtime(health=Health())
     metrics: list[Metrics] = []  # the one per process, made when the config is first read
     started: list[Config] = []  # as read at start-up; metrics settings and `state:` stay so
-    scrape = MetricsEndpoint(functools.partial(_render, metrics))  # token: set at start-up
+    scrape = MetricsEndpoint(functools.partial(_render, metrics, runtime))  # token: at start-up
 
     def reloaded(ok: bool, error: ConfigError | None) -> None:
         config = ref.get().config
@@ -118,15 +119,7 @@ def create_app(
         scrape.token = state.config.server.metrics_token  # before /metrics can answer
         metrics.append(meter)
         _watch_upstreams(runtime, meter)
-        runtime.observers = Observers(
-            on_start=(("metrics", meter.request_started),),
-            on_finish=(
-                ("access_log", access_log),
-                ("metrics", meter.request_finished),
-                *((EXTRA_OBSERVER, observer) for observer in observers),
-            ),
-            failed=meter.observer_failed,
-        )
+        runtime.observers = _observers(meter, observers)
         await _before_serving(state.config)
         fleet = await _open_fleet(runtime, ref, meter)  # its first calls wait on nothing above
         log.info("ready", config=state.config.summary())
@@ -143,6 +136,7 @@ def create_app(
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+            runtime.observers.drain()
             await fleet.aclose()
             await reloader.aclose()
 
@@ -174,6 +168,25 @@ def create_app(
     app.state.reloader = reloader
     app.state.render_metrics = scrape.render
     return app
+
+
+def _observers(meter: Metrics, extra: Sequence[Observer]) -> Observers:
+    """Who hears of each request: the access log and the metrics in batches (see
+    proxy.observe.batch), an embedder's `extra` observers as each request ends."""
+    batched = Batched(
+        (("access_log", access_log), ("metrics", meter.request_finished)),
+        meter.observer_failed,
+        lines_held,
+    )
+    return Observers(
+        on_start=(("metrics", meter.request_started),),
+        on_finish=(
+            (BATCHED, batched),  # never raises: it counts its observers' failures itself
+            *((EXTRA_OBSERVER, observer) for observer in extra),
+        ),
+        failed=meter.observer_failed,
+        drain=batched.drain,
+    )
 
 
 def _watch_upstreams(runtime: Runtime, meter: Metrics) -> None:
@@ -255,9 +268,10 @@ def v1(path: str) -> tuple[str, str]:
     return path, path.removeprefix("/v1")
 
 
-def _render(metrics: list[Metrics]) -> tuple[bytes, str]:
+def _render(metrics: list[Metrics], runtime: Runtime) -> tuple[bytes, str]:
     if not metrics:
         raise NotReady("sluicegate is starting")
+    runtime.observers.drain()  # this process's counts as of now, not as of the last batch
     return metrics[0].render()
 
 

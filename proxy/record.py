@@ -111,6 +111,7 @@ class Observers:
     on_start: tuple[tuple[str, Callable[[str], None]], ...] = ()
     on_finish: tuple[tuple[str, Observer], ...] = ()
     failed: Callable[[str], None] = _uncounted
+    drain: Callable[[], None] = lambda: None  # runs what observers queued (proxy.observe.batch)
 
     def started(self, route: str) -> None:
         for name, observe in self.on_start:

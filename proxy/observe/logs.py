@@ -3,11 +3,12 @@ a traceback becomes text, so that text is redacted too)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
-from typing import Any
+from collections.abc import Iterator, MutableMapping
+from typing import Any, BinaryIO
 
 import orjson
 import structlog
@@ -88,16 +89,57 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
         if as_json
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    lines = Lines(sys.stderr.buffer) if as_json else None
+    _LINES[:] = [lines] if lines is not None else []
     structlog.configure(
         processors=[*PROCESSORS, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=(
-            structlog.BytesLoggerFactory(sys.stderr.buffer)
-            if as_json
-            else structlog.PrintLoggerFactory(sys.stderr)
+            structlog.PrintLoggerFactory(sys.stderr) if lines is None else (lambda *_: lines)
         ),
         cache_logger_on_first_use=True,
     )
+
+
+class Lines:
+    """The logger under structlog's chain for JSON lines (structlog's `BytesLogger`, with
+    its flush held on demand): each line is written to `stream` and flushed, except while
+    `held` (a batch of access-log lines, see `lines_held`), whose end flushes them at once."""
+
+    __slots__ = ("_flush", "_write", "held")
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._write, self._flush = stream.write, stream.flush
+        self.held = False
+
+    def msg(self, message: bytes) -> None:
+        self._write(message + b"\n")
+        if not self.held:
+            self._flush()
+
+    def flush(self) -> None:
+        self._flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+_LINES: list[Lines] = []  # the configured one, with JSON lines
+
+
+@contextlib.contextmanager
+def lines_held() -> Iterator[None]:
+    """Lines logged inside go out in one write at its end (a batch's access-log lines)."""
+    lines = _LINES[0] if _LINES else None
+    if lines is None or lines.held:
+        yield
+        return
+    lines.held = True
+    try:
+        yield
+    finally:
+        lines.held = False
+        lines.flush()
 
 
 def get_logger() -> FilteringBoundLogger:
