@@ -152,10 +152,13 @@ class Client:
     async def send(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-        elif message.get("body"):
-            self.chunks += 1
-            if not self.first_content and CONTENT.search(message["body"]):
-                self.first_content = time.perf_counter()
+        else:
+            if message.get("body"):
+                self.chunks += 1
+                if not self.first_content and CONTENT.search(message["body"]):
+                    self.first_content = time.perf_counter()
+            if not message.get("more_body"):
+                self.gone.set()  # as uvicorn's `receive` does once the response is complete
 
 
 def scope(path: str) -> dict[str, Any]:

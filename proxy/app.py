@@ -171,13 +171,9 @@ def create_app(
 
 
 def _observers(meter: Metrics, extra: Sequence[Observer]) -> Observers:
-    """Who hears of each request: the access log and the metrics in batches (see
-    proxy.observe.batch), an embedder's `extra` observers as each request ends."""
-    batched = Batched(
-        (("access_log", access_log), ("metrics", meter.request_finished)),
-        meter.observer_failed,
-        lines_held,
-    )
+    """The access log and the metrics in batches (proxy.observe.batch); `extra` at once."""
+    observing = (("access_log", access_log), ("metrics", meter.request_finished))
+    batched = Batched(observing, meter.observer_failed, lines_held)
     return Observers(
         on_start=(("metrics", meter.request_started),),
         on_finish=(

@@ -127,6 +127,8 @@ def test_a_known_key_is_served_and_named_in_metrics_and_log(
             pass
         assert answer.choices[0].message.content
         assert wait_for(lambda: len(finished) == 2)
+        # access-log lines are written in batches, up to 50 ms later (proxy.observe.batch)
+        assert wait_for(lambda: sum(e["event"] == "request" for e in logs) == 2)
     assert [r.key_name for r in finished] == ["team-a", "support.bot"]
     requests = [e for e in logs if e["event"] == "request"]
     assert [e["key_name"] for e in requests] == ["team-a", "support.bot"]

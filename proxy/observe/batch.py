@@ -39,12 +39,13 @@ class Batched:
         failed: Callable[[str], None],
         held: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
         *,
-        wait: float = BATCH_SECONDS,
-        most: int = BATCH_MOST,
+        wait: float | None = None,
+        most: int | None = None,
     ) -> None:
         self._observers = tuple(observers)
         self._failed, self._held = failed, held
-        self._wait, self._most = wait, most
+        self._wait = BATCH_SECONDS if wait is None else wait
+        self._most = BATCH_MOST if most is None else most
         self._pending: list[RequestRecord] = []
         self._handle: asyncio.TimerHandle | None = None
 
