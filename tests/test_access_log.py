@@ -210,3 +210,16 @@ def test_the_access_line_keeps_every_field_of_the_record() -> None:
         "seconds": 0.1,
     }
     assert {f.name for f in fields(record)} | {"event", "level", "timestamp"} == line.keys()
+
+
+def test_redaction_masks_str_subclasses_and_secret_names_every_time() -> None:
+    """The flat-value fast path checks `type(value) is str`; a subclass of str (an enum's
+    value, say) still goes through the general step, and a secret field name is masked on
+    every line, not only the first (its verdict is cached)."""
+
+    class Word(str):
+        pass
+
+    for _ in range(2):
+        line = redact(None, "info", {"note": Word("Bearer sk-123"), "api_key": "sk-9", "n": 1})
+        assert line == {"note": "Bearer ***", "api_key": "***", "n": 1}

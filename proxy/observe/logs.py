@@ -47,14 +47,29 @@ def redact(
     """Masks values under secret-looking keys and bearer tokens inside strings, also inside
     mappings and lists (a logged mapping of headers, say)."""
     for key, value in event.items():  # `_masked` inlined for the flat values of a line
-        if isinstance(key, str) and key.lower() in _SECRET_KEYS:
+        secret = _SECRET_NAMES.get(key)
+        if secret is None:
+            secret = _secret_name(key)
+        kind = type(value)
+        if secret:
             event[key] = "***"
-        elif isinstance(value, str):
+        elif kind is str:
             if "earer" in value:
                 event[key] = _BEARER.sub(r"\1***", value)
-        elif isinstance(value, _NESTED):
+        elif kind not in _FLAT:  # a str subclass, a mapping, a list...: the general step
             event[key] = _masked(key, value)
     return event
+
+
+_FLAT = frozenset({int, float, bool, type(None)})  # nothing to mask in these
+_SECRET_NAMES: dict[object, bool] = {}  # a line's field names: whether each is a secret's
+
+
+def _secret_name(key: object) -> bool:
+    secret = isinstance(key, str) and key.lower() in _SECRET_KEYS
+    if len(_SECRET_NAMES) < 4096:  # field names come from the code; bounded all the same
+        _SECRET_NAMES[key] = secret
+    return secret
 
 
 _NESTED = (dict, list, tuple)
