@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from proxy.answer import Answer
 from proxy.asgi import ClientWatch, Send, send_body, send_error
@@ -23,6 +24,9 @@ from proxy.errors import ProxyError, UpstreamTimeout
 from proxy.headers import Headers, client_response_headers
 from proxy.metering.tee import Tee
 from proxy.sse import BLANK_LINES, responses_error_event
+
+if TYPE_CHECKING:  # the type only: `upstream` opens responses, `attempts` commits them
+    from proxy.upstream import UpstreamResponse
 
 KEEPALIVE = b": keep-alive\n\n"
 SSE_TYPE = [(b"content-type", b"text/event-stream")]  # what keep-alives open
@@ -97,8 +101,9 @@ class Reply:
         # The rest in a task of its own, started only now so the first bytes did not wait
         # for it: each chunk then resumes the few frames of `_pump`, not the whole ASGI call
         # chain above. Cancelling this task (the client left) cancels that one.
+        assert answer.response is not None  # a stream with more to read is an upstream's
         last = await asyncio.ensure_future(
-            _pump(send, answer.next_chunk, tee, result, head or b"\n\n")
+            _pump(send, answer.response, tee, result, head or b"\n\n")
         )
         tail = tee.end()
         if result.failure is not None:
@@ -154,13 +159,26 @@ class _Keepalives:
 
 
 async def _pump(
-    send: Send, read: Callable[[], Awaitable[bytes]], tee: Tee, result: Relayed, last: bytes
+    send: Send, response: UpstreamResponse, tee: Tee, result: Relayed, last: bytes
 ) -> bytes:
     """The hot loop: each chunk as the network delivers it, through the tee, to the client.
-    Returns the last bytes sent; a failure of the upstream is noted in `result`."""
+    Returns the last bytes sent; a failure of the upstream is noted in `result`. It is
+    `UpstreamResponse.next_chunk` inlined: per chunk, one frame fewer to resume and one call
+    fewer."""
     feed = tee.feed
+    read, silence = response.reader()
+    now = silence.now
     try:
-        while chunk := await read():
+        while True:
+            silence.since = now()
+            try:
+                chunk = await read()
+            except Exception as exc:
+                raise response.read_error(exc) from None
+            silence.since = None
+            if not chunk:
+                silence.stop()
+                break
             out = feed(chunk)
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})

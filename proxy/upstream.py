@@ -16,7 +16,7 @@ import ssl
 import time
 import urllib.request
 import zlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 import certifi
@@ -91,20 +91,34 @@ class UpstreamResponse:
 
     async def next_chunk(self) -> bytes:
         """The body's next bytes as the network delivered them (no re-chunking, no decoding);
-        b"" at its end. A plain coroutine, not an async generator: the relay's hot loop."""
+        b"" at its end. The relay's hot loop does the same with `reader()`'s parts inline."""
         silence = self._silence
         silence.since = silence.now()
         try:
             chunk = await self._content.readany()
-        except SilenceExceeded:
-            message = f"upstream '{self.upstream}' timed out while streaming the response"
-            raise UpstreamTimeout(message) from None
-        except _TRANSPORT_ERRORS as exc:
-            raise to_proxy_error(exc, self.upstream, reading=True) from None
+        except Exception as exc:
+            raise self.read_error(exc) from None
         silence.since = None
         if not chunk:
             silence.stop()
         return chunk
+
+    def reader(self) -> tuple[Callable[[], Awaitable[bytes]], SilenceTimer]:
+        """`next_chunk`'s parts, for a loop that reads every chunk of a stream (the relay's):
+        aiohttp's own `readany` (no frame of ours to resume per chunk) and the silence timer,
+        whose `since` the loop sets around each read and which it stops at the end. A read's
+        exception is turned into the proxy's error by `read_error`."""
+        return self._content.readany, self._silence
+
+    def read_error(self, exc: Exception) -> Exception:
+        """What a failed read raises: the proxy's error for a silence or a transport failure,
+        anything else unchanged."""
+        if isinstance(exc, SilenceExceeded):
+            message = f"upstream '{self.upstream}' timed out while streaming the response"
+            return UpstreamTimeout(message)
+        if isinstance(exc, _TRANSPORT_ERRORS):
+            return to_proxy_error(exc, self.upstream, reading=True)
+        return exc
 
     async def read(self, limit: int, what: str = "max_response_bytes") -> bytes:
         """The whole body, decoded when the upstream compressed it all the same (its
