@@ -11,6 +11,7 @@ checkout's `proxy` package is the one imported).
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import subprocess
 import tempfile
@@ -22,8 +23,9 @@ from quiet import Machine
 from run import HERE, LOAD_CORE, PROXY_CORE, wait_ready
 from scenarios import Shape, Target, max_rate, streams
 
+ROUNDS = int(os.environ.get("AB_ROUNDS", "4"))
 SHAPES = {
-    "100 steady": (Shape("steady", 100, seconds=5.0), 4),
+    "100 steady": (Shape("steady", 100, seconds=5.0), ROUNDS),
     "200 steady": (Shape("steady", 200, seconds=5.0), 4),
     "1000 at once": (Shape("burst", 1000), 4),
 }

@@ -54,6 +54,11 @@ BEFORE_WRITE = "arrival → upstream write begins (everything before it)"
 
 # (label, module path, attribute, "obj.attr" inside it or "" for a module function)
 STEPS: tuple[tuple[str, str, str], ...] = (
+    ("app: host check (check_host)", "proxy.app", "check_host"),
+    ("flow: request id, record (_RequestFlow.__init__)", "proxy.endpoint", "_RequestFlow.__init__"),
+    ("flow: client watch (ClientWatch.__init__)", "proxy.endpoint", "ClientWatch"),
+    ("flow: observers.started", "proxy.record", "Observers.started"),
+    ("attempts: upstream_call", "proxy.attempts", "upstream_call"),
     ("admission: key (identify)", "proxy.endpoint", "identify"),
     ("admission: origin, content type", "proxy.endpoint", "check_api_request"),
     ("admission: route allowed (check_model)", "proxy.endpoint", "check_model"),
