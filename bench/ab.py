@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import asyncio
 import subprocess
 import tempfile
 from pathlib import Path
@@ -83,9 +82,9 @@ async def main(args: argparse.Namespace) -> None:
         if args.rate:
             for target in targets:
                 rate = await max_rate(target, 3.0, 9, machine)
-                at = rate["at_max"] or {}
+                cpu = (rate["at_max"] or {}).get("proxy_cpu_ms_per_req", float("nan"))
                 print(f"non-stream {target.name}: {rate['max_rate']:.0f} req/s, "
-                      f"{at.get('proxy_cpu_ms_per_req', float('nan')):.3f} CPU-ms/req", flush=True)  # fmt: skip
+                      f"{cpu:.3f} CPU-ms/req", flush=True)  # fmt: skip
     finally:
         for target in targets:
             target.pool.close()
