@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -185,3 +186,21 @@ with RunningServer(MockUpstream()) as mock:
     )
     lines = [orjson.loads(line) for line in done.stderr.splitlines() if line.startswith(b"{")]
     assert [line["status"] for line in lines if line.get("event") == "request"] == [200, 200, 200]
+
+
+def test_a_drain_asked_from_another_thread_runs_in_the_loops() -> None:
+    """The metrics listener (`--metrics-port`) renders in a thread of its own: the queue and
+    its timer are the loop's, so the drain is handed to the loop, and waited for."""
+    ran_in: list[int] = []
+    batched: list[Batched] = []
+
+    async def run() -> None:
+        made = Batched((("a", lambda r: ran_in.append(threading.get_ident())),), lambda n: None)
+        batched.append(made)
+        for record in _records(3):
+            made(record)
+        await asyncio.to_thread(made.drain)  # another thread asks, the loop runs it
+        assert made.pending == 0
+
+    asyncio.run(run())
+    assert ran_in == [threading.main_thread().ident] * 3

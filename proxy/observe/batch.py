@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
@@ -23,6 +24,7 @@ from proxy.record import Observer, RequestRecord
 BATCH_SECONDS = 0.05  # nginx's `access_log ... flush=` does the same, by the second
 BATCHED = "batched"  # its name among `Observers.on_finish`
 BATCH_MOST = 256  # records: past it the batch runs at once (memory, and a scrape's wait)
+HANDOFF_SECONDS = 1.0  # a drain asked from another thread waits this long for the loop's
 
 
 class Batched:
@@ -31,7 +33,17 @@ class Batched:
     per record, as `Observers` does, and never stops the others or the batch. The batch runs
     inside `held()` (the log's lines held, then written at once)."""
 
-    __slots__ = ("_failed", "_handle", "_held", "_most", "_observers", "_pending", "_wait")
+    __slots__ = (
+        "_failed",
+        "_handle",
+        "_held",
+        "_loop",
+        "_most",
+        "_observers",
+        "_pending",
+        "_thread",
+        "_wait",
+    )
 
     def __init__(
         self,
@@ -48,6 +60,11 @@ class Batched:
         self._most = BATCH_MOST if most is None else most
         self._pending: list[RequestRecord] = []
         self._handle: asyncio.TimerHandle | None = None
+        self._thread = threading.get_ident()  # made in the lifespan: the loop's thread
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
 
     def __call__(self, record: RequestRecord) -> None:
         pending = self._pending
@@ -67,7 +84,22 @@ class Batched:
         return len(self._pending)
 
     def drain(self) -> None:
-        """Runs the observers over every queued record now."""
+        """Runs the observers over every queued record now. Asked from another thread (the
+        metrics listener's, `--metrics-port`), it is done in the loop's, which this thread
+        waits for (at most `HANDOFF_SECONDS`): queue and timer belong to the loop."""
+        loop = self._loop
+        if threading.get_ident() != self._thread and loop is not None and loop.is_running():
+            done = threading.Event()
+
+            def drain_then_say() -> None:
+                try:
+                    self.drain()
+                finally:
+                    done.set()
+
+            loop.call_soon_threadsafe(drain_then_say)
+            done.wait(HANDOFF_SECONDS)
+            return
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
