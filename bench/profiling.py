@@ -174,6 +174,8 @@ def write_summary(profile: dict[str, Any], path: Path, command: str) -> None:
         "(orjson, httptools, a socket write) counts as that frame's own time; a stack that ends",
         "in the loop's `Runner.run` is uvloop's C code with no Python frame above it.",
     ]
+    if isinstance(profile.get("error"), str):  # no profile at all (py-spy missing)
+        profile = {"every proxy": profile}
     for name, data in profile.items():
         if "error" in data:
             lines += ["", f"## {name}", "", f"profile failed: {data['error']}"]
