@@ -59,13 +59,10 @@ CONFIG_ENV = "SLUICEGATE_CONFIG"
 # Refuse what no client of an LLM API sends (their bytes are capped as they arrive, in
 # proxy.connection, by server.max_header_bytes).
 MAX_HEADERS = 100
-# The cyclic GC runs when the count of live containers has grown by the first number: a
-# burst of requests grows it by ~180 per request in flight, so CPython's 700 walked those
-# requests' objects again and again (1,000 streams at once: ~250 young and ~23 middle
-# collections, a third of the burst's CPU). 10,000 young objects take ~1 ms to collect. The
-# middle generation, where in-flight requests' objects end up, is walked after 100 young
-# collections, not 10: one such walk took ~40 ms of a 1,000-stream burst, and a request
-# leaves no cyclic garbage behind (bench/PROFILE.md), so there is little for it to find.
+# The cyclic GC: young collections every 10,000 new containers, not 700 (a request in flight
+# holds ~180; 10,000 take ~1 ms to walk); the middle generation, where in-flight requests'
+# objects end up, after 100 of them, not 10 (one walk took ~40 ms of a 1,000-stream burst,
+# and a request leaves no cyclic garbage to find: bench/PROFILE.md, tests/test_lifecycle.py).
 GC_THRESHOLDS = (10_000, 100, 10)
 NO_SUCH_PATH = (
     "no such path; this proxy serves /v1/chat/completions, /v1/completions, /v1/responses, "

@@ -15,13 +15,13 @@ import httpx
 import orjson
 import pytest
 import structlog
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
 from proxy.observe import logs
 from proxy.observe.batch import Batched
 from proxy.record import RequestRecord
 from proxy.serving import RunningServer
+from tests.test_metering_e2e import scrape, total
 
 
 def _records(n: int) -> list[RequestRecord]:
@@ -131,15 +131,6 @@ routes:
 """
 
 
-def _requests_total(text: str) -> float:
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "sluicegate_requests_total"
-    )
-
-
 def test_a_scrape_counts_every_request_that_ended_before_it(
     tmp_path: Path, mock_server: RunningServer
 ) -> None:
@@ -154,7 +145,7 @@ def test_a_scrape_counts_every_request_that_ended_before_it(
                 == 200
             )
             # at once, well inside the batch's 50 ms: the scrape drains the queue first
-            assert _requests_total(http.get("/metrics").text) == n
+            assert total(scrape(proxy.url), "sluicegate_requests_total") == n
 
 
 def test_shutdown_writes_the_access_log_lines_still_queued(tmp_path: Path) -> None:
