@@ -27,7 +27,6 @@ import asyncio
 import cProfile
 import gc
 import io
-import math
 import os
 import pstats
 import re
@@ -35,12 +34,11 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import uvloop
 from procs import free_port, python, routes_yaml, start
@@ -199,77 +197,6 @@ def body(stream: bool, seed: int, knobs: dict[str, float] | None = None) -> byte
     return orjson.dumps(payload)
 
 
-async def burst(app: Any, n: int) -> dict[str, float]:
-    """n streams at once: time to each one's first content byte, and the CPU time used."""
-    clients = [Client(body(True, seed, BURST_KNOBS)) for seed in range(n)]
-    gc.collect()
-    t0, cpu0 = time.perf_counter(), time.thread_time()
-    calls = [app(scope("/v1/chat/completions"), c.receive, c.send) for c in clients]
-    await asyncio.gather(*calls)
-    cpu = time.thread_time() - cpu0
-    for c in clients:
-        c.gone.set()
-    ttft = sorted(c.first_content - t0 for c in clients if c.first_content)
-    return {
-        "ttft_p50_ms": ttft[len(ttft) // 2] * 1e3 if ttft else math.nan,
-        "ttft_p99_ms": ttft[int(len(ttft) * 0.99)] * 1e3 if ttft else math.nan,
-        "cpu_ms_per_stream": cpu / n * 1e3,
-        "answered": len(ttft),
-    }
-
-
-BURST_KNOBS = {"ttft": 0.05, "tokens": 64, "delay": 0.005}  # bench/scenarios.py's STREAM
-
-
-async def bursts(config: Path, port: int, n: int, rounds: int) -> dict[str, list[dict[str, float]]]:
-    from floor_relay import FloorRelay  # noqa: PLC0415
-
-    from proxy.app import create_app  # noqa: PLC0415
-    from proxy.observe.logs import configure  # noqa: PLC0415
-
-    configure(json=True)
-    ours: Any = create_app(config, watch_interval=None)
-    floor = FloorRelay(f"http://127.0.0.1:{port}")
-    out: dict[str, list[dict[str, float]]] = {"sluicegate": [], "floor": []}
-    async with ours.router.lifespan_context(ours), floor_session(floor):
-        for app in (ours, floor):
-            await burst(app, 100)  # warm: pools, caches
-        for _ in range(rounds):
-            out["sluicegate"].append(await burst(ours, n))
-            out["floor"].append(await burst(floor, n))
-    return out
-
-
-async def side_by_side(config: Path, port: int, n: int, rounds: int) -> dict[str, list[float]]:
-    """CPU µs per request, uninstrumented, one request at a time: sluicegate and the floor
-    relay alternately, non-stream and stream (8 tokens)."""
-    from floor_relay import FloorRelay  # noqa: PLC0415
-
-    from proxy.app import create_app  # noqa: PLC0415
-    from proxy.observe.logs import configure  # noqa: PLC0415
-
-    configure(json=True)
-    ours: Any = create_app(config, watch_interval=None)
-    floor = FloorRelay(f"http://127.0.0.1:{port}")
-    out: dict[str, list[float]] = defaultdict(list)
-    async with ours.router.lifespan_context(ours), floor_session(floor):
-        apps = {"sluicegate": ours, "floor": floor}
-        for app in apps.values():
-            for seed in range(50):
-                await one(app, False, seed)
-                await one(app, True, seed)
-        for _ in range(rounds):
-            for name, app in apps.items():
-                for stream in (False, True):
-                    gc.collect()
-                    cpu0 = time.thread_time_ns()
-                    for seed in range(n):
-                        await one(app, stream, seed)
-                    kind = "stream" if stream else "non-stream"
-                    out[f"{name} {kind}"].append((time.thread_time_ns() - cpu0) / n / 1000)
-    return out
-
-
 async def one(app: Any, stream: bool, seed: int) -> int:
     client = Client(body(stream, seed))
     t0 = STARTED[0] = time.thread_time_ns()
@@ -280,18 +207,6 @@ async def one(app: Any, stream: bool, seed: int) -> int:
     client.gone.set()
     assert client.status == 200, client.status
     return client.chunks
-
-
-@asynccontextmanager
-async def floor_session(floor: Any) -> AsyncIterator[None]:
-    """The floor relay's session, as its lifespan makes it."""
-    floor.session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
-    )
-    try:
-        yield
-    finally:
-        await floor.session.close()
 
 
 @contextmanager
@@ -351,22 +266,16 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def print_bursts(result: dict[str, list[dict[str, float]]], n: int) -> None:
-    print(f"{n} streams at once, first content byte after the burst began (ms)")
-    for name, rounds in result.items():
-        cells = [
-            f"p50 {r['ttft_p50_ms']:.0f} / p99 {r['ttft_p99_ms']:.0f}, "
-            f"{r['cpu_ms_per_stream']:.3f} CPU-ms per stream, {r['answered']:.0f} answered"
-            for r in rounds
-        ]
-        print(f"{name:>10}: " + " | ".join(cells))
-
-
 def _us(value: float | None) -> str:
     return "-" if not value else f"{value:.1f}"
 
 
 def main() -> None:
+    # versus_floor uses this module's client: the same module, not a second copy of it made
+    # by importing this script's file again (whose TOKENS would not be the ones set below)
+    sys.modules.setdefault("request_cost", sys.modules[__name__])
+    import versus_floor  # noqa: PLC0415
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=2000, help="requests of each kind")
     parser.add_argument("--mode", default="auto", help="the upstream's stream_options")
@@ -391,12 +300,12 @@ def main() -> None:
             config.write_text(routes_yaml(f"http://127.0.0.1:{port}", args.mode))
             if args.burst:
                 with quiet_stderr():
-                    result = uvloop.run(bursts(config, port, args.burst, args.rounds))
-                print_bursts(result, args.burst)
+                    result = uvloop.run(versus_floor.bursts(config, port, args.burst, args.rounds))
+                versus_floor.print_bursts(result, args.burst)
                 return
             if args.floor:
                 with quiet_stderr():
-                    sides = uvloop.run(side_by_side(config, port, args.n, args.rounds))
+                    sides = uvloop.run(versus_floor.side_by_side(config, port, args.n, args.rounds))
                 for name, values in sides.items():
                     cells = " ".join(f"{v:.1f}" for v in values)
                     print(f"{name:>24}: median {sorted(values)[len(values) // 2]:.1f} µs ({cells})")
