@@ -4,7 +4,6 @@ one of them from a complete 2xx body."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +46,7 @@ class Hold:
 
 @dataclass(slots=True)
 class Answer:
-    """A committed upstream answer: `head` is ready to send, `next_chunk` reads the rest.
+    """A committed upstream answer: `head` is ready to send, `response` has the rest.
 
     It holds its upstream (an in-flight slot, an open response) until `aclose`, which the
     endpoint calls once the answer is sent or will never be; a hedge loser is closed the same
@@ -57,8 +56,7 @@ class Answer:
     status: int
     headers: Headers
     head: bytes
-    next_chunk: Callable[[], Awaitable[bytes]] | None = None  # the next bytes; None: head is all
-    response: UpstreamResponse | None = None  # the stream read from; `aclose` closes it
+    response: UpstreamResponse | None = None  # the stream with the rest; None: head is all
     first_event: dict[str, Any] | None = None  # the first content event, a template for usage
     stream_options: StreamOptionsAction = "pass"
     body_usage: dict[str, Any] | None = None  # the usage object of a whole JSON answer

@@ -327,7 +327,7 @@ class Attempts:
                         if kind in ("content", "done"):
                             return Answer(
                                 target, response.status, response.headers, bytes(held),
-                                next_chunk, response, payload, action,
+                                response, payload, action,
                             )  # fmt: skip
         except TimeoutError:
             error = UpstreamTimeout(f"upstream '{target.upstream}' sent no first token in time")

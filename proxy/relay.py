@@ -92,7 +92,7 @@ class Reply:
         if not self._opened:
             await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         head = tee.feed(answer.head)
-        if answer.next_chunk is None:
+        if answer.response is None:
             await self._end_body(head + tee.end())
             result.first_byte_at = time.perf_counter()
             return result
@@ -101,7 +101,6 @@ class Reply:
         # The rest in a task of its own, started only now so the first bytes did not wait
         # for it: each chunk then resumes the few frames of `_pump`, not the whole ASGI call
         # chain above. Cancelling this task (the client left) cancels that one.
-        assert answer.response is not None  # a stream with more to read is an upstream's
         last = await asyncio.ensure_future(
             _pump(send, answer.response, tee, result, head or b"\n\n")
         )

@@ -44,7 +44,7 @@ _ACTIONS = {("GET", ""), ("DELETE", ""), ("GET", "input_items"), ("POST", "cance
 def learn(state: AppState, answer: Answer, route: str, key: str | None) -> None:
     """Remembers who created the response in `answer` (a committed `/v1/responses` answer):
     its head holds the whole body, or the stream's first events."""
-    rid = _stream_id(answer.head) if answer.next_chunk is not None else _body_id(answer.head)
+    rid = _stream_id(answer.head) if answer.response is not None else _body_id(answer.head)
     if rid is not None and 200 <= answer.status < 300:
         owner = Owner(answer.target.upstream, route, key)
         state.runtime.owners.remember(rid, owner)

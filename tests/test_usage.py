@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -61,8 +60,8 @@ def _request(wants_usage: bool, *, stream: bool = True) -> ApiRequest:
     return ApiRequest(model="bot", stream=stream, payload=payload)
 
 
-async def _rest() -> AsyncIterator[bytes]:
-    yield b""  # never iterated: only its presence (the answer goes on) matters here
+# Never read here: only its presence (the answer goes on) matters to the tee's choice.
+_STREAM: Any = object()
 
 
 def _answer(
@@ -78,7 +77,7 @@ def _answer(
         status=status,
         headers=SENT if headers is None else headers,
         head=head,
-        next_chunk=None if complete else _rest(),
+        response=None if complete else _STREAM,
         first_event=FIRST,
         stream_options=action,
         body_usage=_reported(head) if complete else None,

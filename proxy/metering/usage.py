@@ -30,7 +30,7 @@ def may_estimate(upstream: Upstream) -> bool:
 
 
 def tee_for(request: ApiRequest, answer: Answer, upstream: Upstream) -> Tee:
-    if answer.next_chunk is None:  # complete already: a converted JSON answer, or no content at all
+    if answer.response is None:  # complete already: a converted JSON answer, or no content at all
         return Collect()
     if request.api is RESPONSES:  # every Responses stream ends with its usage
         return WatchResponses()
