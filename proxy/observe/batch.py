@@ -33,17 +33,7 @@ class Batched:
     per record, as `Observers` does, and never stops the others or the batch. The batch runs
     inside `held()` (the log's lines held, then written at once)."""
 
-    __slots__ = (
-        "_failed",
-        "_handle",
-        "_held",
-        "_loop",
-        "_most",
-        "_observers",
-        "_pending",
-        "_thread",
-        "_wait",
-    )
+    __slots__ = ("_failed", "_handle", "_held", "_loop", "_most", "_observers", "_pending", "_wait")
 
     def __init__(
         self,
@@ -60,11 +50,7 @@ class Batched:
         self._most = BATCH_MOST if most is None else most
         self._pending: list[RequestRecord] = []
         self._handle: asyncio.TimerHandle | None = None
-        self._thread = threading.get_ident()  # made in the lifespan: the loop's thread
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one records are queued in
 
     def __call__(self, record: RequestRecord) -> None:
         pending = self._pending
@@ -72,12 +58,11 @@ class Batched:
         if len(pending) >= self._most:
             self.drain()
         elif self._handle is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop to wait in: now
+            loop = _running_loop()
+            if loop is None:  # no loop to wait in: now
                 self.drain()
                 return
-            self._handle = loop.call_later(self._wait, self.drain)
+            self._loop, self._handle = loop, loop.call_later(self._wait, self.drain)
 
     @property
     def pending(self) -> int:
@@ -88,7 +73,7 @@ class Batched:
         metrics listener's, `--metrics-port`), it is done in the loop's, which this thread
         waits for (at most `HANDOFF_SECONDS`): queue and timer belong to the loop."""
         loop = self._loop
-        if threading.get_ident() != self._thread and loop is not None and loop.is_running():
+        if loop is not None and loop is not _running_loop() and loop.is_running():
             done = threading.Event()
 
             def drain_then_say() -> None:
@@ -114,3 +99,10 @@ class Batched:
                         observe(record)
                     except Exception:  # observers never steer, nor stop one another
                         failed(name)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
