@@ -29,7 +29,6 @@ import gc
 import io
 import os
 import pstats
-import re
 import sys
 import tempfile
 import time
@@ -39,15 +38,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import asgi_client
 import orjson
 import uvloop
+import versus_floor
+from asgi_client import Client, body, run
 from procs import free_port, python, routes_yaml, start
 
 HERE = Path(__file__).resolve().parent
 SPENT: dict[str, int] = defaultdict(int)
 STARTED = [0]  # thread CPU time when the request at hand arrived
 PROFILE_CALLEES = os.environ.get("CALLEES", "_admitted|__call__|_arrive")
-TOKENS, DELAY = [8], [0.0]  # per short stream; --tokens, --delay
 BEFORE_WRITE = "arrival → upstream write begins (everything before it)"
 
 # (label, module path, attribute, "obj.attr" inside it or "" for a module function)
@@ -133,79 +134,14 @@ def instrument() -> None:
     UpstreamClients.send = first_send  # type: ignore[method-assign]
 
 
-CONTENT = re.compile(rb'"content":"[^"]')  # a content event (the role event's is "")
-
-
-class Client:
-    """The ASGI side of one request: the body in one message, the answer collected."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body, self.sent = body, 0
-        self.status, self.chunks = 0, 0
-        self.first_content = 0.0
-        self.gone = asyncio.Event()
-
-    async def receive(self) -> dict[str, Any]:
-        if not self.sent:
-            self.sent = 1
-            return {"type": "http.request", "body": self.body, "more_body": False}
-        await self.gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(self, message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-        else:
-            if message.get("body"):
-                self.chunks += 1
-                if not self.first_content and CONTENT.search(message["body"]):
-                    self.first_content = time.perf_counter()
-            if not message.get("more_body"):
-                self.gone.set()  # as uvicorn's `receive` does once the response is complete
-
-
-def scope(path: str) -> dict[str, Any]:
-    headers = [
-        (b"host", b"127.0.0.1"),
-        (b"content-type", b"application/json"),
-        (b"authorization", b"Bearer sk-bench"),
-        (b"user-agent", b"OpenAI/Python 1.0"),
-    ]
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": headers,
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-    }
-
-
-def body(stream: bool, seed: int, knobs: dict[str, float] | None = None) -> bytes:
-    messages = [
-        {"role": "system", "content": "You are a helpful shop assistant."},
-        {"role": "user", "content": f"Where is my parcel number {seed}?"},
-    ]
-    payload: dict[str, Any] = {"model": "bench", "messages": messages, "stream": stream}
-    payload["mock"] = knobs or {"ttft": 0, "tokens": TOKENS[0], "delay": DELAY[0]}
-    return orjson.dumps(payload)
-
-
 async def one(app: Any, stream: bool, seed: int) -> int:
+    """One request, the app's whole CPU time counted under "whole request"."""
     client = Client(body(stream, seed))
     t0 = STARTED[0] = time.thread_time_ns()
-    await app(scope("/v1/chat/completions"), client.receive, client.send)
+    await run(app, client)
     SPENT["whole request" + (" (stream)" if stream else " (non-stream)")] += (
         time.thread_time_ns() - t0
     )
-    client.gone.set()
-    assert client.status == 200, client.status
     return client.chunks
 
 
@@ -271,10 +207,6 @@ def _us(value: float | None) -> str:
 
 
 def main() -> None:
-    # versus_floor uses this module's client: the same module, not a second copy of it made
-    # by importing this script's file again (whose TOKENS would not be the ones set below)
-    sys.modules.setdefault("request_cost", sys.modules[__name__])
-    import versus_floor  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=2000, help="requests of each kind")
@@ -289,7 +221,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8, help="tokens per short stream")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between tokens")
     args = parser.parse_args()
-    TOKENS[0], DELAY[0] = args.tokens, args.delay
+    asgi_client.TOKENS[0], asgi_client.DELAY[0] = args.tokens, args.delay
     port = free_port()
     logs = Path(tempfile.mkdtemp(prefix="request-cost-"))
     mock = start("mock", python(str(HERE / "lean_upstream.py"), "--port", str(port)), 0, logs)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from request_cost import Client, body, one, scope
+from asgi_client import Client, body, call, scope
 
 
 async def burst(app: Any, n: int) -> dict[str, float]:
@@ -81,15 +81,15 @@ async def side_by_side(config: Path, port: int, n: int, rounds: int) -> dict[str
         apps = {"sluicegate": ours, "floor": floor}
         for app in apps.values():
             for seed in range(50):
-                await one(app, False, seed)
-                await one(app, True, seed)
+                await call(app, False, seed)
+                await call(app, True, seed)
         for _ in range(rounds):
             for name, app in apps.items():
                 for stream in (False, True):
                     gc.collect()
                     cpu0 = time.thread_time_ns()
                     for seed in range(n):
-                        await one(app, stream, seed)
+                        await call(app, stream, seed)
                     kind = "stream" if stream else "non-stream"
                     out[f"{name} {kind}"].append((time.thread_time_ns() - cpu0) / n / 1000)
     return out
