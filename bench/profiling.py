@@ -22,7 +22,7 @@ from procs import pin
 from quiet import Machine
 from scenarios import STREAM, Shape, Target, steady
 
-RATE = 100  # samples per second
+RATE = 200  # samples per second
 TOP = 15
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*?)(?::\d+)?\)$")
 _PREFIXES = (r".*/site-packages/", r".*/lib/python3\.\d+/", r".*/work/main/", r".*/\w+/main/")
@@ -54,6 +54,8 @@ def package(frame: str) -> str:
         return path.split("/site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
     if "/proxy/" in path:
         return "proxy (sluicegate)"
+    if path.endswith("floor_relay.py"):
+        return "floor relay (bench/floor_relay.py)"
     if "/asyncio/" in path:
         return "asyncio (stdlib)"
     return "stdlib, other"
@@ -63,6 +65,7 @@ def summarize(folded: Path) -> dict[str, Any]:
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     packages: Counter[str] = Counter()
+    own: Counter[str] = Counter()  # self time of the relay's own code (sluicegate's or the floor's)
     total = 0
     for line in folded.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -72,6 +75,8 @@ def summarize(folded: Path) -> dict[str, Any]:
         total += n
         self_time[short(frames[-1])] += n
         packages[package(frames[-1])] += n
+        if package(frames[-1]).startswith(("proxy", "floor")):
+            own[short(frames[-1])] += n
         loop = [i for i, f in enumerate(frames) if f.split(" (")[0] in LOOP_FRAMES]
         for name in {short(f) for f in frames[loop[-1] + 1 if loop else 0 :]}:
             inclusive[name] += n
@@ -85,6 +90,7 @@ def summarize(folded: Path) -> dict[str, Any]:
         "self": share(self_time, TOP),
         "packages": share(packages, 12),
         "inclusive": share(inclusive, TOP),
+        "own": share(own, TOP),
     }
 
 
@@ -201,8 +207,56 @@ def write_summary(profile: dict[str, Any], path: Path, command: str) -> None:
             *_rows(data["inclusive"]),
         ]
     old = path.read_text() if path.exists() else ""
+    lines += against_floor(profile)
     kept = old[old.index(KEPT) :] if KEPT in old else ""  # bench/request_cost.py's section
     path.write_text("\n".join(lines) + "\n" + kept)
 
 
 KEPT = "\n## The per-request path"
+
+
+def _per_stream(data: dict[str, Any], samples: int) -> float:
+    """µs of CPU per stream that `samples` stand for: their share of the profile's samples
+    times the CPU per stream measured meanwhile (py-spy misses some busy time, evenly)."""
+    return samples / max(1, data["samples"]) * data["proxy_cpu_s_per_1k"] * 1e3
+
+
+def against_floor(profile: dict[str, Any]) -> list[str]:
+    """sluicegate-auto beside the floor relay, in µs per stream: where the difference in CPU
+    per stream (issue 18's target) goes, package by package, and sluicegate's own code."""
+    ours, floor = profile.get("sluicegate-auto"), profile.get("floor")
+    if not ours or not floor or "error" in ours or "error" in floor:
+        return []
+    by = {
+        name: {r["name"]: r["samples"] for r in d["packages"]}
+        for name, d in (("ours", ours), ("floor", floor))
+    }
+    names = sorted(set(by["ours"]) | set(by["floor"]), key=lambda n: -by["ours"].get(n, 0))
+    lines = [
+        "",
+        "## sluicegate (`auto`) against the floor relay, CPU µs per stream",
+        "",
+        "Each process's samples, shared out over its CPU per stream measured while sampled: "
+        f"{_per_stream(ours, ours['samples']):.0f} µs per stream against "
+        f"{_per_stream(floor, floor['samples']):.0f} µs for the floor.",
+        "",
+        "| package | floor | sluicegate | difference |",
+        "|---|---|---|---|",
+    ]
+    for name in names:
+        a, b = (_per_stream(d, by[k].get(name, 0)) for k, d in (("floor", floor), ("ours", ours)))
+        lines.append(f"| {name} | {a:.0f} | {b:.0f} | {b - a:+.0f} |")
+    lines += ["", "The relay's own code by self time (µs per stream):", ""]
+    lines += [
+        "| function (file) | sluicegate | | function (file) | floor |",
+        "|---|---|---|---|---|",
+    ]
+    for mine, theirs in zip(ours["own"], floor["own"] + [None] * len(ours["own"]), strict=False):
+        left = f"`{mine['name']}` | {_per_stream(ours, mine['samples']):.1f}"
+        right = (
+            "| -"
+            if theirs is None
+            else f"`{theirs['name']}` | {_per_stream(floor, theirs['samples']):.1f}"
+        )
+        lines.append(f"| {left} | | {right} |")
+    return lines

@@ -293,13 +293,13 @@ class Bench:
             t.name: await max_rate(t, s.rate_seconds, s.rate_steps, machine) for t in rate_targets
         }
         self.progress("nonstream", out["nonstream"])
-        await self.profile(proxies)
+        await self.profile(proxies + [t for t in targets if t.name == "floor"])
 
     async def profile(self, proxies: list[Target]) -> None:
         seconds = self.args.profile_seconds or self.settings.profile_seconds or 20.0
         if self.args.no_profile or (self.args.quick and not self.args.profile_seconds):
             return
-        ours = [t for t in proxies if t.name.startswith("sluicegate")]
+        ours = [t for t in proxies if t.name.startswith("sluicegate") or t.name == "floor"]
         self.result["profile"] = await profiling.record(ours, seconds, HERE, self.machine)
 
     def progress(self, name: str, data: dict[str, Any]) -> None:
