@@ -48,6 +48,7 @@ from proxy.observe.logs import LEVELS, access_log, get_logger, lines_held
 from proxy.observe.logs import configure as configure_logs
 from proxy.observe.metrics import EXTRA_OBSERVER, Metrics
 from proxy.observe.metrics_server import MetricsEndpoint, restart_needed
+from proxy.observe.refusals import refusal_state
 from proxy.origin import UNCHECKED_HOST_PATHS, check_host
 from proxy.playground import playground
 from proxy.record import Observer, Observers
@@ -112,7 +113,7 @@ def create_app(
     reloader = Reloader(Path(config_path), env, ref, runtime, reloaded)
 
     @asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
         state = reloader.start()
         meter = Metrics(state.config)
         started.append(state.config)
@@ -130,7 +131,7 @@ def create_app(
         _drain_on_sigterm(runtime)
         watcher = asyncio.ensure_future(reloader.watch(watch_interval)) if watch_interval else None
         try:
-            yield
+            yield refusal_state(meter.connection_refused)  # for proxy.connection's refusals
         finally:
             if watcher is not None:
                 watcher.cancel()

@@ -12,6 +12,9 @@ The models are nginx's `client_header_buffer_size`/`client_header_timeout` and E
   and closed at once; the connections already open are untouched;
 - an HTTP/1.0 client gets a body that ends when the connection closes: it cannot read chunks.
 
+Each refusal is handed to the app's observer, if its lifespan left one in the lifespan state
+under `REFUSED` (`proxy.observe.refusals`: a count and a log line); it never steers.
+
 Once a head is complete nothing here runs per chunk: `data_received` compares one attribute
 (and only for bytes the client sends), and the response path is uvicorn's own.
 """
@@ -19,6 +22,7 @@ Once a head is complete nothing here runs per chunk: `data_received` compares on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import resource
 from collections.abc import Callable
@@ -37,6 +41,7 @@ from proxy.headers import Headers
 _DEFAULT = ServerSettings()
 _REFUSED = -1  # `_head_left` once an answer to a refused connection is on its way
 _RETRY: Headers = [(b"retry-after", b"1")]
+REFUSED = "sluicegate.refused"  # the lifespan state's key for the refusal observer
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +94,7 @@ class GuardedHttp(HttpToolsProtocol):
         if cap is not None and len(self.connections) >= cap:
             self.transport = transport
             full = TooManyConnections(f"sluicegate is serving its limit of {cap} connections")
-            self._refuse(full, _RETRY)
+            self._refuse(full, "max_connections", _RETRY)
             return
         super().connection_made(transport)
         self._head_begins()
@@ -117,7 +122,8 @@ class GuardedHttp(HttpToolsProtocol):
             self.data_received(data[left:])
         elif self._head_left is not None and not self.transport.is_closing():
             limit = self._limits.max_header_bytes
-            self._refuse(HeadersTooLarge(f"request line and headers exceed {limit} bytes"))
+            too_large = HeadersTooLarge(f"request line and headers exceed {limit} bytes")
+            self._refuse(too_large, "max_header_bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -165,19 +171,25 @@ class GuardedHttp(HttpToolsProtocol):
             self.transport.close()  # a silent connection: nobody to answer
             return
         timeout = self._limits.header_timeout
-        self._refuse(RequestTimeout(f"the request headers did not arrive within {timeout:g} s"))
+        late = RequestTimeout(f"the request headers did not arrive within {timeout:g} s")
+        self._refuse(late, "header_timeout")
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _refuse(self, error: ProxyError, headers: Headers | None = None) -> None:
-        """Answers before any app is called, and closes; later bytes are dropped unread."""
+    def _refuse(self, error: ProxyError, reason: str, headers: Headers | None = None) -> None:
+        """Answers before any app is called, and closes; later bytes are dropped unread.
+        `reason` is the setting that refused it, for the observer."""
         self._head_left = _REFUSED
         self._stop_head_timer()
         self.transport.write(_response(error, headers or []))
         self.transport.close()
+        observe = self.app_state.get(REFUSED)
+        if observe is not None:
+            with contextlib.suppress(Exception):  # an observer never breaks the connection
+                observe(reason)
 
 
 def _response(error: ProxyError, headers: Headers) -> bytes:

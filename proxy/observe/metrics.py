@@ -31,6 +31,7 @@ from prometheus_client import (
 from proxy.config import Config
 from proxy.latency import REASON as EJECT_REASON
 from proxy.observe.logs import get_logger
+from proxy.observe.refusals import REASONS as REFUSAL_REASONS
 from proxy.observe.words import OTHER, Series, Words
 from proxy.record import AttemptOutcome, RequestRecord, UsageSource
 
@@ -54,6 +55,7 @@ _OUTCOMES = frozenset(get_args(AttemptOutcome))
 _SOURCES = frozenset(get_args(UsageSource))
 EXTRA_OBSERVER = "extra"  # the observers an embedder passes to create_app
 _OBSERVERS = frozenset({"metrics", "access_log", EXTRA_OBSERVER})
+_REFUSALS = frozenset(REFUSAL_REASONS)
 _STREAM = {True: "true", False: "false", None: UNKNOWN}
 _PERIODS = frozenset({"day", "month", "total"})
 
@@ -183,7 +185,15 @@ class Metrics:
             ("observer",),
             registry=r,
         )
+        self._refused = Counter(
+            "sluicegate_connections_refused_total",
+            "Client connections answered and closed before a request reached the app.",
+            ("reason",),
+            registry=r,
+        )
         self._define_state(r)
+        for reason in REFUSAL_REASONS:
+            self._refused.labels(reason)
         for result in ("ok", "error"):
             self._reloads.labels(result)
         for observer in sorted(_OBSERVERS):
@@ -266,6 +276,10 @@ class Metrics:
     def observer_failed(self, observer: str) -> None:
         """`Observers.failed`: counts an observer's failure ("access_log", "metrics", "extra")."""
         self._observer_errors.labels(_known(observer, _OBSERVERS)).inc()
+
+    def connection_refused(self, reason: str) -> None:
+        """`proxy.observe.refusals`: a connection refused by a `server.` limit."""
+        self._refused.labels(_known(reason, _REFUSALS)).inc()
 
     def config_reloaded(self, ok: bool, config: Config | None = None) -> None:
         """After a reload attempt; pass the new config on success so its names are known."""
