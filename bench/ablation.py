@@ -1,0 +1,197 @@
+"""What each of sluicegate's per-request features costs, by switching it off (issue 18): the
+whole request's CPU, uninstrumented, with all of them on, with one of them off at a time,
+and through the floor relay (`bench/floor_relay.py`'s app), round after round in one process
+with `asgi_client`'s ASGI client, against `bench/lean_upstream.py`.
+
+    python bench/ablation.py -n 1000 --rounds 5
+
+A switch replaces the feature with a no-op for the measurement only (a benchmark's patch,
+never a setting): what is left is what the feature cost. They do not add up exactly (a
+request with less to do also runs warmer), and the commit hold-back, routing and the relay's
+own loop cannot be switched off at all; the difference between "all on" and the floor that
+no switch accounts for is theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import uvloop
+from asgi_client import call
+from procs import free_port, python, routes_yaml, start
+from request_cost import quiet_stderr
+from versus_floor import floor_session
+
+HERE = Path(__file__).resolve().parent
+
+
+class _NoTimeout:
+    """`asyncio.timeout` that never fires (a class, so that it costs less than the real one)."""
+
+    def __init__(self, _delay: float | None = None) -> None:
+        pass
+
+    async def __aenter__(self) -> _NoTimeout:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        return None
+
+    def reschedule(self, _when: float | None) -> None:
+        pass
+
+
+class _NoWatch:
+    """`ClientWatch` that watches nothing."""
+
+    client_gone = False
+    done = False
+
+    def __init__(self, *_args: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _NoKeepalives:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *_exc: object) -> None:
+        return None
+
+
+def _patches(runtime: Any) -> dict[str, list[tuple[Any, str, Any]]]:
+    """Each switch: the (object, attribute, no-op) replacements that turn one feature off
+    (`runtime` is the running app's: its observers and hooks were bound at start-up)."""
+    import proxy.asgi  # noqa: PLC0415
+    import proxy.attempts  # noqa: PLC0415
+    import proxy.endpoint  # noqa: PLC0415
+    import proxy.relay  # noqa: PLC0415
+    from proxy.latency import Latency  # noqa: PLC0415
+    from proxy.observe import logs  # noqa: PLC0415
+    from proxy.observe.metrics import Metrics  # noqa: PLC0415
+
+    fake_asyncio = SimpleNamespace(**{**vars(asyncio), "timeout": _NoTimeout})
+    nothing: Callable[..., None] = lambda *_a, **_k: None  # noqa: E731
+    return {
+        "access log": [(logs, "_access", SimpleNamespace(info=nothing))],
+        "metrics (counters, histograms, in-flight gauge)": [
+            (Metrics, "_observe", nothing),
+            (runtime, "observers", replace(runtime.observers, on_start=())),
+            (runtime.latency, "on_ttft", None),
+        ],
+        "client watch (its task)": [(proxy.endpoint, "ClientWatch", _NoWatch)],
+        "timeouts (body, headers, first token, total)": [
+            (proxy.asgi, "asyncio", fake_asyncio),
+            (proxy.attempts, "asyncio", fake_asyncio),
+        ],
+        "keep-alive timer": [
+            (proxy.relay.Reply, "keepalives", lambda *_a: _NoKeepalives()),
+        ],
+        "first-token statistics (latency.record)": [(Latency, "record", nothing)],
+        "metering (usage, cost)": [
+            (proxy.endpoint, "usage_of_body", nothing),
+            (proxy.endpoint, "usage_of_stream", nothing),
+        ],
+    }
+
+
+@contextmanager
+def switched_off(replacements: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in replacements]
+    for obj, name, value in replacements:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+async def _cpu_us(app: Any, stream: bool, n: int) -> float:
+    gc.collect()
+    cpu0 = time.thread_time_ns()
+    for seed in range(n):
+        await call(app, stream, seed)
+    return (time.thread_time_ns() - cpu0) / n / 1000
+
+
+async def ablate(config: Path, port: int, n: int, rounds: int) -> dict[str, list[float]]:
+    from floor_relay import FloorRelay  # noqa: PLC0415
+
+    from proxy.app import create_app  # noqa: PLC0415
+    from proxy.observe.logs import configure  # noqa: PLC0415
+
+    configure(json=True)
+    ours: Any = create_app(config, watch_interval=None)
+    floor = FloorRelay(f"http://127.0.0.1:{port}")
+    out: dict[str, list[float]] = defaultdict(list)
+    async with ours.router.lifespan_context(ours), floor_session(floor):
+        switches = _patches(ours.state.runtime)
+        for app in (ours, floor):
+            for stream in (False, True):
+                await _cpu_us(app, stream, 100)
+        for _ in range(rounds):
+            for stream in (False, True):
+                kind = "stream" if stream else "non-stream"
+                out[f"all on|{kind}"].append(await _cpu_us(ours, stream, n))
+                for name, replacements in switches.items():
+                    with switched_off(replacements):
+                        out[f"{name}|{kind}"].append(await _cpu_us(ours, stream, n))
+                out[f"floor relay|{kind}"].append(await _cpu_us(floor, stream, n))
+    return out
+
+
+def table(result: dict[str, list[float]]) -> str:
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    rows = ["| switched off | non-stream µs | saves | stream µs | saves |", "|---|---|---|---|---|"]
+    names = list(dict.fromkeys(key.split("|")[0] for key in result))
+    base = {k: median(result[f"all on|{k}"]) for k in ("non-stream", "stream")}
+    for name in names:
+        cells = []
+        for kind in ("non-stream", "stream"):
+            value = median(result[f"{name}|{kind}"])
+            cells += [f"{value:.0f}", "-" if name == "all on" else f"{base[kind] - value:.0f}"]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=1000, help="requests per measurement")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    port = free_port()
+    logs = Path(tempfile.mkdtemp(prefix="ablation-"))
+    mock = start("mock", python(str(HERE / "lean_upstream.py"), "--port", str(port)), 0, logs)
+    try:
+        time.sleep(1.0)
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "routes.yaml"
+            config.write_text(routes_yaml(f"http://127.0.0.1:{port}", "auto"))
+            with quiet_stderr():
+                result = uvloop.run(ablate(config, port, args.n, args.rounds))
+    finally:
+        mock.stop()
+    print(f"python {sys.version.split()[0]}, medians of {args.rounds} rounds of {args.n}")
+    print(f"requests each, `auto`, 8-token streams; CPU µs per request\n\n{table(result)}")
+
+
+if __name__ == "__main__":
+    main()
