@@ -4,6 +4,7 @@ and through the floor relay (`bench/floor_relay.py`'s app), round after round in
 with `asgi_client`'s ASGI client, against `bench/lean_upstream.py`.
 
     python bench/ablation.py -n 1000 --rounds 5
+    python bench/ablation.py --per-chunk          # the relay's loop alone, per chunk
 
 A switch replaces the feature with a no-op for the measurement only (a benchmark's patch,
 never a setting): what is left is what the feature cost. They do not add up exactly (a
@@ -172,11 +173,71 @@ def table(result: dict[str, list[float]]) -> str:
     return "\n".join(rows)
 
 
+CHUNK = (  # one content event, as the lean mock and OpenAI send it
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"word "},"finish_reason":null}]}\n\n'
+)
+
+
+class _Chunks:
+    """An upstream response that has `n` chunks ready, for the relay's loop alone."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    async def _read(self) -> bytes:
+        if not self.left:
+            return b""
+        self.left -= 1
+        return CHUNK
+
+    def reader(self) -> tuple[Callable[[], Any], Any]:
+        now = asyncio.get_running_loop().time
+        return self._read, SimpleNamespace(since=None, now=now, stop=lambda: None)
+
+
+async def per_chunk(n: int) -> dict[str, float]:
+    """µs per chunk of the floor relay's loop, of sluicegate's (`relay._pump`) with a tee
+    that does nothing, and with the tee of `auto` (takes out the usage event the client did
+    not ask for): no I/O, so only the loops' own Python is left."""
+    from proxy.metering.tee import Drop  # noqa: PLC0415
+    from proxy.relay import Relayed, _pump  # noqa: PLC0415
+
+    async def send(_message: Any) -> None:
+        return None
+
+    async def floor_loop(chunks: _Chunks) -> None:  # floor_relay.py's loop
+        read = chunks.reader()[0]
+        while chunk := await read():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    nothing = SimpleNamespace(feed=lambda chunk: chunk, end=lambda: b"")
+    loops: dict[str, Callable[[_Chunks], Any]] = {
+        "floor relay's loop": floor_loop,
+        "sluicegate's loop, a tee that does nothing": lambda c: _pump(
+            send, c, nothing, Relayed(0.0), b""
+        ),
+        "sluicegate's loop, `auto`'s tee": lambda c: _pump(send, c, Drop(), Relayed(0.0), b""),
+    }
+    out: dict[str, list[float]] = defaultdict(list)
+    for _ in range(5):
+        for name, loop in loops.items():
+            t0 = time.perf_counter()
+            await loop(_Chunks(n))
+            out[name].append((time.perf_counter() - t0) / n * 1e6)
+    return {name: sorted(values)[2] for name, values in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=1000, help="requests per measurement")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-chunk", action="store_true", help="the relay's loop alone")
     args = parser.parse_args()
+    if args.per_chunk:
+        for name, us in uvloop.run(per_chunk(200_000)).items():
+            print(f"{name}: {us:.2f} µs per chunk")
+        return
     port = free_port()
     logs = Path(tempfile.mkdtemp(prefix="ablation-"))
     mock = start("mock", python(str(HERE / "lean_upstream.py"), "--port", str(port)), 0, logs)

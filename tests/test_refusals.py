@@ -6,9 +6,10 @@ the refusal."""
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,32 +55,48 @@ def _closed_after(sock: socket.socket) -> bytes:
     return data
 
 
+@contextmanager
+def _proxy(tmp: Path, mock: RunningServer, limits: ConnectionLimits) -> Iterator[RunningServer]:
+    path = tmp / "routes.yaml"
+    path.write_text(ROUTES.format(url=mock.url))
+    with RunningServer(create_app(path, env={}, watch_interval=None), limits=limits) as proxy:
+        yield proxy
+
+
 def test_each_refusal_is_counted_by_its_setting_and_logged(
     tmp_path: Path, mock: RunningServer
 ) -> None:
-    path = tmp_path / "routes.yaml"
-    path.write_text(ROUTES.format(url=mock.url))
-    limits = ConnectionLimits(max_header_bytes=1024, header_timeout=0.5, max_connections=3)
-    app = create_app(path, env={}, watch_interval=None)
-    with capture_logs() as logs, RunningServer(app, limits=limits) as proxy:
-        assert _refused(proxy.url) == dict.fromkeys(REASONS, 0.0)  # every reason from zero
-        assert _status(_exchange(proxy.port, _head(1025))[0]) == 431
-        with socket.create_connection(("127.0.0.1", proxy.port)) as late:
-            late.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")  # and no blank line
-            assert _status(_closed_after(late).partition(b"\r\n\r\n")[0]) == 408
-        # The connections before (the scrapes') are gone, so the cap counts only these.
-        assert wait_for(lambda: not proxy.server.server_state.connections)
-        with ExitStack() as stack:
-            held = [
-                stack.enter_context(socket.create_connection(("127.0.0.1", proxy.port)))
-                for _ in range(3)
-            ]
-            for sock in held:  # half a head each: they hold their places (for 0.5 s)
-                sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+    heads = ConnectionLimits(max_header_bytes=1024, header_timeout=0.5)
+    cap = ConnectionLimits(max_connections=3)  # 10 s for a head: the held ones stay held
+    with capture_logs() as logs:
+        with _proxy(tmp_path, mock, heads) as proxy:
+            assert _refused(proxy.url) == dict.fromkeys(REASONS, 0.0)  # every reason from 0
+            assert _status(_exchange(proxy.port, _head(1025))[0]) == 431
+            with socket.create_connection(("127.0.0.1", proxy.port)) as late:
+                late.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")  # and no blank line
+                assert _status(_closed_after(late).partition(b"\r\n\r\n")[0]) == 408
+            with socket.create_connection(("127.0.0.1", proxy.port)) as silent:
+                assert _closed_after(silent) == b""  # closed unanswered: not a refusal
+            assert _refused(proxy.url) == {
+                "max_header_bytes": 1,
+                "header_timeout": 1,
+                "max_connections": 0,
+            }
+        with _proxy(tmp_path, mock, cap) as proxy, ExitStack() as stack:
+            open_now = proxy.server.server_state.connections
+            assert wait_for(lambda: not open_now)  # the cap counts only the held ones
+            for _ in range(3):
+                held = stack.enter_context(socket.create_connection(("127.0.0.1", proxy.port)))
+                held.sendall(b"GET /healthz HTTP/1.1\r\n")  # half a head: it holds its place
             head, _ = _exchange(proxy.port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
             assert _status(head) == 503
-        # (the held ones were closed by the client, within their 0.5 s: not refusals)
-        assert _refused(proxy.url) == dict.fromkeys(REASONS, 1.0)
+            stack.close()
+            assert wait_for(lambda: not open_now)  # room again, for the scrape
+            assert _refused(proxy.url) == {
+                "max_header_bytes": 0,
+                "header_timeout": 0,
+                "max_connections": 1,
+            }
     lines = [e for e in logs if e["event"] == "connection_refused"]
     assert sorted(e["reason"] for e in lines) == sorted(REASONS)
     for line in lines:
@@ -108,7 +125,7 @@ def test_a_flood_logs_one_line_per_reason_every_ten_seconds_with_the_count() -> 
     ]
 
 
-def test_a_failing_observer_never_breaks_the_refusal() -> None:
+def test_a_failing_observer_never_breaks_the_refusal(caplog: pytest.LogCaptureFixture) -> None:
     calls: list[str] = []
 
     def broken(reason: str) -> None:
@@ -120,9 +137,14 @@ def test_a_failing_observer_never_breaks_the_refusal() -> None:
         yield {REFUSED: broken}
 
     limits = ConnectionLimits(max_header_bytes=1024)
-    with RunningServer(Starlette(lifespan=lifespan), limits=limits) as server:
+    with (
+        caplog.at_level(logging.ERROR),
+        RunningServer(Starlette(lifespan=lifespan), limits=limits) as server,
+    ):
         head, body = _exchange(server.port, _head(1025))
         again, _ = _exchange(server.port, _head(1025))
     assert (_status(head), _status(again)) == (431, 431)
     assert b'"error"' in body
     assert calls == ["max_header_bytes", "max_header_bytes"]
+    # An exception out of the protocol's callback would reach the loop's handler, which logs it.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
