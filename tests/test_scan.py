@@ -37,6 +37,18 @@ def _dropped(chunks: list[bytes]) -> tuple[bytes, dict[str, Any] | None]:
 # --- UsageEventDropper ------------------------------------------------------------------
 
 
+def test_the_dropper_takes_either_spelling_of_usage_and_passes_null_usage_chunks() -> None:
+    # OpenAI puts `"usage":null` in every chunk once usage is asked for; Python's json.dumps
+    # writes `"usage": {`. The first passes as it is, the second spelling is found too.
+    content = b'data: {"choices": [{"delta": {"content": "hi"}}], "usage": null}\n\n'
+    spaced = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\n'
+    compact = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+    for usage_event in (spaced, compact):
+        out, usage = _dropped([content, content, usage_event, b"data: [DONE]\n\n"])
+        assert out == content * 2 + b"data: [DONE]\n\n"
+        assert usage == {"prompt_tokens": 3, "completion_tokens": 1}
+
+
 @FRAMINGS
 def test_dropper_removes_exactly_the_usage_event_at_every_two_way_split(
     stream: bytes, usage_event: bytes, events: list[bytes]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -30,6 +31,9 @@ from proxy.sse import (
 # A non-null usage object, compact (OpenAI, orjson) or after ": " (Python's json.dumps).
 # `"usage":null`, which OpenAI puts in every chunk when include_usage is on, matches neither.
 USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+# Either marker in one pass: a compiled pattern (its literal prefix found by a fast search)
+# costs about half of two `in` scans per chunk, with or without OpenAI's `"usage":null`.
+_MARKED = re.compile(rb'"usage": ?\{').search
 _USAGE_KEY = b'"usage"'
 _OVERLAP = max(map(len, (*USAGE_MARKERS, *BLANK_LINES))) - 1
 _BLANKS = b" \t\r\n"
@@ -41,7 +45,7 @@ MAX_EVENT_BYTES = 1 << 20
 class UsageEventFinder:
     """Feed it every relayed SSE chunk in order; it keeps the last non-null usage object.
 
-    Most chunks cost two `bytes.find` calls and no Python work per event: only a chunk
+    Most chunks cost one search for the markers and no Python work per event: only a chunk
     holding a usage marker is walked event by event (`data: [DONE]` is the relay's to
     see, not this reader's). The bytes of an unfinished
     event are carried over, so markers, event ends and UTF-8 characters split across chunks
@@ -100,7 +104,7 @@ class UsageEventFinder:
         self._carry_marked = False
 
     def _marked(self, data: bytes | bytearray, start: int) -> bool:
-        return data.find(USAGE_MARKERS[0], start) != -1 or data.find(USAGE_MARKERS[1], start) != -1
+        return _MARKED(data, start) is not None
 
     def _walk(self, data: bytes | bytearray, resume: int) -> int:
         """Handles each complete event in `data`; returns where the unfinished rest starts."""
@@ -157,12 +161,7 @@ class UsageEventDropper:
     def feed(self, chunk: bytes) -> bytes:
         # The relay's hot path: a few C-level scans, `_has_usage` inlined.
         self.events += chunk.count(b"data:")
-        if (
-            not self._buffer.held
-            and chunk.endswith(_WHOLE)
-            and USAGE_MARKERS[0] not in chunk
-            and USAGE_MARKERS[1] not in chunk
-        ):
+        if not self._buffer.held and chunk.endswith(_WHOLE) and _MARKED(chunk) is None:
             return chunk  # the common case: whole events, none of them the usage event
         return self._drop(*self._buffer.take(chunk))
 
@@ -189,7 +188,7 @@ _WHOLE = tuple(blank for blank in BLANK_LINES if blank.endswith(b"\n"))
 
 
 def _has_usage(data: bytes) -> bool:
-    return USAGE_MARKERS[0] in data or USAGE_MARKERS[1] in data
+    return _MARKED(data) is not None
 
 
 class ContentCollector:
