@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import gc
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -30,12 +29,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import uvloop
-from asgi_client import call
-from procs import free_port, python, routes_yaml, start
+from asgi_client import call, lean_upstream
 from request_cost import quiet_stderr
 from versus_floor import floor_session
-
-HERE = Path(__file__).resolve().parent
 
 
 class _NoTimeout:
@@ -238,18 +234,8 @@ def main() -> None:
         for name, us in uvloop.run(per_chunk(200_000)).items():
             print(f"{name}: {us:.2f} µs per chunk")
         return
-    port = free_port()
-    logs = Path(tempfile.mkdtemp(prefix="ablation-"))
-    mock = start("mock", python(str(HERE / "lean_upstream.py"), "--port", str(port)), 0, logs)
-    try:
-        time.sleep(1.0)
-        with tempfile.TemporaryDirectory() as tmp:
-            config = Path(tmp) / "routes.yaml"
-            config.write_text(routes_yaml(f"http://127.0.0.1:{port}", "auto"))
-            with quiet_stderr():
-                result = uvloop.run(ablate(config, port, args.n, args.rounds))
-    finally:
-        mock.stop()
+    with lean_upstream("auto") as (config, port), quiet_stderr():
+        result = uvloop.run(ablate(config, port, args.n, args.rounds))
     print(f"python {sys.version.split()[0]}, medians of {args.rounds} rounds of {args.n}")
     print(f"requests each, `auto`, 8-token streams; CPU µs per request\n\n{table(result)}")
 

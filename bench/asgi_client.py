@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import re
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
+from procs import free_port, python, routes_yaml, start
+
+HERE = Path(__file__).resolve().parent
 
 TOKENS, DELAY = [8], [0.0]  # per short stream; request_cost's --tokens, --delay
 
@@ -89,3 +96,20 @@ async def run(app: Any, client: Client) -> Client:
     client.gone.set()
     assert client.status == 200, client.status
     return client
+
+
+@contextmanager
+def lean_upstream(mode: str) -> Iterator[tuple[Path, int]]:
+    """`bench/lean_upstream.py` in a subprocess, and a routes file with one route to it in
+    stream_options `mode`: (that file, the mock's port), for as long as the block runs."""
+    port = free_port()
+    logs = Path(tempfile.mkdtemp(prefix="lean-upstream-"))
+    mock = start("mock", python(str(HERE / "lean_upstream.py"), "--port", str(port)), 0, logs)
+    try:
+        time.sleep(1.0)
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "routes.yaml"
+            config.write_text(routes_yaml(f"http://127.0.0.1:{port}", mode))
+            yield config, port
+    finally:
+        mock.stop()

@@ -30,7 +30,6 @@ import io
 import os
 import pstats
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -43,9 +42,7 @@ import orjson
 import uvloop
 import versus_floor
 from asgi_client import Client, body, run
-from procs import free_port, python, routes_yaml, start
 
-HERE = Path(__file__).resolve().parent
 SPENT: dict[str, int] = defaultdict(int)
 STARTED = [0]  # thread CPU time when the request at hand arrived
 PROFILE_CALLEES = os.environ.get("CALLEES", "_admitted|__call__|_arrive")
@@ -222,31 +219,22 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between tokens")
     args = parser.parse_args()
     asgi_client.TOKENS[0], asgi_client.DELAY[0] = args.tokens, args.delay
-    port = free_port()
-    logs = Path(tempfile.mkdtemp(prefix="request-cost-"))
-    mock = start("mock", python(str(HERE / "lean_upstream.py"), "--port", str(port)), 0, logs)
-    try:
-        time.sleep(1.0)
-        with tempfile.TemporaryDirectory() as tmp:
-            config = Path(tmp) / "routes.yaml"
-            config.write_text(routes_yaml(f"http://127.0.0.1:{port}", args.mode))
-            if args.burst:
-                with quiet_stderr():
-                    result = uvloop.run(versus_floor.bursts(config, port, args.burst, args.rounds))
-                versus_floor.print_bursts(result, args.burst)
-                return
-            if args.floor:
-                with quiet_stderr():
-                    sides = uvloop.run(versus_floor.side_by_side(config, port, args.n, args.rounds))
-                for name, values in sides.items():
-                    cells = " ".join(f"{v:.1f}" for v in values)
-                    print(f"{name:>24}: median {sorted(values)[len(values) // 2]:.1f} µs ({cells})")
-                return
-            instrument()
+    with asgi_client.lean_upstream(args.mode) as (config, port):
+        if args.burst:
             with quiet_stderr():
-                result = uvloop.run(measure(config, args.n, args.profile))
-    finally:
-        mock.stop()
+                result = uvloop.run(versus_floor.bursts(config, port, args.burst, args.rounds))
+            versus_floor.print_bursts(result, args.burst)
+            return
+        if args.floor:
+            with quiet_stderr():
+                sides = uvloop.run(versus_floor.side_by_side(config, port, args.n, args.rounds))
+            for name, values in sides.items():
+                cells = " ".join(f"{v:.1f}" for v in values)
+                print(f"{name:>24}: median {sorted(values)[len(values) // 2]:.1f} µs ({cells})")
+            return
+        instrument()
+        with quiet_stderr():
+            result = uvloop.run(measure(config, args.n, args.profile))
     print(f"python {sys.version.split()[0]}, {args.n} requests of each kind, `{args.mode}`\n")
     print(table(result))
     for kind in ("nonstream_profile", "stream_profile"):
