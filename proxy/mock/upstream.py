@@ -1,8 +1,7 @@
 """An OpenAI-compatible fake upstream: a raw ASGI app with knobs for every misbehaviour the
 proxy must survive (slow first token, keep-alive comments, stalls, resets, split UTF-8, CRLF
 framing, errors), each set per request (`proxy.mock.knobs`). Answers are deterministic per
-`seed`, so a direct and a proxied body can be compared byte for byte.
-"""
+`seed`, so a direct and a proxied body can be compared byte for byte."""
 
 from __future__ import annotations
 
@@ -334,8 +333,9 @@ async def _stream(
     await open_stream(send, knobs, _SSE_HEADERS + extra, lambda: write(KEEPALIVE))
     for piece in preamble_writes(knobs.preamble, knobs.preamble_as) if knobs.preamble else ():
         await send({"type": "http.response.body", "body": piece, "more_body": True})
-    if knobs.preamble:  # a client gone during it is seen before any token is counted as sent
-        await asyncio.sleep(0)
+    if knobs.preamble:  # a client gone during it is seen before any token counts as sent: its
+        for _ in range(3):  # close, the watcher's wake-up and the cancel take a loop round each
+            await asyncio.sleep(0)
     reset = -1 if knobs.reset_after is None else knobs.reset_after
     await write(events.role)
     for i, event in enumerate(events.content):
