@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import sys
 import time
 from collections import defaultdict
@@ -29,9 +28,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import uvloop
-from asgi_client import call, lean_upstream
+from asgi_client import lean_upstream
 from request_cost import quiet_stderr
-from versus_floor import floor_session
+from versus_floor import both_apps, cpu_us
 
 
 class _NoTimeout:
@@ -119,37 +118,21 @@ def switched_off(replacements: list[tuple[Any, str, Any]]) -> Iterator[None]:
             setattr(obj, name, value)
 
 
-async def _cpu_us(app: Any, stream: bool, n: int) -> float:
-    gc.collect()
-    cpu0 = time.thread_time_ns()
-    for seed in range(n):
-        await call(app, stream, seed)
-    return (time.thread_time_ns() - cpu0) / n / 1000
-
-
 async def ablate(config: Path, port: int, n: int, rounds: int) -> dict[str, list[float]]:
-    from floor_relay import FloorRelay  # noqa: PLC0415
-
-    from proxy.app import create_app  # noqa: PLC0415
-    from proxy.observe.logs import configure  # noqa: PLC0415
-
-    configure(json=True)
-    ours: Any = create_app(config, watch_interval=None)
-    floor = FloorRelay(f"http://127.0.0.1:{port}")
     out: dict[str, list[float]] = defaultdict(list)
-    async with ours.router.lifespan_context(ours), floor_session(floor):
+    async with both_apps(config, port) as (ours, floor):
         switches = _patches(ours.state.runtime)
         for app in (ours, floor):
             for stream in (False, True):
-                await _cpu_us(app, stream, 100)
+                await cpu_us(app, stream, 100)
         for _ in range(rounds):
             for stream in (False, True):
                 kind = "stream" if stream else "non-stream"
-                out[f"all on|{kind}"].append(await _cpu_us(ours, stream, n))
+                out[f"all on|{kind}"].append(await cpu_us(ours, stream, n))
                 for name, replacements in switches.items():
                     with switched_off(replacements):
-                        out[f"{name}|{kind}"].append(await _cpu_us(ours, stream, n))
-                out[f"floor relay|{kind}"].append(await _cpu_us(floor, stream, n))
+                        out[f"{name}|{kind}"].append(await cpu_us(ours, stream, n))
+                out[f"floor relay|{kind}"].append(await cpu_us(floor, stream, n))
     return out
 
 

@@ -47,16 +47,8 @@ BURST_KNOBS = {"ttft": 0.05, "tokens": 64, "delay": 0.005}  # bench/scenarios.py
 
 
 async def bursts(config: Path, port: int, n: int, rounds: int) -> dict[str, list[dict[str, float]]]:
-    from floor_relay import FloorRelay  # noqa: PLC0415
-
-    from proxy.app import create_app  # noqa: PLC0415
-    from proxy.observe.logs import configure  # noqa: PLC0415
-
-    configure(json=True)
-    ours: Any = create_app(config, watch_interval=None)
-    floor = FloorRelay(f"http://127.0.0.1:{port}")
     out: dict[str, list[dict[str, float]]] = {"sluicegate": [], "floor": []}
-    async with ours.router.lifespan_context(ours), floor_session(floor):
+    async with both_apps(config, port) as (ours, floor):
         for app in (ours, floor):
             await burst(app, 100)  # warm: pools, caches
         for _ in range(rounds):
@@ -68,16 +60,8 @@ async def bursts(config: Path, port: int, n: int, rounds: int) -> dict[str, list
 async def side_by_side(config: Path, port: int, n: int, rounds: int) -> dict[str, list[float]]:
     """CPU µs per request, uninstrumented, one request at a time: sluicegate and the floor
     relay alternately, non-stream and stream (8 tokens)."""
-    from floor_relay import FloorRelay  # noqa: PLC0415
-
-    from proxy.app import create_app  # noqa: PLC0415
-    from proxy.observe.logs import configure  # noqa: PLC0415
-
-    configure(json=True)
-    ours: Any = create_app(config, watch_interval=None)
-    floor = FloorRelay(f"http://127.0.0.1:{port}")
     out: dict[str, list[float]] = defaultdict(list)
-    async with ours.router.lifespan_context(ours), floor_session(floor):
+    async with both_apps(config, port) as (ours, floor):
         apps = {"sluicegate": ours, "floor": floor}
         for app in apps.values():
             for seed in range(50):
@@ -86,13 +70,34 @@ async def side_by_side(config: Path, port: int, n: int, rounds: int) -> dict[str
         for _ in range(rounds):
             for name, app in apps.items():
                 for stream in (False, True):
-                    gc.collect()
-                    cpu0 = time.thread_time_ns()
-                    for seed in range(n):
-                        await call(app, stream, seed)
                     kind = "stream" if stream else "non-stream"
-                    out[f"{name} {kind}"].append((time.thread_time_ns() - cpu0) / n / 1000)
+                    out[f"{name} {kind}"].append(await cpu_us(app, stream, n))
     return out
+
+
+async def cpu_us(app: Any, stream: bool, n: int) -> float:
+    """This thread's CPU µs per request over `n` requests through `app`, one at a time."""
+    gc.collect()
+    cpu0 = time.thread_time_ns()
+    for seed in range(n):
+        await call(app, stream, seed)
+    return (time.thread_time_ns() - cpu0) / n / 1000
+
+
+@asynccontextmanager
+async def both_apps(config: Path, port: int) -> AsyncIterator[tuple[Any, Any]]:
+    """sluicegate's app for `config` and the floor relay's to the mock on `port`, both
+    started (lifespan, session) for as long as the block runs; JSON logs."""
+    from floor_relay import FloorRelay  # noqa: PLC0415
+
+    from proxy.app import create_app  # noqa: PLC0415
+    from proxy.observe.logs import configure  # noqa: PLC0415
+
+    configure(json=True)
+    ours: Any = create_app(config, watch_interval=None)
+    floor = FloorRelay(f"http://127.0.0.1:{port}")
+    async with ours.router.lifespan_context(ours), floor_session(floor):
+        yield ours, floor
 
 
 @asynccontextmanager
